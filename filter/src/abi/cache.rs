@@ -1,0 +1,178 @@
+//! IdP documents (discovery, JWKS) shared by every VM of the Envoy process.
+//!
+//! Each VM fetches nothing it can read from shared data: the first VM that fetches a document
+//! stores the raw body with its fetch time; the others parse it once and keep the parsed form
+//! until the shared entry changes (its CAS moves). Istio leaves `vm_id` empty, so all plugins of a
+//! gateway share one namespace: keys carry a prefix derived from issuer and cluster.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use sha2::{Digest, Sha256};
+
+use crate::discovery::ProviderMetadata;
+use crate::token::Jwks;
+use crate::types::UnixSeconds;
+
+/// Discovery is refetched after this long.
+pub const DISCOVERY_TTL_SECS: u64 = 3600;
+/// JWKS is refetched after this long (Envoy jwt_authn's default cache duration).
+pub const JWKS_TTL_SECS: u64 = 600;
+/// A stale document may still be used this long when the IdP cannot be reached.
+pub const MAX_STALENESS_SECS: u64 = 24 * 3600;
+/// At most one JWKS refetch for an unknown `kid` per this many seconds, process-wide.
+pub const JWKS_REFETCH_INTERVAL_SECS: u64 = 30;
+
+struct Parsed<T> {
+    value: Rc<T>,
+    fetched_at: UnixSeconds,
+    cas: Option<u32>,
+}
+
+/// The per-VM view of the shared IdP documents.
+pub struct IdpCache {
+    prefix: String,
+    provider: Option<Parsed<ProviderMetadata>>,
+    jwks: Option<Parsed<Jwks>>,
+}
+
+/// A document and how old it is.
+pub struct Fresh<T> {
+    /// The parsed document.
+    pub value: Rc<T>,
+    /// Whether it is past its TTL (usable only while the IdP is unreachable).
+    pub stale: bool,
+}
+
+impl IdpCache {
+    /// A cache for one issuer behind one cluster.
+    pub fn new(issuer: &str, cluster: &str) -> Self {
+        let digest = Sha256::digest(format!("{issuer}\0{cluster}").as_bytes());
+        let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Self {
+            prefix: format!("oidc-gate/{tag}"),
+            provider: None,
+            jwks: None,
+        }
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}/{what}", self.prefix)
+    }
+
+    /// The provider metadata, if any VM fetched it within the staleness bound.
+    pub fn provider(&mut self, issuer: &str, now: UnixSeconds) -> Option<Fresh<ProviderMetadata>> {
+        let key = self.key("discovery");
+        refresh(&key, &mut self.provider, |body| {
+            ProviderMetadata::parse(body, issuer).ok()
+        });
+        fresh(&self.provider, DISCOVERY_TTL_SECS, now)
+    }
+
+    /// The JWKS, if any VM fetched it within the staleness bound.
+    pub fn jwks(&mut self, now: UnixSeconds) -> Option<Fresh<Jwks>> {
+        let key = self.key("jwks");
+        refresh(&key, &mut self.jwks, |body| Jwks::parse(body).ok());
+        fresh(&self.jwks, JWKS_TTL_SECS, now)
+    }
+
+    /// Stores a freshly fetched, already validated discovery document.
+    pub fn store_provider(
+        &mut self,
+        body: &[u8],
+        value: ProviderMetadata,
+        now: UnixSeconds,
+    ) -> Rc<ProviderMetadata> {
+        let key = self.key("discovery");
+        let value = Rc::new(value);
+        let cas = store(&key, body, now);
+        self.provider = Some(Parsed {
+            value: value.clone(),
+            fetched_at: now,
+            cas,
+        });
+        value
+    }
+
+    /// Stores a freshly fetched, already validated JWKS.
+    pub fn store_jwks(&mut self, body: &[u8], value: Jwks, now: UnixSeconds) -> Rc<Jwks> {
+        let key = self.key("jwks");
+        let value = Rc::new(value);
+        let cas = store(&key, body, now);
+        self.jwks = Some(Parsed {
+            value: value.clone(),
+            fetched_at: now,
+            cas,
+        });
+        value
+    }
+
+    /// Claims the process-wide right to refetch the JWKS for an unknown `kid`; false if another
+    /// refetch happened too recently (a flood of random `kid`s must not become a flood of fetches).
+    pub fn claim_jwks_refetch(&self, now: UnixSeconds) -> bool {
+        let key = self.key("jwks-refetch");
+        let (last, cas) = match hostcalls::get_shared_data(&key) {
+            Ok((Some(bytes), cas)) => (read_u64(&bytes).unwrap_or(0), cas),
+            Ok((None, cas)) => (0, cas),
+            Err(_) => return false,
+        };
+        if now < last.saturating_add(JWKS_REFETCH_INTERVAL_SECS) {
+            return false;
+        }
+        hostcalls::set_shared_data(&key, Some(&now.to_be_bytes()), cas).is_ok()
+    }
+}
+
+fn read_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+fn store(key: &str, body: &[u8], now: UnixSeconds) -> Option<u32> {
+    let mut value = Vec::with_capacity(8 + body.len());
+    value.extend_from_slice(&now.to_be_bytes());
+    value.extend_from_slice(body);
+    // Last writer wins: every writer stores a validated document, so no CAS is needed.
+    if hostcalls::set_shared_data(key, Some(&value), None).is_err() {
+        return None;
+    }
+    hostcalls::get_shared_data(key)
+        .ok()
+        .and_then(|(_, cas)| cas)
+}
+
+fn refresh<T>(key: &str, slot: &mut Option<Parsed<T>>, parse: impl Fn(&[u8]) -> Option<T>) {
+    let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(key) else {
+        return;
+    };
+    if slot
+        .as_ref()
+        .is_some_and(|p| p.cas.is_some() && p.cas == cas)
+    {
+        return;
+    }
+    let Some(fetched_at) = read_u64(&bytes) else {
+        return;
+    };
+    if slot.as_ref().is_some_and(|p| p.fetched_at > fetched_at) {
+        return;
+    }
+    if let Some(value) = bytes.get(8..).and_then(parse) {
+        *slot = Some(Parsed {
+            value: Rc::new(value),
+            fetched_at,
+            cas,
+        });
+    }
+}
+
+fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fresh<T>> {
+    let p = slot.as_ref()?;
+    let age = now.saturating_sub(p.fetched_at);
+    if age > MAX_STALENESS_SECS {
+        return None;
+    }
+    Some(Fresh {
+        value: p.value.clone(),
+        stale: age > ttl,
+    })
+}

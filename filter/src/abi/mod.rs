@@ -1,0 +1,25 @@
+//! The proxy-wasm glue: the only module that talks to the host.
+//!
+//! One root context per VM (Envoy runs one VM per worker thread, plus the main thread and a
+//! config canary) holds the validated [`Gate`](crate::flow::Gate) and a per-VM view of the IdP
+//! documents that all VMs share through proxy-wasm shared data.
+
+mod cache;
+mod host;
+mod root;
+mod stream;
+
+pub use root::Root;
+
+// `proxy_wasm::main!` exports `_initialize` with `#[no_mangle]`, which the `unsafe_code` lint
+// flags; it is the module's entry point and only built for wasm.
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)]
+mod entry {
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+        proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+            Box::new(super::Root::default())
+        });
+    }}
+}

@@ -1,0 +1,528 @@
+//! Plugin configuration: parsed once in `on_configure`, validated, then immutable.
+//!
+//! The JSON arrives as Istio produces it from `WasmPlugin.spec.pluginConfig`: compact, keys sorted,
+//! numbers possibly as floats (`600.0`). Unknown keys and wrong types are errors that name the field.
+
+use std::collections::BTreeSet;
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+use crate::types::{Secret, SecretBytes};
+
+/// Default callback path, as oauth2-proxy and Envoy Gateway use.
+pub const DEFAULT_REDIRECT_PATH: &str = "/oauth2/callback";
+/// Default sign-out path, as oauth2-proxy uses.
+pub const DEFAULT_LOGOUT_PATH: &str = "/oauth2/sign_out";
+/// Scopes asked for when `scopes` is not set.
+pub const DEFAULT_SCOPES: [&str; 3] = ["openid", "email", "profile"];
+/// Minimum cookie secret length: 256 bits of key material.
+pub const MIN_COOKIE_SECRET_BYTES: usize = 32;
+/// Absolute session lifetime when `session_max_age` is not set (oauth2-proxy uses 168 h; a
+/// gateway in front of many apps is better served by a day).
+pub const DEFAULT_SESSION_MAX_AGE_SECS: u64 = 24 * 3600;
+
+/// A configuration error: which field, and why. Printed as the one log line an operator reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: field `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The configuration key at fault (JSON path for nested values).
+    pub field: String,
+    /// Why it was refused; never contains secret values.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1, OIDC Core §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenEndpointAuthMethod {
+    /// HTTP Basic with the URL-encoded client id and secret.
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+/// Which token the upstream receives in `Authorization: Bearer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamAuthorization {
+    /// The OAuth access token: the token meant for APIs.
+    AccessToken,
+    /// The ID token, for upstreams built around oauth2-proxy's old behaviour.
+    IdToken,
+    /// No `Authorization` header at all (the client's is still removed).
+    None,
+}
+
+/// A protected host pattern: exact or a leading `*.` wildcard, lowercase, without port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches this host exactly.
+    Exact(String),
+    /// `*.example.com`: matches any host ending in `.example.com` (at least one more label).
+    Suffix(String),
+}
+
+impl HostPattern {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let lower = raw.trim().to_ascii_lowercase();
+        if lower.is_empty() {
+            return Err("empty host".into());
+        }
+        let without_port = strip_port(&lower);
+        if let Some(rest) = without_port.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') || !is_hostname(rest) {
+                return Err(format!("`{raw}` is not a valid wildcard host"));
+            }
+            return Ok(Self::Suffix(format!(".{rest}")));
+        }
+        if without_port.contains('*') || !is_hostname(without_port) {
+            return Err(format!(
+                "`{raw}` is not a host name (only a leading `*.` wildcard is allowed)"
+            ));
+        }
+        Ok(Self::Exact(without_port.to_string()))
+    }
+
+    /// Whether `host` (lowercase, no port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(h) => h == host,
+            Self::Suffix(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Removes a `:port` suffix (and IPv6 brackets stay as they are).
+pub fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rfind(':') {
+        Some(i) if authority[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &authority[..i],
+        _ => authority,
+    }
+}
+
+/// The validated configuration the filter runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Issuer URL exactly as configured; discovery must return the same string.
+    pub issuer: String,
+    /// Envoy cluster for every IdP callout.
+    pub idp_cluster: String,
+    /// `:authority` override for callouts.
+    pub idp_authority: Option<String>,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret.
+    pub client_secret: Secret,
+    /// Client authentication at the token endpoint.
+    pub token_endpoint_auth_method: TokenEndpointAuthMethod,
+    /// Key material for cookie encryption (at least 32 bytes).
+    pub cookie_secret: SecretBytes,
+    /// Hosts this policy protects.
+    pub hosts: Vec<HostPattern>,
+    /// Path of the OAuth callback on every protected host.
+    pub redirect_path: String,
+    /// Absolute redirect URI override.
+    pub redirect_uri: Option<Url>,
+    /// Path that signs the user out.
+    pub logout_path: String,
+    /// Where the IdP sends the user after logout.
+    pub post_logout_redirect_uri: Option<String>,
+    /// Scopes, `openid` first.
+    pub scopes: Vec<String>,
+    /// Which token goes upstream.
+    pub upstream_authorization: UpstreamAuthorization,
+    /// Path prefixes that pass without login.
+    pub skip_paths: Vec<String>,
+    /// Absolute session lifetime in seconds.
+    pub session_max_age: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    issuer: String,
+    idp_cluster: String,
+    #[serde(default)]
+    idp_authority: Option<String>,
+    client_id: String,
+    #[serde(default)]
+    client_secret: Option<String>,
+    #[serde(default)]
+    client_secret_env: Option<String>,
+    #[serde(default)]
+    token_endpoint_auth_method: Option<TokenEndpointAuthMethod>,
+    #[serde(default)]
+    cookie_secret: Option<String>,
+    #[serde(default)]
+    cookie_secret_env: Option<String>,
+    hosts: Vec<String>,
+    #[serde(default)]
+    redirect_path: Option<String>,
+    #[serde(default)]
+    redirect_uri: Option<String>,
+    #[serde(default)]
+    logout_path: Option<String>,
+    #[serde(default)]
+    post_logout_redirect_uri: Option<String>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    upstream_authorization: Option<UpstreamAuthorization>,
+    #[serde(default)]
+    skip_paths: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "seconds")]
+    session_max_age: Option<u64>,
+}
+
+/// Accepts whole seconds given as an integer or as an integral float (`600.0`), as Istio's JSON
+/// conversion produces, and refuses fractions, negatives and absurd values.
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = Option::<f64>::deserialize(d)?;
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 1.0e9 => {
+            Ok(Some(v as u64))
+        }
+        Some(_) => Err(serde::de::Error::custom(
+            "expected a whole, non-negative number of seconds",
+        )),
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. `env` reads the VM's environment
+    /// (Istio `vmConfig.env`) for the `*_env` fields.
+    pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(ConfigError::new(
+                "(root)",
+                "the plugin configuration is empty; set WasmPlugin.spec.pluginConfig",
+            ));
+        }
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = strip_position(&inner.to_string());
+            // serde reports an unknown key at the parent path; name the key itself.
+            match unknown_field_name(&msg) {
+                Some(name) => ConfigError::new(&name, "unknown field"),
+                None if path == "." => ConfigError::new("(root)", msg),
+                None => ConfigError::new(&path, msg),
+            }
+        })?;
+        Self::validate(raw, env)
+    }
+
+    fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let issuer = validate_issuer(&raw.issuer)?;
+        if raw.idp_cluster.trim().is_empty() {
+            return Err(ConfigError::new("idp_cluster", "must not be empty"));
+        }
+        if let Some(a) = &raw.idp_authority {
+            if a.is_empty() || a.contains(['/', ' ', '@']) {
+                return Err(ConfigError::new("idp_authority", "must be host[:port]"));
+            }
+        }
+        if raw.client_id.is_empty() {
+            return Err(ConfigError::new("client_id", "must not be empty"));
+        }
+        let client_secret = Secret::new(one_of(
+            "client_secret",
+            raw.client_secret,
+            "client_secret_env",
+            raw.client_secret_env,
+            env,
+        )?);
+        let cookie_secret_text = one_of(
+            "cookie_secret",
+            raw.cookie_secret,
+            "cookie_secret_env",
+            raw.cookie_secret_env,
+            env,
+        )?;
+        let cookie_secret = decode_cookie_secret(&cookie_secret_text)
+            .map_err(|why| ConfigError::new("cookie_secret", why))?;
+
+        if raw.hosts.is_empty() {
+            return Err(ConfigError::new("hosts", "must list at least one host"));
+        }
+        let hosts = raw
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                HostPattern::parse(h).map_err(|e| ConfigError::new(&format!("hosts[{i}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let redirect_uri = match raw.redirect_uri {
+            None => None,
+            Some(u) => {
+                let url =
+                    Url::parse(&u).map_err(|e| ConfigError::new("redirect_uri", e.to_string()))?;
+                if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+                    return Err(ConfigError::new(
+                        "redirect_uri",
+                        "must be an absolute http(s) URL",
+                    ));
+                }
+                if url.fragment().is_some() {
+                    return Err(ConfigError::new("redirect_uri", "must not have a fragment"));
+                }
+                Some(url)
+            }
+        };
+        let redirect_path = match (&redirect_uri, raw.redirect_path) {
+            (Some(u), Some(p)) if u.path() != p => {
+                return Err(ConfigError::new(
+                    "redirect_path",
+                    "differs from the path of redirect_uri; set only one",
+                ))
+            }
+            (Some(u), _) => u.path().to_string(),
+            (None, Some(p)) => validate_path("redirect_path", &p)?,
+            (None, None) => DEFAULT_REDIRECT_PATH.to_string(),
+        };
+        let logout_path = match raw.logout_path {
+            Some(p) => validate_path("logout_path", &p)?,
+            None => DEFAULT_LOGOUT_PATH.to_string(),
+        };
+        if logout_path == redirect_path {
+            return Err(ConfigError::new(
+                "logout_path",
+                "must differ from redirect_path",
+            ));
+        }
+        if let Some(u) = &raw.post_logout_redirect_uri {
+            let url = Url::parse(u)
+                .map_err(|e| ConfigError::new("post_logout_redirect_uri", e.to_string()))?;
+            if !matches!(url.scheme(), "https" | "http") {
+                return Err(ConfigError::new(
+                    "post_logout_redirect_uri",
+                    "must be an absolute http(s) URL",
+                ));
+            }
+        }
+        let scopes = validate_scopes(raw.scopes)?;
+        let skip_paths = raw
+            .skip_paths
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| validate_path(&format!("skip_paths[{i}]"), &p))
+            .collect::<Result<Vec<_>, _>>()?;
+        for p in &skip_paths {
+            if path_has_prefix(&redirect_path, p) || path_has_prefix(&logout_path, p) {
+                return Err(ConfigError::new(
+                    "skip_paths",
+                    format!("`{p}` would skip the callback or logout path"),
+                ));
+            }
+        }
+        let session_max_age = raw.session_max_age.unwrap_or(DEFAULT_SESSION_MAX_AGE_SECS);
+        if session_max_age < 60 {
+            return Err(ConfigError::new(
+                "session_max_age",
+                "must be at least 60 seconds",
+            ));
+        }
+
+        Ok(Self {
+            issuer,
+            idp_cluster: raw.idp_cluster,
+            idp_authority: raw.idp_authority,
+            client_id: raw.client_id,
+            client_secret,
+            token_endpoint_auth_method: raw
+                .token_endpoint_auth_method
+                .unwrap_or(TokenEndpointAuthMethod::ClientSecretBasic),
+            cookie_secret,
+            hosts,
+            redirect_path,
+            redirect_uri,
+            logout_path,
+            post_logout_redirect_uri: raw.post_logout_redirect_uri,
+            scopes,
+            upstream_authorization: raw
+                .upstream_authorization
+                .unwrap_or(UpstreamAuthorization::AccessToken),
+            skip_paths,
+            session_max_age,
+        })
+    }
+
+    /// Whether this policy applies to a request for `authority` (any case, port ignored).
+    pub fn protects(&self, authority: &str) -> bool {
+        let host = strip_port(authority).to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// Whether a request path (already normalized by Envoy) may pass without login.
+    pub fn is_skipped(&self, path: &str) -> bool {
+        !self.skip_paths.is_empty() && crate::http::skip_path_matches(path, &self.skip_paths)
+    }
+}
+
+/// Segment-aware prefix match: `/api` matches `/api` and `/api/x` but not `/apix`; a prefix that
+/// ends in `/` matches everything below it.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+fn validate_issuer(raw: &str) -> Result<String, ConfigError> {
+    let url = Url::parse(raw).map_err(|e| ConfigError::new("issuer", e.to_string()))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(ConfigError::new(
+            "issuer",
+            "must be an absolute http(s) URL",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::new(
+            "issuer",
+            "must not have a query or fragment (OIDC Discovery §2)",
+        ));
+    }
+    Ok(raw.to_string())
+}
+
+fn validate_path(field: &str, p: &str) -> Result<String, ConfigError> {
+    if !p.starts_with('/') {
+        return Err(ConfigError::new(field, "must start with `/`"));
+    }
+    if p.contains(['?', '#', '%', ';', '\\'])
+        || p.contains("//")
+        || p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
+        return Err(ConfigError::new(
+            field,
+            "must be a plain path (no query, fragment, escapes, `;`, `\\`, `//`)",
+        ));
+    }
+    if p.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(ConfigError::new(
+            field,
+            "must not contain `.` or `..` segments",
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn validate_scopes(scopes: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let requested =
+        scopes.unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect());
+    let mut seen = BTreeSet::new();
+    let mut out = vec!["openid".to_string()];
+    seen.insert("openid".to_string());
+    for (i, s) in requested.into_iter().enumerate() {
+        // RFC 6749 §3.3 scope-token characters.
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        {
+            return Err(ConfigError::new(
+                &format!("scopes[{i}]"),
+                "not a valid scope token",
+            ));
+        }
+        if seen.insert(s.clone()) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn one_of(
+    name: &str,
+    inline: Option<String>,
+    env_name: &str,
+    env_key: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    match (inline, env_key) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            name,
+            format!("set either `{name}` or `{env_name}`, not both"),
+        )),
+        (None, None) => Err(ConfigError::new(
+            name,
+            format!("one of `{name}` or `{env_name}` is required"),
+        )),
+        (Some(v), None) if v.is_empty() => Err(ConfigError::new(name, "must not be empty")),
+        (Some(v), None) => Ok(v),
+        (None, Some(key)) => match env(&key) {
+            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            _ => Err(ConfigError::new(
+                env_name,
+                format!(
+                    "environment variable `{key}` is not set in the VM (WasmPlugin vmConfig.env)"
+                ),
+            )),
+        },
+    }
+}
+
+fn decode_cookie_secret(text: &str) -> Result<SecretBytes, String> {
+    let bytes = [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text.as_bytes()).ok())
+        .ok_or_else(|| "must be base64 (standard or URL-safe)".to_string())?;
+    if bytes.len() < MIN_COOKIE_SECRET_BYTES {
+        return Err(format!(
+            "decodes to {} bytes; at least {MIN_COOKIE_SECRET_BYTES} random bytes are required",
+            bytes.len()
+        ));
+    }
+    Ok(SecretBytes::new(bytes))
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+#[cfg(test)]
+mod tests;

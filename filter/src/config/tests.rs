@@ -1,0 +1,211 @@
+use super::*;
+use serde_json::json;
+
+const SECRET32: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="; // 32 bytes
+
+fn base() -> serde_json::Value {
+    json!({
+        "issuer": "https://idp.example.com",
+        "idp_cluster": "outbound|443||idp.example.com",
+        "client_id": "gate",
+        "client_secret": "s3cret",
+        "cookie_secret": SECRET32,
+        "hosts": ["app.example.com", "*.apps.example.com"],
+    })
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse(v: &serde_json::Value) -> Result<Config, ConfigError> {
+    Config::parse(v.to_string().as_bytes(), &no_env)
+}
+
+fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
+    let mut v = base();
+    v[field] = value;
+    v
+}
+
+fn without(field: &str) -> serde_json::Value {
+    let mut v = base();
+    v.as_object_mut().unwrap().remove(field);
+    v
+}
+
+#[test]
+fn accepts_minimal_config_with_defaults() {
+    let c = parse(&base()).unwrap();
+    assert_eq!(c.redirect_path, "/oauth2/callback");
+    assert_eq!(c.logout_path, "/oauth2/sign_out");
+    assert_eq!(c.scopes, vec!["openid", "email", "profile"]);
+    assert_eq!(
+        c.token_endpoint_auth_method,
+        TokenEndpointAuthMethod::ClientSecretBasic
+    );
+    assert_eq!(c.upstream_authorization, UpstreamAuthorization::AccessToken);
+    assert!(c.skip_paths.is_empty());
+}
+
+#[test]
+fn names_unknown_field() {
+    let e = parse(&with("isuer", json!("x"))).unwrap_err();
+    assert_eq!(e.field, "isuer");
+    assert!(e.to_string().contains("field `isuer`"), "{e}");
+}
+
+#[test]
+fn names_field_with_wrong_type() {
+    let e = parse(&with("hosts", json!("app.example.com"))).unwrap_err();
+    assert_eq!(e.field, "hosts");
+    let e = parse(&with("scopes", json!(["openid", 3]))).unwrap_err();
+    assert!(e.field.starts_with("scopes"), "{e}");
+    let e = parse(&with("upstream_authorization", json!("cookie"))).unwrap_err();
+    assert_eq!(e.field, "upstream_authorization");
+}
+
+#[test]
+fn names_missing_required_field() {
+    for f in ["issuer", "idp_cluster", "client_id", "hosts"] {
+        let e = parse(&without(f)).unwrap_err();
+        assert!(e.to_string().contains(f), "{f}: {e}");
+    }
+}
+
+#[test]
+fn requires_exactly_one_secret_source() {
+    let e = parse(&without("client_secret")).unwrap_err();
+    assert_eq!(e.field, "client_secret");
+    let e = parse(&with("client_secret_env", json!("X"))).unwrap_err();
+    assert_eq!(e.field, "client_secret");
+    let e = parse(&without("cookie_secret")).unwrap_err();
+    assert_eq!(e.field, "cookie_secret");
+}
+
+#[test]
+fn reads_secrets_from_environment() {
+    let mut v = without("client_secret");
+    v["client_secret_env"] = json!("CS");
+    v.as_object_mut().unwrap().remove("cookie_secret");
+    v["cookie_secret_env"] = json!("CK");
+    let env = |k: &str| match k {
+        "CS" => Some("from-env".to_string()),
+        "CK" => Some(SECRET32.to_string()),
+        _ => None,
+    };
+    let c = Config::parse(v.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(c.client_secret.expose(), "from-env");
+    let e = Config::parse(v.to_string().as_bytes(), &no_env).unwrap_err();
+    assert_eq!(e.field, "client_secret_env");
+    assert!(e.reason.contains("CS"));
+}
+
+#[test]
+fn refuses_short_or_non_base64_cookie_secret() {
+    let e = parse(&with("cookie_secret", json!("c2hvcnQ="))).unwrap_err();
+    assert_eq!(e.field, "cookie_secret");
+    assert!(e.reason.contains("32"));
+    let e = parse(&with("cookie_secret", json!("not base64 !!"))).unwrap_err();
+    assert_eq!(e.field, "cookie_secret");
+}
+
+#[test]
+fn error_messages_never_contain_secret_values() {
+    let e = parse(&with("cookie_secret", json!("c2hvcnQ="))).unwrap_err();
+    assert!(!e.to_string().contains("c2hvcnQ"));
+}
+
+#[test]
+fn hosts_match_exact_and_wildcard_ignoring_port_and_case() {
+    let c = parse(&base()).unwrap();
+    assert!(c.protects("app.example.com"));
+    assert!(c.protects("APP.Example.com:443"));
+    assert!(c.protects("app.example.com."));
+    assert!(c.protects("a.apps.example.com"));
+    assert!(c.protects("x.y.apps.example.com:8443"));
+    assert!(!c.protects("apps.example.com"));
+    assert!(!c.protects("evilapps.example.com"));
+    assert!(!c.protects("app.example.com.evil.com"));
+    assert!(!c.protects("other.example.com"));
+}
+
+#[test]
+fn refuses_bad_host_patterns() {
+    for bad in [
+        "",
+        "*",
+        "a.*.com",
+        "*example.com",
+        "app example.com",
+        "https://app.example.com",
+    ] {
+        let e = parse(&with("hosts", json!([bad]))).unwrap_err();
+        assert_eq!(e.field, "hosts[0]", "{bad}");
+    }
+    let e = parse(&with("hosts", json!([]))).unwrap_err();
+    assert_eq!(e.field, "hosts");
+}
+
+#[test]
+fn accepts_float_numbers_as_istio_sends_them() {
+    let c = parse(&with("session_max_age", json!(600.0))).unwrap();
+    assert_eq!(c.session_max_age, 600);
+    let e = parse(&with("session_max_age", json!(600.5))).unwrap_err();
+    assert_eq!(e.field, "session_max_age");
+    let e = parse(&with("session_max_age", json!(-1))).unwrap_err();
+    assert_eq!(e.field, "session_max_age");
+}
+
+#[test]
+fn openid_scope_is_always_first_and_unique() {
+    let c = parse(&with(
+        "scopes",
+        json!(["email", "openid", "groups", "email"]),
+    ))
+    .unwrap();
+    assert_eq!(c.scopes, vec!["openid", "email", "groups"]);
+    let e = parse(&with("scopes", json!(["has space"]))).unwrap_err();
+    assert_eq!(e.field, "scopes[0]");
+}
+
+#[test]
+fn redirect_uri_sets_callback_path() {
+    let c = parse(&with("redirect_uri", json!("https://login.example.com/cb"))).unwrap();
+    assert_eq!(c.redirect_path, "/cb");
+    let e = parse(&with("redirect_uri", json!("/relative"))).unwrap_err();
+    assert_eq!(e.field, "redirect_uri");
+}
+
+#[test]
+fn paths_must_be_plain() {
+    for bad in ["relative", "/a?b", "/a%2f", "/a/../b", "/a//b", "/a;b"] {
+        assert!(parse(&with("redirect_path", json!(bad))).is_err(), "{bad}");
+        assert!(parse(&with("skip_paths", json!([bad]))).is_err(), "{bad}");
+    }
+    let e = parse(&with("skip_paths", json!(["/oauth2/"]))).unwrap_err();
+    assert_eq!(e.field, "skip_paths");
+}
+
+#[test]
+fn refuses_empty_and_non_object_configuration() {
+    assert_eq!(Config::parse(b"", &no_env).unwrap_err().field, "(root)");
+    assert!(Config::parse(b"[]", &no_env).is_err());
+    assert!(Config::parse(b"{", &no_env).is_err());
+}
+
+#[test]
+fn refuses_issuer_with_query() {
+    let e = parse(&with("issuer", json!("https://idp.example.com/?x=1"))).unwrap_err();
+    assert_eq!(e.field, "issuer");
+    let e = parse(&with("issuer", json!("idp.example.com"))).unwrap_err();
+    assert_eq!(e.field, "issuer");
+}
+
+#[test]
+fn debug_output_redacts_secrets() {
+    let c = parse(&base()).unwrap();
+    let out = format!("{c:?}");
+    assert!(!out.contains("s3cret"));
+    assert!(!out.contains(SECRET32));
+}

@@ -1,0 +1,285 @@
+//! HTTP details the flow depends on: cookies, query strings, paths, redirect targets.
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use crate::config::path_has_prefix;
+
+/// Cookies from every `Cookie` header of a request, in order. HTTP/2 allows a client to split the
+/// cookie list over several headers (RFC 9113 §8.2.3), so they are joined, never rejected.
+pub fn parse_cookies<'a>(headers: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, &'a str)> {
+    headers
+        .into_iter()
+        .flat_map(|h| h.split(';'))
+        .filter_map(|pair| {
+            let pair = pair.trim();
+            let (name, value) = pair.split_once('=')?;
+            let name = name.trim();
+            if name.is_empty() {
+                return None;
+            }
+            Some((name, value.trim().trim_matches('"')))
+        })
+        .collect()
+}
+
+/// Rebuilds a `Cookie` header without the cookies `drop` selects; `None` when nothing is left.
+pub fn cookie_header_without(headers: &[&str], drop: impl Fn(&str) -> bool) -> Option<String> {
+    let kept: Vec<String> = headers
+        .iter()
+        .flat_map(|h| h.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n).trim();
+            !drop(name)
+        })
+        .map(str::to_string)
+        .collect();
+    if kept.is_empty() {
+        None
+    } else {
+        Some(kept.join("; "))
+    }
+}
+
+/// A parsed query string in which every parameter appears at most once.
+#[derive(Debug, Default)]
+pub struct StrictQuery {
+    pairs: Vec<(String, String)>,
+}
+
+/// Why a query was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// A parameter the flow relies on appears twice (RFC 6749 §3.1: "MUST NOT be included more than once").
+    #[error("parameter `{0}` appears more than once")]
+    Duplicate(String),
+    /// The query is too long to be a real callback.
+    #[error("query too long")]
+    TooLong,
+}
+
+/// Longest callback query accepted; real ones are a few hundred bytes.
+pub const MAX_QUERY_LEN: usize = 8 * 1024;
+
+impl StrictQuery {
+    /// Parses `query` (without `?`), refusing repeated parameters.
+    pub fn parse(query: &str) -> Result<Self, QueryError> {
+        if query.len() > MAX_QUERY_LEN {
+            return Err(QueryError::TooLong);
+        }
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(QueryError::Duplicate(k.into_owned()));
+            }
+            pairs.push((k.into_owned(), v.into_owned()));
+        }
+        Ok(Self { pairs })
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits `:path` into path and query; a fragment (never sent by browsers) is cut off.
+pub fn split_path(path: &str) -> (&str, &str) {
+    let path = path.split('#').next().unwrap_or(path);
+    match path.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (path, ""),
+    }
+}
+
+/// Whether `path` may skip login under one of `prefixes`.
+///
+/// Fail closed: a path whose meaning an upstream could read differently (escaped slashes or dots,
+/// `;` parameters, backslashes, `.`/`..` segments, `//`) never skips, even when it starts with a
+/// skipped prefix. That closes `/public/..%2fprivate` and `/public/%2e%2e/private` style bypasses.
+pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
+    let (path, _) = split_path(raw_path);
+    if path.contains(['\\', ';'])
+        || path.contains("//")
+        || path.bytes().any(|b| b.is_ascii_control())
+    {
+        return false;
+    }
+    let decoded = match percent_decode_str(path).decode_utf8() {
+        Ok(d) => d,
+        Err(_) => return false,
+    };
+    if decoded != path {
+        // Escapes that change nothing dangerous (e.g. `%20`) would still be fine, but an upstream
+        // may decode once more; keep the rule simple and require login.
+        return false;
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return false;
+    }
+    prefixes.iter().any(|p| path_has_prefix(path, p))
+}
+
+/// The absolute URL to send the browser to after login, from the original request's path.
+///
+/// Only same-origin targets are possible: the stored value is a path, and the result is checked to
+/// have exactly the expected scheme, host and port. Anything odd becomes `/`.
+pub fn same_origin_target(scheme: &str, authority: &str, path: &str) -> String {
+    let origin = format!("{scheme}://{authority}");
+    let safe_path = sanitize_return_path(path);
+    let candidate = format!("{origin}{safe_path}");
+    match (Url::parse(&origin), Url::parse(&candidate)) {
+        (Ok(o), Ok(c)) if o.origin() == c.origin() && c.username().is_empty() => c.to_string(),
+        _ => format!("{origin}/"),
+    }
+}
+
+/// A return path that cannot be read as another origin: must start with a single `/`, no
+/// backslashes, no control characters or whitespace, bounded length.
+pub fn sanitize_return_path(path: &str) -> &str {
+    const MAX_RETURN_PATH: usize = 2048;
+    let bytes = path.as_bytes();
+    let bad = path.len() > MAX_RETURN_PATH
+        || bytes.first() != Some(&b'/')
+        || bytes.get(1) == Some(&b'/')
+        || path.contains('\\')
+        || bytes
+            .iter()
+            .any(|b| b.is_ascii_control() || *b == b' ' || *b >= 0x80)
+        || path.to_ascii_lowercase().contains("%5c")
+        || path
+            .get(1..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("%2f"));
+    if bad {
+        "/"
+    } else {
+        path
+    }
+}
+
+/// Escapes text for an HTML body.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query component (application/x-www-form-urlencoded).
+pub fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        ser.append_pair(k, v);
+    }
+    ser.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cookies_across_headers() {
+        let c = parse_cookies(["a=1; b=2", "c=3"]);
+        assert_eq!(c, vec![("a", "1"), ("b", "2"), ("c", "3")]);
+    }
+
+    #[test]
+    fn removes_selected_cookies() {
+        let h = cookie_header_without(&["a=1; __Host-oidc-gate=x", "b=2"], |n| {
+            n.starts_with("__Host-oidc-gate")
+        });
+        assert_eq!(h.as_deref(), Some("a=1; b=2"));
+        assert_eq!(
+            cookie_header_without(&["__Host-oidc-gate=x"], |_| true),
+            None
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_parameters() {
+        assert_eq!(
+            StrictQuery::parse("state=a&code=b&state=c").unwrap_err(),
+            QueryError::Duplicate("state".into())
+        );
+        let q = StrictQuery::parse("state=a%2Bb&code=c").unwrap();
+        assert_eq!(q.get("state"), Some("a+b"));
+        assert_eq!(q.get("iss"), None);
+    }
+
+    #[test]
+    fn skip_paths_are_segment_aware_and_fail_closed() {
+        let p = vec!["/public/".to_string(), "/healthz".to_string()];
+        assert!(skip_path_matches("/healthz", &p));
+        assert!(skip_path_matches("/healthz?x=1", &p));
+        assert!(skip_path_matches("/healthz/live", &p));
+        assert!(skip_path_matches("/public/a.css", &p));
+        assert!(!skip_path_matches("/healthzx", &p));
+        assert!(!skip_path_matches("/public", &p));
+        for bypass in [
+            "/public/..%2fsecret",
+            "/public/%2e%2e/secret",
+            "/public/../secret",
+            "/public/./x",
+            "/public//x",
+            "//public/x",
+            "/public/x;y",
+            "/public\\..\\secret",
+            "/public%2fx",
+            "/secret?p=/public/",
+            "/secret#/public/",
+            "/PUBLIC/x",
+        ] {
+            assert!(
+                !skip_path_matches(bypass, &p),
+                "{bypass} must not skip login"
+            );
+        }
+    }
+
+    #[test]
+    fn return_targets_stay_on_origin() {
+        let ok = same_origin_target("https", "app.example.com", "/a/b?x=1");
+        assert_eq!(ok, "https://app.example.com/a/b?x=1");
+        for evil in [
+            "//evil.com",
+            "/\\evil.com",
+            "/\t/evil.com",
+            "/%2f/evil.com",
+            "/%5cevil.com",
+            "https://evil.com",
+            "javascript:alert(1)",
+            "/ /evil.com",
+            "",
+        ] {
+            let t = same_origin_target("https", "app.example.com", evil);
+            assert!(t.starts_with("https://app.example.com/"), "{evil:?} -> {t}");
+            assert_eq!(
+                Url::parse(&t).unwrap().host_str(),
+                Some("app.example.com"),
+                "{evil:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            html_escape("<script>\"'&"),
+            "&lt;script&gt;&quot;&#x27;&amp;"
+        );
+    }
+}
