@@ -150,6 +150,8 @@ impl PendingLogin {
 }
 
 /// What to do with a request.
+// One Decision exists per request and is consumed at once; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Decision {
     /// Not a protected host: leave the request exactly as it is.
@@ -167,6 +169,15 @@ pub enum Decision {
         /// What the answer is checked against.
         pending: PendingLogin,
     },
+}
+
+/// The verification keys available to finish a login.
+#[derive(Debug, Clone, Copy)]
+pub struct Keys<'a> {
+    /// The cached JWKS, if any.
+    pub jwks: Option<&'a Jwks>,
+    /// Whether an unknown `kid` may trigger a refetch (rate limit not yet used).
+    pub may_refetch: bool,
 }
 
 /// The next step after the token endpoint answered.
@@ -268,7 +279,7 @@ pub fn parse_token_response(
     let expires_in = match raw.expires_in {
         None | Some(serde_json::Value::Null) => DEFAULT_EXPIRES_IN_SECS,
         Some(serde_json::Value::Number(n)) => match n.as_f64() {
-            Some(v) if v.is_finite() && v >= 0.0 && v <= 10.0 * 365.0 * 86400.0 => v as u64,
+            Some(v) if v.is_finite() && (0.0..=10.0 * 365.0 * 86400.0).contains(&v) => v as u64,
             _ => return Err(TokenResponseError::BadExpiry),
         },
         // Some IdPs send it as a string; accept digits only.
@@ -522,7 +533,7 @@ impl Gate {
                 Err(_) => out.push(delete_cookie(name)),
             }
         }
-        live.sort_by(|a, b| b.0.cmp(&a.0));
+        live.sort_by_key(|l| std::cmp::Reverse(l.0));
         for (_, name) in live.iter().skip(MAX_PENDING_LOGINS.saturating_sub(1)) {
             out.push(delete_cookie(name));
         }
@@ -747,8 +758,7 @@ impl Gate {
         pending: &PendingLogin,
         status: u16,
         body: &[u8],
-        jwks: Option<&Jwks>,
-        may_refetch_keys: bool,
+        keys: Keys<'_>,
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (LoginStep, Note) {
@@ -766,7 +776,7 @@ impl Gate {
             Ok(t) => t,
             Err(e) => return fail(Failure::IdpInvalid, format!("token exchange failed: {e}")),
         };
-        let Some(jwks) = jwks else {
+        let Some(jwks) = keys.jwks else {
             return (LoginStep::NeedKeys, None);
         };
         let Some(id_token) = tokens.id_token.as_ref() else {
@@ -788,7 +798,7 @@ impl Gate {
         };
         let verified = match token::verify(id_token.expose(), jwks, &expect) {
             Ok(v) => v,
-            Err(TokenError::UnknownKey) if may_refetch_keys => {
+            Err(TokenError::UnknownKey) if keys.may_refetch => {
                 return (
                     LoginStep::NeedKeys,
                     Some("ID token key not in cached JWKS; refetching".into()),

@@ -11,7 +11,8 @@ use super::cache::IdpCache;
 use super::host::{unix_seconds, HostRandom};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
-    Callout, Decision, Forward, Gate, LoginStep, PendingLogin, Request, MAX_TOKEN_RESPONSE_BYTES,
+    Callout, Decision, Forward, Gate, Keys, LoginStep, PendingLogin, Request,
+    MAX_TOKEN_RESPONSE_BYTES,
 };
 use crate::reply::{Failure, Reply};
 use crate::token::Jwks;
@@ -408,8 +409,10 @@ impl Stream {
             &pending,
             status,
             &body,
-            jwks.as_deref(),
-            may_refetch,
+            Keys {
+                jwks: jwks.as_deref(),
+                may_refetch,
+            },
             now,
             &mut HostRandom,
         );
