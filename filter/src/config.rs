@@ -24,6 +24,18 @@ pub const MIN_COOKIE_SECRET_BYTES: usize = 32;
 /// gateway in front of many apps is better served by a day).
 pub const DEFAULT_SESSION_MAX_AGE_SECS: u64 = 24 * 3600;
 
+/// Refresh this long before the access token expires, when `refresh_skew` is not set.
+pub const DEFAULT_REFRESH_SKEW_SECS: u64 = 60;
+/// Headers a claim can never be mapped to.
+const RESERVED_HEADERS: [&str; 6] = [
+    "authorization",
+    "cookie",
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
 /// A configuration error: which field, and why. Printed as the one log line an operator reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: field `{field}`: {reason}")]
@@ -165,6 +177,33 @@ pub struct Config {
     pub skip_paths: Vec<String>,
     /// Absolute session lifetime in seconds.
     pub session_max_age: u64,
+    /// Refresh this long before the access token expires.
+    pub refresh_skew: u64,
+    /// Path prefixes that always answer 401 instead of redirecting.
+    pub api_paths: Vec<String>,
+    /// Whether CORS preflights pass without login.
+    pub pass_cors_preflight: bool,
+    /// Machine clients with bearer JWTs, when enabled.
+    pub bearer_tokens: Option<BearerTokens>,
+    /// Identity headers set from claims: (lowercase header name, claim name).
+    pub claims_to_headers: Vec<(String, String)>,
+    /// Also send the access token as `x-auth-request-access-token` and `x-forwarded-access-token`.
+    pub pass_access_token_headers: bool,
+    /// Older cookie secrets, accepted for decryption only.
+    pub previous_cookie_secrets: Vec<SecretBytes>,
+}
+
+/// Acceptance rules for machine clients' bearer JWTs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BearerTokens {
+    /// `aud` must contain one of these.
+    pub audiences: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBearerTokens {
+    audiences: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +241,22 @@ struct RawConfig {
     skip_paths: Option<Vec<String>>,
     #[serde(default, deserialize_with = "seconds")]
     session_max_age: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    refresh_skew: Option<u64>,
+    #[serde(default)]
+    api_paths: Option<Vec<String>>,
+    #[serde(default)]
+    pass_cors_preflight: Option<bool>,
+    #[serde(default)]
+    bearer_tokens: Option<RawBearerTokens>,
+    #[serde(default)]
+    claims_to_headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pass_access_token_headers: Option<bool>,
+    #[serde(default)]
+    previous_cookie_secrets: Option<Vec<String>>,
+    #[serde(default)]
+    previous_cookie_secrets_env: Option<Vec<String>>,
 }
 
 /// Accepts whole seconds given as an integer or as an integral float (`600.0`), as Istio's JSON
@@ -358,6 +413,89 @@ impl Config {
             ));
         }
 
+        let refresh_skew = raw.refresh_skew.unwrap_or(DEFAULT_REFRESH_SKEW_SECS);
+        if refresh_skew > 3600 {
+            return Err(ConfigError::new(
+                "refresh_skew",
+                "must be at most 3600 seconds",
+            ));
+        }
+        let api_paths = raw
+            .api_paths
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| validate_path(&format!("api_paths[{i}]"), &p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bearer_tokens = match raw.bearer_tokens {
+            None => None,
+            Some(b) => {
+                if b.audiences.is_empty() || b.audiences.iter().any(String::is_empty) {
+                    return Err(ConfigError::new(
+                        "bearer_tokens.audiences",
+                        "must list at least one non-empty audience",
+                    ));
+                }
+                Some(BearerTokens {
+                    audiences: b.audiences,
+                })
+            }
+        };
+        let mut claims_to_headers = Vec::new();
+        for (header, claim) in raw.claims_to_headers.unwrap_or_default() {
+            let field = format!("claims_to_headers.{header}");
+            let name = header.to_ascii_lowercase();
+            if name.is_empty()
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                || name.starts_with(':')
+            {
+                return Err(ConfigError::new(
+                    &field,
+                    "not a valid header name (letters, digits, `-`)",
+                ));
+            }
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(ConfigError::new(
+                    &field,
+                    "this header cannot be set from a claim",
+                ));
+            }
+            if claim.is_empty() {
+                return Err(ConfigError::new(&field, "claim name must not be empty"));
+            }
+            claims_to_headers.push((name, claim));
+        }
+        let mut previous_cookie_secrets = Vec::new();
+        for (i, s) in raw
+            .previous_cookie_secrets
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            previous_cookie_secrets.push(
+                decode_cookie_secret(s).map_err(|why| {
+                    ConfigError::new(&format!("previous_cookie_secrets[{i}]"), why)
+                })?,
+            );
+        }
+        for (i, key) in raw
+            .previous_cookie_secrets_env
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let field = format!("previous_cookie_secrets_env[{i}]");
+            let value = env(key).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                ConfigError::new(
+                    &field,
+                    format!("environment variable `{key}` is not set in the VM"),
+                )
+            })?;
+            previous_cookie_secrets.push(
+                decode_cookie_secret(value.trim()).map_err(|why| ConfigError::new(&field, why))?,
+            );
+        }
+
         Ok(Self {
             issuer,
             idp_cluster: raw.idp_cluster,
@@ -379,6 +517,13 @@ impl Config {
                 .unwrap_or(UpstreamAuthorization::AccessToken),
             skip_paths,
             session_max_age,
+            refresh_skew,
+            api_paths,
+            pass_cors_preflight: raw.pass_cors_preflight.unwrap_or(true),
+            bearer_tokens,
+            claims_to_headers,
+            pass_access_token_headers: raw.pass_access_token_headers.unwrap_or(false),
+            previous_cookie_secrets,
         })
     }
 
@@ -387,6 +532,12 @@ impl Config {
         let host = strip_port(authority).to_ascii_lowercase();
         let host = host.strip_suffix('.').unwrap_or(&host);
         self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// Whether a path always answers 401 instead of redirecting to the login page.
+    pub fn is_api_path(&self, path: &str) -> bool {
+        let (path, _) = crate::http::split_path(path);
+        self.api_paths.iter().any(|p| path_has_prefix(path, p))
     }
 
     /// Whether a request path (already normalized by Envoy) may pass without login.

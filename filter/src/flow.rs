@@ -15,6 +15,7 @@ use url::Url;
 use crate::config::{strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization};
 use crate::crypto::Keyring;
 use crate::discovery::ProviderMetadata;
+use crate::headers::claim_header_value;
 use crate::http::{
     cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, QueryError,
     StrictQuery,
@@ -63,6 +64,12 @@ pub struct Request<'a> {
     pub accept: Option<&'a str>,
     /// `x-request-id` (Envoy sets it at the edge).
     pub request_id: Option<&'a str>,
+    /// Every `Authorization` header (more than one is refused).
+    pub authorization: Vec<&'a str>,
+    /// `origin`.
+    pub origin: Option<&'a str>,
+    /// `access-control-request-method`.
+    pub access_control_request_method: Option<&'a str>,
 }
 
 impl Request<'_> {
@@ -94,7 +101,9 @@ pub struct Forward {
     pub authorization: Option<String>,
     /// New `Cookie` value without the filter's cookies; `None` removes the header.
     pub cookie: Option<String>,
-    /// `Set-Cookie` values for the response (a resealed session after key rotation).
+    /// Identity headers to set (after all client-sent identity headers were removed).
+    pub set_headers: Vec<(String, String)>,
+    /// `Set-Cookie` values for the response (a refreshed or resealed session).
     pub response_cookies: Vec<String>,
 }
 
@@ -135,6 +144,7 @@ pub struct PendingLogin {
     nonce: Secret,
     browser: bool,
     request_id: Option<String>,
+    present_session_cookies: Vec<String>,
 }
 
 impl PendingLogin {
@@ -162,6 +172,8 @@ pub enum Decision {
     Reply(Reply),
     /// Provider metadata is needed: fetch discovery, then decide again.
     NeedProvider,
+    /// The JWKS is needed (bearer token): fetch it, then decide again.
+    NeedKeys,
     /// Exchange the code: send `call`, then pass the answer to [`Gate::complete_login`].
     ExchangeCode {
         /// The token request.
@@ -169,9 +181,147 @@ pub enum Decision {
         /// What the answer is checked against.
         pending: PendingLogin,
     },
+    /// Refresh the session: send `call`, then pass the answer to [`Gate::complete_refresh`].
+    Refresh {
+        /// The refresh request.
+        call: Callout,
+        /// The session being refreshed and the request waiting for it.
+        pending: PendingRefresh,
+    },
 }
 
-/// The verification keys available to finish a login.
+/// A request waiting for a refresh.
+pub struct PendingRefresh {
+    session: Session,
+    host: String,
+    cookie: Option<String>,
+    present_session_cookies: Vec<String>,
+}
+
+impl std::fmt::Debug for PendingRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRefresh")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingRefresh {
+    /// A key identifying the refresh token, for coalescing concurrent refreshes of one session
+    /// (a digest: the token itself never becomes a map key or a log line).
+    pub fn coalescing_key(&self) -> [u8; 16] {
+        let digest = Sha256::digest(
+            self.session
+                .refresh_token
+                .as_ref()
+                .map(|t| t.expose())
+                .unwrap_or("")
+                .as_bytes(),
+        );
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        key
+    }
+
+    /// The same refresh for another request of the same session (its own cookie header).
+    pub fn for_request(&self, req: &Request<'_>) -> Self {
+        Self {
+            session: self.session.clone(),
+            host: self.host.clone(),
+            cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+            present_session_cookies: session_cookie_names(&parse_cookies(
+                req.cookie_headers.iter().copied(),
+            )),
+        }
+    }
+}
+
+/// The outcome of a refresh.
+#[derive(Debug)]
+pub enum RefreshStep {
+    /// Refreshed: forward with these changes (new token, new cookie on the response).
+    Forward(Forward),
+    /// The JWKS has no key for the refreshed ID token: fetch it, then call again.
+    NeedKeys,
+    /// The session is over (refresh refused or impossible): clear these cookies and decide again
+    /// as if there were no session (login for browsers, 401 for APIs).
+    Ended(Vec<String>),
+}
+
+/// Something worth counting, reported with each decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A login redirect was sent.
+    LoginStarted,
+    /// A login completed and a session was set.
+    LoginCompleted,
+    /// A login failed at the callback, the token exchange or the ID-token check.
+    LoginFailed(&'static str),
+    /// A session was refreshed.
+    RefreshCompleted,
+    /// A refresh failed; the session ended.
+    RefreshFailed(&'static str),
+    /// A machine client's bearer JWT was accepted.
+    BearerAccepted,
+    /// A bearer JWT was refused.
+    BearerRejected(&'static str),
+    /// A session cookie was present but not accepted.
+    SessionRejected(&'static str),
+}
+
+/// A secret-free log line and an event for the metrics, reported with each decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Note {
+    /// One line for the log.
+    pub log: Option<String>,
+    /// What to count.
+    pub event: Option<Event>,
+}
+
+impl Note {
+    /// Nothing to report.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A log line only.
+    pub fn log(line: impl Into<String>) -> Self {
+        Self {
+            log: Some(line.into()),
+            event: None,
+        }
+    }
+
+    /// An event with a log line.
+    pub fn event(event: Event, line: impl Into<String>) -> Self {
+        Self {
+            log: Some(line.into()),
+            event: Some(event),
+        }
+    }
+
+    /// An event without a log line.
+    pub fn count(event: Event) -> Self {
+        Self {
+            log: None,
+            event: Some(event),
+        }
+    }
+}
+
+/// What the engine knows besides the request: IdP documents, and whether a JWKS refetch for an
+/// unknown key is allowed right now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Known<'a> {
+    /// Provider metadata, once discovery succeeded.
+    pub provider: Option<&'a ProviderMetadata>,
+    /// The JWKS, once fetched.
+    pub jwks: Option<&'a Jwks>,
+    /// Whether an unknown `kid` may trigger a refetch (rate limit not yet used).
+    pub may_refetch_keys: bool,
+}
+
+/// The verification keys available to finish a login or a refresh.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
     /// The cached JWKS, if any.
@@ -307,13 +457,16 @@ pub struct Gate {
     keys: Keyring,
 }
 
-/// A one-line, secret-free note for the log about what the engine decided and why.
-pub type Note = Option<String>;
+/// A session read from the request's cookies.
+struct FoundSession {
+    session: Session,
+    needs_reseal: bool,
+}
 
 impl Gate {
     /// Builds the engine from a validated configuration.
     pub fn new(config: Config) -> Self {
-        let keys = Keyring::new(&config.cookie_secret, &[]);
+        let keys = Keyring::new(&config.cookie_secret, &config.previous_cookie_secrets);
         Self { config, keys }
     }
 
@@ -322,68 +475,136 @@ impl Gate {
         &self.config
     }
 
-    /// Decides what to do with a request. `provider` is `None` until discovery succeeded.
+    /// Decides what to do with a request.
     pub fn decide(
         &self,
         req: &Request<'_>,
-        provider: Option<&ProviderMetadata>,
+        known: Known<'_>,
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (Decision, Note) {
         if !self.config.protects(req.authority) {
-            return (Decision::PassThrough, None);
+            return (Decision::PassThrough, Note::none());
         }
         let (path, query) = split_path(req.path);
         let cookies = parse_cookies(req.cookie_headers.iter().copied());
         let host = req.host();
 
         if path == self.callback_path() {
-            let Some(provider) = provider else {
-                return (Decision::NeedProvider, None);
+            let Some(provider) = known.provider else {
+                return (Decision::NeedProvider, Note::none());
             };
             return self.callback(req, &host, query, &cookies, provider, now);
         }
         if path == self.config.logout_path {
-            let Some(provider) = provider else {
-                return (Decision::NeedProvider, None);
+            let Some(provider) = known.provider else {
+                return (Decision::NeedProvider, Note::none());
             };
             return (
                 Decision::Reply(self.logout(&host, &cookies, provider)),
-                Some("logout".into()),
+                Note::log("logout"),
             );
         }
-        if self.config.is_skipped(req.path) {
-            return (Decision::Forward(self.forward_without_identity(req)), None);
+        if self.config.is_skipped(req.path)
+            || (self.config.pass_cors_preflight && is_cors_preflight(req))
+        {
+            return (
+                Decision::Forward(self.forward_without_identity(req)),
+                Note::none(),
+            );
         }
 
-        let (session, note) = self.session_from(&host, &cookies, now);
-        if let Some((session, needs_reseal)) = session {
-            let mut fwd = self.forward_with(req, &session);
-            if needs_reseal {
-                if let Ok(value) = session.seal(&self.keys, &host, rng) {
-                    fwd.response_cookies.push(set_cookie(
-                        SESSION_COOKIE,
-                        &value,
-                        self.cookie_max_age(&session, now),
-                    ));
-                }
+        let (found, mut note) = self.session_from(&host, &cookies, now);
+        if let Some(found) = found {
+            let session = found.session;
+            let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
+            if wants_refresh && session.refresh_token.is_some() {
+                let Some(provider) = known.provider else {
+                    // Still valid: serve now rather than wait for discovery; refresh next time.
+                    if session.is_usable(now) {
+                        return (
+                            Decision::Forward(self.forward_with(
+                                req,
+                                &session,
+                                &cookies,
+                                found.needs_reseal,
+                                now,
+                                rng,
+                            )),
+                            note,
+                        );
+                    }
+                    return (Decision::NeedProvider, note);
+                };
+                let token_call = self.token_request(
+                    provider,
+                    &[
+                        ("grant_type", "refresh_token"),
+                        (
+                            "refresh_token",
+                            session
+                                .refresh_token
+                                .as_ref()
+                                .map(|t| t.expose())
+                                .unwrap_or(""),
+                        ),
+                    ],
+                );
+                let pending = PendingRefresh {
+                    host: host.clone(),
+                    cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+                    present_session_cookies: session_cookie_names(&cookies),
+                    session,
+                };
+                return (
+                    Decision::Refresh {
+                        call: token_call,
+                        pending,
+                    },
+                    note,
+                );
             }
-            return (Decision::Forward(fwd), None);
+            if session.is_usable(now) {
+                return (
+                    Decision::Forward(self.forward_with(
+                        req,
+                        &session,
+                        &cookies,
+                        found.needs_reseal,
+                        now,
+                        rng,
+                    )),
+                    note,
+                );
+            }
+            note = Note::event(Event::SessionRejected("expired"), "session expired");
         }
-        if !req.is_navigation() {
+
+        if let Some(bearer) = &self.config.bearer_tokens {
+            if !req.authorization.is_empty() {
+                return self.bearer(req, &bearer.audiences, known, now);
+            }
+        }
+        if !req.is_navigation() || self.config.is_api_path(req.path) {
             return (
                 Decision::Reply(Failure::Unauthenticated.reply(false, req.request_id)),
                 note,
             );
         }
-        let Some(provider) = provider else {
+        let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);
         };
         match self.start_login(req, &host, &cookies, provider, now, rng) {
-            Ok(reply) => (Decision::Reply(reply), note),
+            Ok(reply) => {
+                let log = note.log.unwrap_or_else(|| "login started".into());
+                (
+                    Decision::Reply(reply),
+                    Note::event(Event::LoginStarted, log),
+                )
+            }
             Err(_) => (
                 Decision::Reply(Failure::Internal.reply(true, req.request_id)),
-                Some("no randomness from the host".into()),
+                Note::log("no randomness from the host"),
             ),
         }
     }
@@ -409,25 +630,42 @@ impl Gate {
         host: &str,
         cookies: &[(&str, &str)],
         now: UnixSeconds,
-    ) -> (Option<(Session, bool)>, Note) {
-        let mut values = cookies
-            .iter()
-            .filter(|(n, _)| *n == SESSION_COOKIE)
-            .map(|(_, v)| *v);
-        let Some(value) = values.next() else {
-            return (None, None);
+    ) -> (Option<FoundSession>, Note) {
+        let value = match assemble_session_cookie(cookies) {
+            Ok(Some(v)) => v,
+            Ok(None) => return (None, Note::none()),
+            Err(why) => {
+                return (
+                    None,
+                    Note::event(
+                        Event::SessionRejected("malformed"),
+                        format!("session rejected: {why}"),
+                    ),
+                )
+            }
         };
-        if values.next().is_some() {
-            // Two session cookies: an injected one beside ours. Trust neither.
-            return (
+        match Session::open(&self.keys, host, &value) {
+            Ok((session, _)) if now >= session.max_expires_at => (
                 None,
-                Some("session rejected: duplicate session cookie".into()),
-            );
-        }
-        match Session::open(&self.keys, host, value) {
-            Ok((s, reseal)) if s.is_usable(now) => (Some((s, reseal)), None),
-            Ok(_) => (None, Some("session expired".into())),
-            Err(e) => (None, Some(format!("session rejected: {e}"))),
+                Note::event(
+                    Event::SessionRejected("max_age"),
+                    "session reached session_max_age",
+                ),
+            ),
+            Ok((session, needs_reseal)) => (
+                Some(FoundSession {
+                    session,
+                    needs_reseal,
+                }),
+                Note::none(),
+            ),
+            Err(e) => (
+                None,
+                Note::event(
+                    Event::SessionRejected("invalid"),
+                    format!("session rejected: {e}"),
+                ),
+            ),
         }
     }
 
@@ -435,7 +673,56 @@ impl Gate {
         session.max_expires_at.saturating_sub(now).max(1)
     }
 
-    fn forward_with(&self, req: &Request<'_>, session: &Session) -> Forward {
+    fn identity_headers(&self, session: &Session) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (header, claim) in &self.config.claims_to_headers {
+            let value = if claim == "sub" {
+                Some(session.subject.clone()).filter(|s| !s.is_empty())
+            } else {
+                session.claims.get(claim).and_then(claim_header_value)
+            };
+            if let Some(v) = value {
+                out.push((header.clone(), v));
+            }
+        }
+        if self.config.pass_access_token_headers {
+            for h in ["x-auth-request-access-token", "x-forwarded-access-token"] {
+                out.push((h.to_string(), session.access_token.expose().to_string()));
+            }
+        }
+        out
+    }
+
+    fn forward_with(
+        &self,
+        req: &Request<'_>,
+        session: &Session,
+        cookies: &[(&str, &str)],
+        needs_reseal: bool,
+        now: UnixSeconds,
+        rng: &mut dyn Random,
+    ) -> Forward {
+        let mut fwd = self.forward_session(
+            session,
+            cookie_header_without(&req.cookie_headers, is_own_cookie),
+        );
+        if needs_reseal {
+            // Sealed with a previous key: reseal with the current one, so rotation logs nobody out.
+            let mut s = session.clone();
+            if let Ok((set, _)) = self.session_cookies(
+                &mut s,
+                &req.host(),
+                &session_cookie_names(cookies),
+                now,
+                rng,
+            ) {
+                fwd.response_cookies = set;
+            }
+        }
+        fwd
+    }
+
+    fn forward_session(&self, session: &Session, cookie: Option<String>) -> Forward {
         let authorization = match self.config.upstream_authorization {
             UpstreamAuthorization::AccessToken => {
                 Some(format!("Bearer {}", session.access_token.expose()))
@@ -448,7 +735,8 @@ impl Gate {
         };
         Forward {
             authorization,
-            cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+            cookie,
+            set_headers: self.identity_headers(session),
             response_cookies: Vec::new(),
         }
     }
@@ -457,7 +745,80 @@ impl Gate {
         Forward {
             authorization: None,
             cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+            set_headers: Vec::new(),
             response_cookies: Vec::new(),
+        }
+    }
+
+    fn bearer(
+        &self,
+        req: &Request<'_>,
+        audiences: &[String],
+        known: Known<'_>,
+        now: UnixSeconds,
+    ) -> (Decision, Note) {
+        let reject = |why: &'static str| {
+            (
+                Decision::Reply(Failure::Unauthenticated.reply(false, req.request_id)),
+                Note::event(
+                    Event::BearerRejected(why),
+                    format!("bearer token rejected: {why}"),
+                ),
+            )
+        };
+        let [value] = req.authorization.as_slice() else {
+            return reject("several Authorization headers");
+        };
+        let token = match value.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
+                t.trim()
+            }
+            _ => return reject("not a Bearer token"),
+        };
+        let Some(jwks) = known.jwks else {
+            return if known.provider.is_some() {
+                (Decision::NeedKeys, Note::none())
+            } else {
+                (Decision::NeedProvider, Note::none())
+            };
+        };
+        let expect = Expectations {
+            issuer: &self.config.issuer,
+            audiences,
+            client_id: None,
+            nonce: None,
+            require_iat: false,
+            require_sub: false,
+            now,
+            skew: DEFAULT_CLOCK_SKEW_SECS,
+        };
+        match token::verify(token, jwks, &expect) {
+            Ok(verified) => {
+                let mut set_headers = Vec::new();
+                for (header, claim) in &self.config.claims_to_headers {
+                    if let Some(v) = verified.claims.get(claim).and_then(claim_header_value) {
+                        set_headers.push((header.clone(), v));
+                    }
+                }
+                let fwd = Forward {
+                    authorization: Some(format!("Bearer {token}")),
+                    cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+                    set_headers,
+                    response_cookies: Vec::new(),
+                };
+                (Decision::Forward(fwd), Note::count(Event::BearerAccepted))
+            }
+            Err(TokenError::UnknownKey) if known.may_refetch_keys => (
+                Decision::NeedKeys,
+                Note::log("bearer key not in cached JWKS; refetching"),
+            ),
+            Err(TokenError::UnknownKey) => reject("unknown key"),
+            Err(TokenError::Expired) => reject("expired"),
+            Err(TokenError::InvalidAudience) => reject("audience"),
+            Err(TokenError::InvalidIssuer) => reject("issuer"),
+            Err(TokenError::AlgorithmNotAllowed(_)) => reject("algorithm"),
+            Err(TokenError::BadSignature) => reject("signature"),
+            Err(_) => reject("invalid"),
         }
     }
 
@@ -508,9 +869,11 @@ impl Gate {
         let mut set_cookies = vec![set_cookie(&name, &sealed, LOGIN_TTL_SECS)];
         // A session cookie that did not verify is cleared, so a stale or planted one cannot
         // linger next to the new session (GHSA-f24x-5g9q-753f).
-        if cookies.iter().any(|(n, _)| *n == SESSION_COOKIE) {
-            set_cookies.push(delete_cookie(SESSION_COOKIE));
-        }
+        set_cookies.extend(
+            session_cookie_names(cookies)
+                .iter()
+                .map(|n| delete_cookie(n)),
+        );
         set_cookies.extend(self.expire_old_logins(host, cookies, now));
         Ok(Reply::redirect(location.to_string(), set_cookies))
     }
@@ -540,6 +903,7 @@ impl Gate {
         out
     }
 
+    #[allow(clippy::too_many_lines)]
     fn callback(
         &self,
         req: &Request<'_>,
@@ -550,33 +914,25 @@ impl Gate {
         now: UnixSeconds,
     ) -> (Decision, Note) {
         let browser = req.is_navigation() || req.sec_fetch_mode.is_none();
-        let fail = |f: Failure, note: String, extra_cookies: Vec<String>| {
+        let fail = |f: Failure, reason: &'static str, extra_cookies: Vec<String>| {
             (
                 Decision::Reply(f.reply(browser, req.request_id).with_cookies(extra_cookies)),
-                Some(note),
+                Note::event(
+                    Event::LoginFailed(reason),
+                    format!("callback rejected: {reason}"),
+                ),
             )
         };
+        let malformed = Failure::BadCallback("The sign-in response was malformed.");
         let q = match StrictQuery::parse(query) {
             Ok(q) => q,
-            Err(QueryError::Duplicate(p)) => {
-                return fail(
-                    Failure::BadCallback("The sign-in response was malformed."),
-                    format!("callback: duplicate parameter `{p}`"),
-                    vec![],
-                )
-            }
-            Err(e) => {
-                return fail(
-                    Failure::BadCallback("The sign-in response was malformed."),
-                    format!("callback: {e}"),
-                    vec![],
-                )
-            }
+            Err(QueryError::Duplicate(_)) => return fail(malformed, "duplicate parameter", vec![]),
+            Err(_) => return fail(malformed, "query too long", vec![]),
         };
         let Some(state) = q.get("state") else {
             return fail(
                 Failure::BadCallback("The sign-in response had no state."),
-                "callback: missing state".into(),
+                "missing state",
                 vec![],
             );
         };
@@ -594,7 +950,7 @@ impl Gate {
             _ => {
                 return fail(
                     Failure::BadCallback("The sign-in response had an unknown state."),
-                    "callback: malformed state".into(),
+                    "malformed state",
                     vec![],
                 )
             }
@@ -607,17 +963,17 @@ impl Gate {
         let (Some(login_value), None) = (matching.next(), matching.next()) else {
             return fail(
                 Failure::BadCallback("This sign-in was started in another browser or has expired."),
-                "callback: no (or duplicate) login cookie for this state".into(),
+                "no login cookie for this state",
                 vec![],
             );
         };
         let delete_login = vec![delete_cookie(&cookie_name)];
         let login = match LoginState::open(&self.keys, host, &cookie_name, login_value, now) {
             Ok(l) => l,
-            Err(e) => {
+            Err(_) => {
                 return fail(
                     Failure::BadCallback("This sign-in has expired."),
-                    format!("callback: {e}"),
+                    "login cookie invalid or expired",
                     delete_login,
                 )
             }
@@ -625,7 +981,7 @@ impl Gate {
         if !login.state.ct_eq(state) {
             return fail(
                 Failure::BadCallback("The sign-in response did not match."),
-                "callback: state mismatch".into(),
+                "state mismatch",
                 delete_login,
             );
         }
@@ -634,14 +990,14 @@ impl Gate {
             Some(iss) if iss != self.config.issuer => {
                 return fail(
                     Failure::BadCallback("The sign-in response came from an unexpected issuer."),
-                    "callback: iss parameter mismatch".into(),
+                    "iss mismatch",
                     delete_login,
                 )
             }
             None if provider.authorization_response_iss_parameter_supported => {
                 return fail(
                     Failure::BadCallback("The sign-in response was incomplete."),
-                    "callback: iss parameter missing although advertised".into(),
+                    "iss missing",
                     delete_login,
                 )
             }
@@ -650,17 +1006,14 @@ impl Gate {
         if let Some(error) = q.get("error") {
             return fail(
                 Failure::LoginDenied(error.to_string()),
-                format!(
-                    "callback: IdP returned error `{}`",
-                    error.chars().take(64).collect::<String>()
-                ),
+                "idp error",
                 delete_login,
             );
         }
         let Some(code) = q.get("code").filter(|c| !c.is_empty() && c.len() <= 4096) else {
             return fail(
                 Failure::BadCallback("The sign-in response had no code."),
-                "callback: missing code".into(),
+                "missing code",
                 delete_login,
             );
         };
@@ -684,11 +1037,12 @@ impl Gate {
             nonce: login.nonce,
             browser,
             request_id: req.request_id.map(str::to_string),
+            present_session_cookies: session_cookie_names(cookies),
         };
-        (Decision::ExchangeCode { call, pending }, None)
+        (Decision::ExchangeCode { call, pending }, Note::none())
     }
 
-    /// A POST to the token endpoint with client authentication (RFC 6749 §2.3.1, §4.1.3).
+    /// A POST to the token endpoint with client authentication (RFC 6749 §2.3.1, §4.1.3, §6).
     fn token_request(&self, provider: &ProviderMetadata, params: &[(&str, &str)]) -> Callout {
         let mut fields: Vec<(&str, &str)> = params.to_vec();
         let mut headers = vec![
@@ -763,25 +1117,32 @@ impl Gate {
         rng: &mut dyn Random,
     ) -> (LoginStep, Note) {
         let delete_login = vec![delete_cookie(&pending.login_cookie)];
-        let fail = |f: Failure, note: String| {
+        let fail = |f: Failure, reason: &'static str, detail: String| {
             (
                 LoginStep::Done(
                     f.reply(pending.browser, pending.request_id.as_deref())
                         .with_cookies(delete_login.clone()),
                 ),
-                Some(note),
+                Note::event(Event::LoginFailed(reason), detail),
             )
         };
         let tokens = match parse_token_response(status, body, true) {
             Ok(t) => t,
-            Err(e) => return fail(Failure::IdpInvalid, format!("token exchange failed: {e}")),
+            Err(e) => {
+                return fail(
+                    Failure::IdpInvalid,
+                    "token exchange",
+                    format!("token exchange failed: {e}"),
+                )
+            }
         };
         let Some(jwks) = keys.jwks else {
-            return (LoginStep::NeedKeys, None);
+            return (LoginStep::NeedKeys, Note::none());
         };
         let Some(id_token) = tokens.id_token.as_ref() else {
             return fail(
                 Failure::IdpInvalid,
+                "token exchange",
                 "token exchange failed: no id_token".into(),
             );
         };
@@ -801,15 +1162,17 @@ impl Gate {
             Err(TokenError::UnknownKey) if keys.may_refetch => {
                 return (
                     LoginStep::NeedKeys,
-                    Some("ID token key not in cached JWKS; refetching".into()),
+                    Note::log("ID token key not in cached JWKS; refetching"),
                 )
             }
-            Err(e) => return fail(Failure::IdpInvalid, format!("ID token rejected: {e}")),
+            Err(e) => {
+                return fail(
+                    Failure::IdpInvalid,
+                    "id token",
+                    format!("ID token rejected: {e}"),
+                )
+            }
         };
-        let claims = KEPT_CLAIMS
-            .iter()
-            .filter_map(|k| verified.claims.get(*k).map(|v| (k.to_string(), v.clone())))
-            .collect();
         let mut session = Session {
             access_token: tokens.access_token,
             id_token: tokens.id_token,
@@ -818,59 +1181,185 @@ impl Gate {
             subject: verified.subject.unwrap_or_default(),
             created_at: now,
             max_expires_at: now.saturating_add(self.config.session_max_age),
-            claims,
+            claims: self.kept_claims(&verified.claims),
         };
         if session.refresh_token.is_none() {
             // Without a refresh token the session cannot outlive the access token.
             session.max_expires_at = session.max_expires_at.min(session.expires_at);
         }
-        let (sealed, dropped) = match self.seal_within_budget(&mut session, &pending.host, rng) {
+        let (mut cookies, dropped) = match self.session_cookies(
+            &mut session,
+            &pending.host,
+            &pending.present_session_cookies,
+            now,
+            rng,
+        ) {
             Ok(v) => v,
-            Err(f) => return fail(
-                f,
-                "session cookie would exceed the browser limit even without ID and refresh tokens"
-                    .into(),
-            ),
+            Err(f) => {
+                return fail(
+                    f,
+                    "session too large",
+                    "session cookie would exceed the budget even without ID and refresh tokens"
+                        .into(),
+                )
+            }
         };
-        let mut cookies = vec![set_cookie(
-            SESSION_COOKIE,
-            &sealed,
-            self.cookie_max_age(&session, now),
-        )];
         cookies.extend(delete_login);
         let location = same_origin_target(
             &pending.origin_scheme,
             &pending.authority.to_ascii_lowercase(),
             &pending.return_to,
         );
-        let note = if dropped.is_empty() {
+        let log = if dropped.is_empty() {
             "login completed".to_string()
         } else {
             format!(
-                "login completed; dropped {} to fit the cookie",
+                "login completed; dropped {} to fit the cookie budget",
                 dropped.join(", ")
             )
         };
         (
             LoginStep::Done(Reply::redirect(location, cookies)),
-            Some(note),
+            Note::event(Event::LoginCompleted, log),
         )
     }
 
-    /// Seals the session, dropping what the gateway can live without until it fits.
-    fn seal_within_budget(
+    /// Applies a refresh answer: a new session on success; the end of the session otherwise.
+    pub fn complete_refresh(
+        &self,
+        pending: &PendingRefresh,
+        status: u16,
+        body: &[u8],
+        keys: Keys<'_>,
+        now: UnixSeconds,
+        rng: &mut dyn Random,
+    ) -> (RefreshStep, Note) {
+        let end = |reason: &'static str, detail: String| {
+            let clear = pending
+                .present_session_cookies
+                .iter()
+                .map(|n| delete_cookie(n))
+                .collect();
+            (
+                RefreshStep::Ended(clear),
+                Note::event(Event::RefreshFailed(reason), detail),
+            )
+        };
+        let tokens = match parse_token_response(status, body, false) {
+            Ok(t) => t,
+            Err(e @ TokenResponseError::Status { .. }) => {
+                return end("refused", format!("refresh failed: {e}"))
+            }
+            Err(e) => return end("invalid response", format!("refresh failed: {e}")),
+        };
+        let old = &pending.session;
+        let mut claims = old.claims.clone();
+        if let Some(id_token) = &tokens.id_token {
+            let Some(jwks) = keys.jwks else {
+                return (RefreshStep::NeedKeys, Note::none());
+            };
+            let audiences = [self.config.client_id.clone()];
+            let expect = Expectations {
+                issuer: &self.config.issuer,
+                audiences: &audiences,
+                client_id: Some(&self.config.client_id),
+                nonce: None,
+                require_iat: true,
+                require_sub: true,
+                now,
+                skew: DEFAULT_CLOCK_SKEW_SECS,
+            };
+            match token::verify(id_token.expose(), jwks, &expect) {
+                // OIDC Core §12.2: the refreshed ID token must name the same subject.
+                Ok(v) if v.subject.as_deref() == Some(old.subject.as_str()) => {
+                    claims = self.kept_claims(&v.claims)
+                }
+                Ok(_) => {
+                    return end(
+                        "subject changed",
+                        "refresh failed: ID token subject changed".into(),
+                    )
+                }
+                Err(TokenError::UnknownKey) if keys.may_refetch => {
+                    return (
+                        RefreshStep::NeedKeys,
+                        Note::log("refreshed ID token key not in cached JWKS; refetching"),
+                    )
+                }
+                Err(e) => {
+                    return end(
+                        "id token",
+                        format!("refresh failed: ID token rejected: {e}"),
+                    )
+                }
+            }
+        }
+        let mut session = Session {
+            access_token: tokens.access_token,
+            id_token: tokens.id_token.or_else(|| old.id_token.clone()),
+            refresh_token: tokens.refresh_token.or_else(|| old.refresh_token.clone()),
+            expires_at: now.saturating_add(tokens.expires_in),
+            subject: old.subject.clone(),
+            created_at: old.created_at,
+            max_expires_at: old.max_expires_at,
+            claims,
+        };
+        match self.session_cookies(
+            &mut session,
+            &pending.host,
+            &pending.present_session_cookies,
+            now,
+            rng,
+        ) {
+            Ok((mut cookies, _)) => {
+                let mut fwd = self.forward_session(&session, pending.cookie.clone());
+                cookies.shrink_to_fit();
+                fwd.response_cookies = cookies;
+                (
+                    RefreshStep::Forward(fwd),
+                    Note::event(Event::RefreshCompleted, "session refreshed"),
+                )
+            }
+            Err(_) => end(
+                "session too large",
+                "refresh failed: session too large for the cookie budget".into(),
+            ),
+        }
+    }
+
+    fn kept_claims(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        claims
+            .iter()
+            .filter(|(k, _)| {
+                KEPT_CLAIMS.contains(&k.as_str())
+                    || self.config.claims_to_headers.iter().any(|(_, c)| c == *k)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The `Set-Cookie` values that store `session`: one cookie, or chunks when it is large;
+    /// stale chunks from a previous, larger session are deleted. Over the total budget, the parts
+    /// the gateway can live without are dropped (claims, then the ID token, then the refresh
+    /// token) instead of producing headers that browsers or Envoy refuse.
+    fn session_cookies(
         &self,
         session: &mut Session,
         host: &str,
+        present: &[String],
+        now: UnixSeconds,
         rng: &mut dyn Random,
-    ) -> Result<(String, Vec<&'static str>), Failure> {
+    ) -> Result<(Vec<String>, Vec<&'static str>), Failure> {
         let mut dropped = Vec::new();
-        loop {
+        let sealed = loop {
             let sealed = session
                 .seal(&self.keys, host, rng)
                 .map_err(|_| Failure::Internal)?;
-            if SESSION_COOKIE.len() + 1 + sealed.len() <= MAX_SESSION_COOKIE_BYTES {
-                return Ok((sealed, dropped));
+            if sealed.len() <= MAX_CHUNKS * CHUNK_BYTES {
+                break sealed;
             }
             if !session.claims.is_empty() {
                 session.claims.clear();
@@ -887,16 +1376,53 @@ impl Gate {
             } else {
                 return Err(Failure::SessionTooLarge);
             }
+        };
+        let max_age = self.cookie_max_age(session, now);
+        let mut out = Vec::new();
+        let chunks: Vec<&str> = if sealed.len() <= CHUNK_BYTES {
+            vec![sealed.as_str()]
+        } else {
+            sealed
+                .as_bytes()
+                .chunks(CHUNK_BYTES)
+                .filter_map(|c| std::str::from_utf8(c).ok())
+                .collect()
+        };
+        if chunks.len() == 1 {
+            out.push(set_cookie(SESSION_COOKIE, chunks[0], max_age));
+        } else {
+            out.push(set_cookie(
+                SESSION_COOKIE,
+                &format!("{}{CHUNK_MARK}{}", chunks.len(), chunks[0]),
+                max_age,
+            ));
+            for (i, c) in chunks.iter().enumerate().skip(1) {
+                out.push(set_cookie(&chunk_cookie_name(i), c, max_age));
+            }
         }
+        for name in present {
+            if let Some(i) = chunk_index(name) {
+                if i >= chunks.len() {
+                    out.push(delete_cookie(name));
+                }
+            }
+        }
+        Ok((out, dropped))
     }
 
     fn logout(&self, host: &str, cookies: &[(&str, &str)], provider: &ProviderMetadata) -> Reply {
-        let id_token_hint = cookies
-            .iter()
-            .find(|(n, _)| *n == SESSION_COOKIE)
-            .and_then(|(_, v)| Session::open(&self.keys, host, v).ok())
+        let id_token_hint = assemble_session_cookie(cookies)
+            .ok()
+            .flatten()
+            .and_then(|v| Session::open(&self.keys, host, &v).ok())
             .and_then(|(s, _)| s.id_token);
         let mut set_cookies = vec![delete_cookie(SESSION_COOKIE)];
+        set_cookies.extend(
+            session_cookie_names(cookies)
+                .iter()
+                .filter(|n| n.as_str() != SESSION_COOKIE)
+                .map(|n| delete_cookie(n)),
+        );
         set_cookies.extend(
             cookies
                 .iter()
@@ -922,6 +1448,64 @@ impl Gate {
         };
         Reply::redirect(location, set_cookies)
     }
+}
+
+/// Bytes of sealed session per cookie: with the name and attributes this stays under the
+/// browsers' 4096-byte limit per cookie.
+pub const CHUNK_BYTES: usize = 3800;
+/// Most chunks per session: about 15 KB of cookies, far below Envoy's 60 KiB header limit, and
+/// the filter's cookies never reach the upstream.
+pub const MAX_CHUNKS: usize = 4;
+/// Separates the chunk count from the first chunk; never part of base64url.
+const CHUNK_MARK: char = '.';
+
+fn chunk_cookie_name(i: usize) -> String {
+    format!("{SESSION_COOKIE}-{i}")
+}
+
+fn chunk_index(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix(SESSION_COOKIE)?.strip_prefix('-')?;
+    rest.parse::<usize>().ok().filter(|i| (1..16).contains(i))
+}
+
+/// Names of the session cookie and its chunks present in the request.
+fn session_cookie_names(cookies: &[(&str, &str)]) -> Vec<String> {
+    cookies
+        .iter()
+        .filter(|(n, _)| *n == SESSION_COOKIE || chunk_index(n).is_some())
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// The sealed session value from the session cookie and its chunks. Duplicates are refused:
+/// two values under one name mean an injected cookie, and neither can be trusted.
+fn assemble_session_cookie(cookies: &[(&str, &str)]) -> Result<Option<String>, &'static str> {
+    let get = |name: &str| -> Result<Option<&str>, &'static str> {
+        let mut values = cookies.iter().filter(|(n, _)| *n == name).map(|(_, v)| *v);
+        match (values.next(), values.next()) {
+            (Some(_), Some(_)) => Err("duplicate session cookie"),
+            (v, _) => Ok(v),
+        }
+    };
+    let Some(first) = get(SESSION_COOKIE)? else {
+        return Ok(None);
+    };
+    let Some((count, head)) = first.split_once(CHUNK_MARK) else {
+        return Ok(Some(first.to_string()));
+    };
+    let count: usize = count.parse().map_err(|_| "bad chunk count")?;
+    if !(2..=MAX_CHUNKS).contains(&count) {
+        return Err("bad chunk count");
+    }
+    let mut value = head.to_string();
+    for i in 1..count {
+        value.push_str(get(&chunk_cookie_name(i))?.ok_or("missing chunk")?);
+    }
+    Ok(Some(value))
+}
+
+fn is_cors_preflight(req: &Request<'_>) -> bool {
+    req.method == "OPTIONS" && req.origin.is_some() && req.access_control_request_method.is_some()
 }
 
 fn path_and_query(url: &Url) -> String {

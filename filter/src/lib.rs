@@ -22,6 +22,7 @@ pub mod config;
 pub mod crypto;
 pub mod discovery;
 pub mod flow;
+pub mod headers;
 pub mod http;
 pub mod reply;
 pub mod session;

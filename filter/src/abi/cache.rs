@@ -176,3 +176,40 @@ fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fres
         stale: age > ttl,
     })
 }
+
+/// Slots of the process-wide refresh result ring (bounded: shared data has no delete).
+const REFRESH_SLOTS: u8 = 32;
+/// How long a refresh result may be reused by another worker holding the same old refresh token.
+pub const REFRESH_RESULT_TTL_SECS: u64 = 60;
+
+impl IdpCache {
+    fn refresh_slot(&self, key: &[u8; 16]) -> String {
+        self.key(&format!("refreshed/{}", key[0] % REFRESH_SLOTS))
+    }
+
+    /// Remembers the token answer of a refresh for [`REFRESH_RESULT_TTL_SECS`], so a request of
+    /// the same session on another worker reuses it instead of presenting the old (rotated)
+    /// refresh token again and losing the session.
+    pub fn store_refresh_result(&self, key: &[u8; 16], body: &[u8], now: UnixSeconds) {
+        let mut value = Vec::with_capacity(24 + body.len());
+        value.extend_from_slice(key);
+        value.extend_from_slice(&now.to_be_bytes());
+        value.extend_from_slice(body);
+        let _ = hostcalls::set_shared_data(&self.refresh_slot(key), Some(&value), None);
+    }
+
+    /// A recent refresh answer for this refresh token, if another stream already got one.
+    pub fn refresh_result(&self, key: &[u8; 16], now: UnixSeconds) -> Option<Vec<u8>> {
+        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_slot(key)) else {
+            return None;
+        };
+        if bytes.get(..16)? != key.as_slice() {
+            return None;
+        }
+        let at = read_u64(bytes.get(16..24)?)?;
+        if now > at.saturating_add(REFRESH_RESULT_TTL_SECS) {
+            return None;
+        }
+        bytes.get(24..).map(<[u8]>::to_vec)
+    }
+}

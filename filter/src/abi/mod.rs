@@ -6,6 +6,7 @@
 
 mod cache;
 mod host;
+mod metrics;
 mod root;
 mod stream;
 

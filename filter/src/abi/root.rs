@@ -1,21 +1,82 @@
 //! The root context: configuration, and one stream context per request.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
 use super::cache::IdpCache;
-use super::stream::Stream;
+use super::metrics::Metrics;
+use super::stream::{Facts, Stream};
 use crate::config::Config;
-use crate::flow::Gate;
+use crate::flow::{Gate, PendingRefresh};
+
+/// A stream waiting for another stream's refresh of the same session.
+pub struct Follower {
+    /// Its context id.
+    pub context_id: u32,
+    /// Its own view of the pending refresh (its cookie header).
+    pub pending: PendingRefresh,
+    /// Its request, to decide again if the refresh fails.
+    pub facts: Facts,
+}
+
+/// Refreshes in flight in this VM, keyed by a digest of the refresh token: concurrent requests
+/// of one session share one refresh instead of a storm of them.
+#[derive(Default)]
+pub struct RefreshRegistry {
+    inflight: HashMap<[u8; 16], Vec<Follower>>,
+    /// `Set-Cookie` values for followers' responses, by context id.
+    pub response_cookies: HashMap<u32, Vec<String>>,
+}
+
+impl RefreshRegistry {
+    /// Registers a leader; false if a refresh for this key is already in flight.
+    pub fn lead(&mut self, key: [u8; 16]) -> bool {
+        if self.inflight.contains_key(&key) {
+            return false;
+        }
+        self.inflight.insert(key, Vec::new());
+        true
+    }
+
+    /// Adds a follower to an in-flight refresh.
+    pub fn follow(&mut self, key: [u8; 16], follower: Follower) {
+        self.inflight.entry(key).or_default().push(follower);
+    }
+
+    /// Ends a refresh; returns its followers.
+    pub fn finish(&mut self, key: &[u8; 16]) -> Vec<Follower> {
+        self.inflight.remove(key).unwrap_or_default()
+    }
+
+    /// Forgets a follower whose stream ended.
+    pub fn forget(&mut self, key: &[u8; 16], context_id: u32) {
+        if let Some(f) = self.inflight.get_mut(key) {
+            f.retain(|f| f.context_id != context_id);
+        }
+        self.response_cookies.remove(&context_id);
+    }
+}
+
+/// What every stream of a VM shares.
+pub struct Shared {
+    /// The engine.
+    pub gate: Rc<Gate>,
+    /// IdP documents.
+    pub cache: RefCell<IdpCache>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Refreshes in flight.
+    pub refreshes: RefCell<RefreshRegistry>,
+}
 
 /// The per-VM root context.
 #[derive(Default)]
 pub struct Root {
-    gate: Option<Rc<Gate>>,
-    cache: Option<Rc<RefCell<IdpCache>>>,
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for Root {}
@@ -31,16 +92,17 @@ impl RootContext for Root {
                     config.idp_cluster,
                     config.hosts.len()
                 );
-                self.cache = Some(Rc::new(RefCell::new(IdpCache::new(
-                    &config.issuer,
-                    &config.idp_cluster,
-                ))));
-                self.gate = Some(Rc::new(Gate::new(config)));
+                self.shared = Some(Rc::new(Shared {
+                    cache: RefCell::new(IdpCache::new(&config.issuer, &config.idp_cluster)),
+                    gate: Rc::new(Gate::new(config)),
+                    metrics: Metrics::default(),
+                    refreshes: RefCell::new(RefreshRegistry::default()),
+                }));
                 true
             }
             Err(e) => {
                 log::error!("oidc-gate: {e}");
-                self.gate = None;
+                self.shared = None;
                 false
             }
         }
@@ -48,11 +110,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Without a valid configuration every stream fails closed (Stream answers 500).
-        Some(Box::new(Stream::new(
-            context_id,
-            self.gate.clone(),
-            self.cache.clone(),
-        )))
+        Some(Box::new(Stream::new(context_id, self.shared.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -1,28 +1,30 @@
 //! The per-request context: gathers the request, runs the engine, executes its decisions.
 
-use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::cache::IdpCache;
 use super::host::{unix_seconds, HostRandom};
+use super::root::{Follower, Shared};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
-    Callout, Decision, Forward, Gate, Keys, LoginStep, PendingLogin, Request,
-    MAX_TOKEN_RESPONSE_BYTES,
+    Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin, PendingRefresh,
+    RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
 };
+use crate::headers::is_identity_header;
 use crate::reply::{Failure, Reply};
+use crate::session::is_own_cookie;
 use crate::token::Jwks;
 
 /// Timeout of every IdP callout.
 const CALLOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The request facts, owned, so a decision can be re-run after a callout.
-#[derive(Default)]
-struct Facts {
+#[derive(Default, Clone)]
+pub struct Facts {
     method: String,
     scheme: String,
     authority: String,
@@ -32,6 +34,10 @@ struct Facts {
     has_sec_fetch: bool,
     accept: Option<String>,
     request_id: Option<String>,
+    authorization: Vec<String>,
+    origin: Option<String>,
+    access_control_request_method: Option<String>,
+    header_names: Vec<String>,
 }
 
 impl Facts {
@@ -46,54 +52,100 @@ impl Facts {
             has_sec_fetch: self.has_sec_fetch,
             accept: self.accept.as_deref(),
             request_id: self.request_id.as_deref(),
+            authorization: self.authorization.iter().map(String::as_str).collect(),
+            origin: self.origin.as_deref(),
+            access_control_request_method: self.access_control_request_method.as_deref(),
         }
     }
 
     fn browser(&self) -> bool {
         self.request().is_navigation()
     }
+
+    /// The same request without the session cookies: what remains once a session ended.
+    fn without_session(&self) -> Facts {
+        let mut f = self.clone();
+        f.cookies = f
+            .cookies
+            .iter()
+            .filter_map(|h| {
+                crate::http::cookie_header_without(&[h.as_str()], |n| {
+                    is_own_cookie(n) && !n.starts_with(crate::session::LOGIN_COOKIE_PREFIX)
+                })
+            })
+            .collect();
+        f
+    }
+}
+
+/// Why the JWKS is being fetched, and what continues afterwards.
+enum AfterKeys {
+    Decide,
+    Login {
+        pending: PendingLogin,
+        status: u16,
+        body: Vec<u8>,
+    },
+    Refresh {
+        pending: PendingRefresh,
+        key: [u8; 16],
+        status: u16,
+        body: Vec<u8>,
+    },
 }
 
 enum Waiting {
     Nothing,
     Discovery {
         token: u32,
-    },
-    Token {
-        token: u32,
-        pending: PendingLogin,
+        started: SystemTime,
     },
     Jwks {
         token: u32,
+        started: SystemTime,
+        then: AfterKeys,
+    },
+    Token {
+        token: u32,
+        started: SystemTime,
         pending: PendingLogin,
-        status: u16,
-        body: Vec<u8>,
+    },
+    Refresh {
+        token: u32,
+        started: SystemTime,
+        pending: PendingRefresh,
+        key: [u8; 16],
+    },
+    RefreshFollower {
+        key: [u8; 16],
     },
 }
 
 /// One HTTP stream.
 pub struct Stream {
     id: u32,
-    gate: Option<Rc<Gate>>,
-    cache: Option<Rc<RefCell<IdpCache>>>,
+    shared: Option<Rc<Shared>>,
     facts: Facts,
     waiting: Waiting,
     provider: Option<Rc<ProviderMetadata>>,
+    keys_fetched: bool,
     response_cookies: Vec<String>,
+    extra_reply_cookies: Vec<String>,
     replied: bool,
 }
 
 impl Stream {
-    /// A stream; `gate` is `None` when the configuration was refused (fail closed).
-    pub fn new(id: u32, gate: Option<Rc<Gate>>, cache: Option<Rc<RefCell<IdpCache>>>) -> Self {
+    /// A stream; `shared` is `None` when the configuration was refused (fail closed).
+    pub fn new(id: u32, shared: Option<Rc<Shared>>) -> Self {
         Self {
             id,
-            gate,
-            cache,
+            shared,
             facts: Facts::default(),
             waiting: Waiting::Nothing,
             provider: None,
+            keys_fetched: false,
             response_cookies: Vec::new(),
+            extra_reply_cookies: Vec::new(),
             replied: false,
         }
     }
@@ -113,18 +165,23 @@ impl Stream {
                 ":authority" => f.authority = value,
                 ":path" => f.path = value,
                 "cookie" => f.cookies.push(value),
+                "authorization" => f.authorization.push(value),
                 "sec-fetch-mode" => {
                     f.has_sec_fetch = true;
                     f.sec_fetch_mode = Some(value);
                 }
                 n if n.starts_with("sec-fetch-") => f.has_sec_fetch = true,
                 "accept" => f.accept = Some(value),
+                "origin" => f.origin = Some(value),
+                "access-control-request-method" => f.access_control_request_method = Some(value),
                 "x-request-id" => f.request_id = Some(value),
-                // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this
-                // from the downstream connection; behind a trusted proxy it carries the
-                // browser-facing scheme.
+                // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this from
+                // the downstream connection; behind a trusted proxy it is the browser's scheme.
                 "x-forwarded-proto" => forwarded_proto = Some(value),
                 _ => {}
+            }
+            if !name.starts_with(':') {
+                f.header_names.push(name);
             }
         }
         f.scheme = match forwarded_proto.or(scheme) {
@@ -134,7 +191,22 @@ impl Stream {
         f
     }
 
+    fn note(&self, note: Note) {
+        if let Some(shared) = &self.shared {
+            if let Some(event) = note.event {
+                shared.metrics.event(event);
+            }
+        }
+        if let Some(line) = note.log {
+            log::info!("oidc-gate #{}: {line}", self.id);
+        }
+    }
+
     fn reply(&mut self, r: Reply) -> Action {
+        let mut r = r;
+        if !self.extra_reply_cookies.is_empty() {
+            r = r.with_cookies(std::mem::take(&mut self.extra_reply_cookies));
+        }
         let headers: Vec<(&str, &str)> = r
             .headers
             .iter()
@@ -145,9 +217,18 @@ impl Stream {
         Action::Pause
     }
 
-    fn fail(&mut self, f: Failure, browser: bool, request_id: Option<String>) -> Action {
-        let r = f.reply(browser, request_id.as_deref());
+    fn fail(&mut self, f: Failure) -> Action {
+        let r = f.reply(self.facts.browser(), self.facts.request_id.as_deref());
         self.reply(r)
+    }
+
+    /// Removes every identity header the client sent, in every spelling, before anything else.
+    fn strip_identity_headers(&self, gate: &Gate) {
+        for name in &self.facts.header_names {
+            if is_identity_header(gate.config(), name) {
+                self.set_http_request_header(name, None);
+            }
+        }
     }
 
     fn apply_forward(&mut self, fwd: Forward) {
@@ -160,10 +241,14 @@ impl Stream {
         if let Some(v) = &fwd.cookie {
             self.add_http_request_header("cookie", v);
         }
+        for (name, value) in &fwd.set_headers {
+            self.set_http_request_header(name, None);
+            self.add_http_request_header(name, value);
+        }
         self.response_cookies = fwd.response_cookies;
     }
 
-    fn dispatch(&mut self, gate: &Gate, call: &Callout) -> Result<u32, ()> {
+    fn dispatch(&self, gate: &Gate, call: &Callout) -> Option<u32> {
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", call.method),
             (":path", &call.path),
@@ -175,47 +260,70 @@ impl Stream {
         } else {
             Some(call.body.as_slice())
         };
-        self.dispatch_http_call(&gate.config().idp_cluster, headers, body, vec![], CALLOUT_TIMEOUT).map_err(|status| {
-            log::error!(
-                "oidc-gate #{}: callout to cluster `{}` refused by the host ({status:?}); check idp_cluster names an existing Envoy cluster",
-                self.id,
-                gate.config().idp_cluster
-            );
-        })
+        match self.dispatch_http_call(
+            &gate.config().idp_cluster,
+            headers,
+            body,
+            vec![],
+            CALLOUT_TIMEOUT,
+        ) {
+            Ok(token) => Some(token),
+            Err(status) => {
+                log::error!(
+                    "oidc-gate #{}: callout to cluster `{}` refused by the host ({status:?}); check that idp_cluster names an existing Envoy cluster",
+                    self.id,
+                    gate.config().idp_cluster
+                );
+                if let Some(s) = &self.shared {
+                    s.metrics.count("callout_errors");
+                }
+                None
+            }
+        }
     }
 
-    /// Runs the engine on the gathered facts. `paused` tells whether the stream is already
-    /// paused (after a callout), so forwarding means resuming.
+    fn known_provider(&mut self, shared: &Shared, now: u64) -> Option<Rc<ProviderMetadata>> {
+        if let Some(p) = &self.provider {
+            return Some(p.clone());
+        }
+        let fresh = shared
+            .cache
+            .borrow_mut()
+            .provider(&shared.gate.config().issuer, now)?;
+        if fresh.stale {
+            return None;
+        }
+        self.provider = Some(fresh.value.clone());
+        Some(fresh.value)
+    }
+
+    /// Runs the engine on the gathered facts. `paused` tells whether the stream is already paused
+    /// (after a callout), so forwarding means resuming.
     fn run(&mut self, paused: bool) -> Action {
-        let Some(gate) = self.gate.clone() else {
+        let Some(shared) = self.shared.clone() else {
             log::error!(
                 "oidc-gate #{}: no valid configuration; refusing the request",
                 self.id
             );
-            return self.fail(
-                Failure::Internal,
-                self.facts.browser(),
-                self.facts.request_id.clone(),
-            );
+            return self.fail(Failure::Internal);
         };
+        let gate = shared.gate.clone();
         let now = self.now();
-        let provider = match &self.provider {
-            Some(p) => Some(p.clone()),
-            None => self
-                .cache
-                .as_ref()
-                .and_then(|c| c.borrow_mut().provider(&gate.config().issuer, now))
-                .and_then(|f| (!f.stale).then_some(f.value)),
+        let provider = self.known_provider(&shared, now);
+        let jwks = shared
+            .cache
+            .borrow_mut()
+            .jwks(now)
+            .filter(|f| !f.stale || self.keys_fetched)
+            .map(|f| f.value);
+        let may_refetch_keys = !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now);
+        let known = Known {
+            provider: provider.as_deref(),
+            jwks: jwks.as_deref(),
+            may_refetch_keys,
         };
-        let (decision, note) = gate.decide(
-            &self.facts.request(),
-            provider.as_deref(),
-            now,
-            &mut HostRandom,
-        );
-        if let Some(note) = note {
-            log::info!("oidc-gate #{}: {note}", self.id);
-        }
+        let (decision, note) = gate.decide(&self.facts.request(), known, now, &mut HostRandom);
+        self.note(note);
         match decision {
             Decision::PassThrough => self.continue_or_resume(paused),
             Decision::Forward(fwd) => {
@@ -224,40 +332,44 @@ impl Stream {
             }
             Decision::Reply(r) => self.reply(r),
             Decision::NeedProvider => {
-                if paused {
-                    // Discovery just ran and still gave nothing usable.
-                    return self.fail(
-                        Failure::IdpUnavailable,
-                        self.facts.browser(),
-                        self.facts.request_id.clone(),
-                    );
+                if self.provider.is_some() || matches!(self.waiting, Waiting::Discovery { .. }) {
+                    return self.fail(Failure::IdpUnavailable);
                 }
                 let Some(call) = gate.discovery_request() else {
-                    return self.fail(
-                        Failure::Internal,
-                        self.facts.browser(),
-                        self.facts.request_id.clone(),
-                    );
+                    return self.fail(Failure::Internal);
                 };
                 match self.dispatch(&gate, &call) {
-                    Ok(token) => {
-                        self.waiting = Waiting::Discovery { token };
+                    Some(token) => {
+                        self.waiting = Waiting::Discovery {
+                            token,
+                            started: self.get_current_time(),
+                        };
                         Action::Pause
                     }
-                    Err(()) => self.use_stale_provider_or_fail(&gate, now),
+                    None => self.use_stale_provider_or_fail(&shared, now),
                 }
             }
+            Decision::NeedKeys => {
+                if self.keys_fetched {
+                    return self.fail(Failure::IdpUnavailable);
+                }
+                self.fetch_jwks(&shared, AfterKeys::Decide, jwks);
+                Action::Pause
+            }
             Decision::ExchangeCode { call, pending } => match self.dispatch(&gate, &call) {
-                Ok(token) => {
-                    self.waiting = Waiting::Token { token, pending };
+                Some(token) => {
+                    self.waiting = Waiting::Token {
+                        token,
+                        started: self.get_current_time(),
+                        pending,
+                    };
                     Action::Pause
                 }
-                Err(()) => self.fail(
-                    Failure::IdpUnavailable,
-                    pending.browser(),
-                    pending.request_id().map(str::to_string),
-                ),
+                None => self.fail(Failure::IdpUnavailable),
             },
+            Decision::Refresh { call, pending } => {
+                self.start_refresh(&shared, call, pending, now, paused)
+            }
         }
     }
 
@@ -268,11 +380,11 @@ impl Stream {
         Action::Continue
     }
 
-    fn use_stale_provider_or_fail(&mut self, gate: &Gate, now: u64) -> Action {
-        let stale = self
+    fn use_stale_provider_or_fail(&mut self, shared: &Shared, now: u64) -> Action {
+        let stale = shared
             .cache
-            .as_ref()
-            .and_then(|c| c.borrow_mut().provider(&gate.config().issuer, now));
+            .borrow_mut()
+            .provider(&shared.gate.config().issuer, now);
         match stale {
             Some(f) => {
                 log::warn!(
@@ -282,20 +394,283 @@ impl Stream {
                 self.provider = Some(f.value);
                 self.run(true)
             }
-            None => self.fail(
-                Failure::IdpUnavailable,
-                self.facts.browser(),
-                self.facts.request_id.clone(),
-            ),
+            None => self.fail(Failure::IdpUnavailable),
         }
     }
 
-    fn call_response(&self, body_size: usize, limit: usize) -> Option<(u16, Option<Vec<u8>>)> {
+    fn start_refresh(
+        &mut self,
+        shared: &Rc<Shared>,
+        call: Callout,
+        pending: PendingRefresh,
+        now: u64,
+        paused: bool,
+    ) -> Action {
+        let key = pending.coalescing_key();
+        // Another worker may already have refreshed this session (and the IdP rotated the
+        // refresh token): reuse its answer instead of presenting the old token again.
+        if let Some(body) = shared.cache.borrow().refresh_result(&key, now) {
+            self.finish_refresh(pending, key, 200, body, paused);
+            return Action::Pause;
+        }
+        if !shared.refreshes.borrow_mut().lead(key) {
+            shared.refreshes.borrow_mut().follow(
+                key,
+                Follower {
+                    context_id: self.id,
+                    pending,
+                    facts: self.facts.clone(),
+                },
+            );
+            self.waiting = Waiting::RefreshFollower { key };
+            return Action::Pause;
+        }
+        match self.dispatch(&shared.gate, &call) {
+            Some(token) => {
+                self.waiting = Waiting::Refresh {
+                    token,
+                    started: self.get_current_time(),
+                    pending,
+                    key,
+                };
+                Action::Pause
+            }
+            None => {
+                self.finish_refresh(pending, key, 503, Vec::new(), paused);
+                Action::Pause
+            }
+        }
+    }
+
+    /// Applies a refresh answer to this stream and to every stream that waited for it.
+    fn finish_refresh(
+        &mut self,
+        pending: PendingRefresh,
+        key: [u8; 16],
+        status: u16,
+        body: Vec<u8>,
+        paused: bool,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = self.now();
+        let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
+        let keys = Keys {
+            jwks: jwks.as_deref(),
+            may_refetch: !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now),
+        };
+        let (step, note) =
+            shared
+                .gate
+                .complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
+        self.note(note);
+        match step {
+            RefreshStep::NeedKeys => {
+                self.fetch_jwks(
+                    &shared,
+                    AfterKeys::Refresh {
+                        pending,
+                        key,
+                        status,
+                        body,
+                    },
+                    jwks,
+                );
+            }
+            RefreshStep::Forward(fwd) => {
+                if status == 200 {
+                    shared.cache.borrow().store_refresh_result(&key, &body, now);
+                }
+                self.apply_forward(fwd);
+                self.resume_http_request();
+                self.release_followers(&shared, key, status, &body, now);
+            }
+            RefreshStep::Ended(clear) => {
+                self.extra_reply_cookies = clear;
+                self.facts = self.facts.without_session();
+                self.release_followers(&shared, key, status, &body, now);
+                let _ = paused;
+                self.run(true);
+            }
+        }
+    }
+
+    /// Completes the refresh for the streams that waited on this one (same worker, same session).
+    fn release_followers(
+        &mut self,
+        shared: &Rc<Shared>,
+        key: [u8; 16],
+        status: u16,
+        body: &[u8],
+        now: u64,
+    ) {
+        let followers = shared.refreshes.borrow_mut().finish(&key);
+        let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
+        for f in followers {
+            if hostcalls::set_effective_context(f.context_id).is_err() {
+                continue;
+            }
+            let keys = Keys {
+                jwks: jwks.as_deref(),
+                may_refetch: false,
+            };
+            let (step, _) =
+                shared
+                    .gate
+                    .complete_refresh(&f.pending, status, body, keys, now, &mut HostRandom);
+            match step {
+                RefreshStep::Forward(fwd) => {
+                    let _ = hostcalls::set_map_value(
+                        proxy_wasm::types::MapType::HttpRequestHeaders,
+                        "authorization",
+                        None,
+                    );
+                    if let Some(v) = &fwd.authorization {
+                        let _ = hostcalls::add_map_value(
+                            proxy_wasm::types::MapType::HttpRequestHeaders,
+                            "authorization",
+                            v,
+                        );
+                    }
+                    let _ = hostcalls::set_map_value(
+                        proxy_wasm::types::MapType::HttpRequestHeaders,
+                        "cookie",
+                        fwd.cookie.as_deref(),
+                    );
+                    for (name, value) in &fwd.set_headers {
+                        let _ = hostcalls::set_map_value(
+                            proxy_wasm::types::MapType::HttpRequestHeaders,
+                            name,
+                            Some(value),
+                        );
+                    }
+                    shared
+                        .refreshes
+                        .borrow_mut()
+                        .response_cookies
+                        .insert(f.context_id, fwd.response_cookies);
+                    let _ = hostcalls::resume_http_request();
+                }
+                ended => {
+                    let clear = if let RefreshStep::Ended(c) = ended {
+                        c
+                    } else {
+                        Vec::new()
+                    };
+                    // Decide again for the follower without its session: login or 401.
+                    let facts = f.facts.without_session();
+                    let (decision, _) = shared.gate.decide(
+                        &facts.request(),
+                        Known {
+                            provider: self.provider.as_deref(),
+                            jwks: None,
+                            may_refetch_keys: false,
+                        },
+                        now,
+                        &mut HostRandom,
+                    );
+                    let reply = match decision {
+                        Decision::Reply(r) => r,
+                        _ => Failure::IdpUnavailable
+                            .reply(facts.browser(), facts.request_id.as_deref()),
+                    }
+                    .with_cookies(clear);
+                    let headers: Vec<(&str, &str)> = reply
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let _ = hostcalls::send_http_response(
+                        u32::from(reply.status),
+                        headers,
+                        Some(reply.body.as_bytes()),
+                    );
+                }
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.id);
+    }
+
+    fn fetch_jwks(&mut self, shared: &Rc<Shared>, then: AfterKeys, fallback: Option<Rc<Jwks>>) {
+        let gate = shared.gate.clone();
+        let now = self.now();
+        let provider = self.known_provider(shared, now).or_else(|| {
+            shared
+                .cache
+                .borrow_mut()
+                .provider(&gate.config().issuer, now)
+                .map(|f| f.value)
+        });
+        let Some(provider) = provider else {
+            self.fail(Failure::IdpUnavailable);
+            return;
+        };
+        let call = gate.document_request(&provider.jwks_uri);
+        match self.dispatch(&gate, &call) {
+            Some(token) => {
+                self.waiting = Waiting::Jwks {
+                    token,
+                    started: self.get_current_time(),
+                    then,
+                }
+            }
+            None => {
+                self.keys_fetched = true;
+                if fallback.is_some() {
+                    self.after_keys(then);
+                } else {
+                    self.fail(Failure::IdpUnavailable);
+                }
+            }
+        }
+    }
+
+    fn after_keys(&mut self, then: AfterKeys) {
+        match then {
+            AfterKeys::Decide => {
+                self.run(true);
+            }
+            AfterKeys::Login {
+                pending,
+                status,
+                body,
+            } => self.finish_login(pending, status, body),
+            AfterKeys::Refresh {
+                pending,
+                key,
+                status,
+                body,
+            } => self.finish_refresh(pending, key, status, body, true),
+        }
+    }
+
+    fn call_response(
+        &self,
+        body_size: usize,
+        limit: usize,
+        started: SystemTime,
+    ) -> Option<(u16, Option<Vec<u8>>)> {
+        if let (Some(shared), Ok(elapsed)) = (
+            &self.shared,
+            self.get_current_time().duration_since(started),
+        ) {
+            shared.metrics.record(
+                "callout_latency_ms",
+                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            );
+        }
         let status = self
             .get_http_call_response_headers()
             .into_iter()
             .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok())?;
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let Some(status) = status else {
+            if let Some(s) = &self.shared {
+                s.metrics.count("callout_errors");
+            }
+            return None;
+        };
         if body_size > limit {
             return Some((status, None));
         }
@@ -308,181 +683,120 @@ impl Stream {
         Some((status, Some(body)))
     }
 
-    fn on_discovery(&mut self, body_size: usize) {
-        let Some(gate) = self.gate.clone() else {
+    fn on_discovery(&mut self, body_size: usize, started: SystemTime) {
+        let Some(shared) = self.shared.clone() else {
             return;
         };
         let now = self.now();
-        match self.call_response(body_size, MAX_DOCUMENT_BYTES) {
-            Some((200, Some(body))) => {
-                match ProviderMetadata::parse(&body, &gate.config().issuer) {
-                    Ok(meta) => {
-                        log::info!(
-                            "oidc-gate #{}: discovery document fetched for {}",
-                            self.id,
-                            gate.config().issuer
-                        );
-                        let value = match &self.cache {
-                            Some(c) => c.borrow_mut().store_provider(&body, meta, now),
-                            None => Rc::new(meta),
-                        };
-                        self.provider = Some(value);
-                        self.run(true);
-                    }
-                    Err(e) => {
-                        log::error!("oidc-gate #{}: discovery document refused: {e}", self.id);
-                        self.fail(
-                            Failure::IdpInvalid,
-                            self.facts.browser(),
-                            self.facts.request_id.clone(),
-                        );
-                    }
+        let issuer = shared.gate.config().issuer.clone();
+        match self.call_response(body_size, MAX_DOCUMENT_BYTES, started) {
+            Some((200, Some(body))) => match ProviderMetadata::parse(&body, &issuer) {
+                Ok(meta) => {
+                    log::info!(
+                        "oidc-gate #{}: discovery document fetched for {issuer}",
+                        self.id
+                    );
+                    let value = shared.cache.borrow_mut().store_provider(&body, meta, now);
+                    self.provider = Some(value);
+                    self.run(true);
                 }
-            }
+                Err(e) => {
+                    log::error!("oidc-gate #{}: discovery document refused: {e}", self.id);
+                    self.fail(Failure::IdpInvalid);
+                }
+            },
             Some((status, _)) => {
                 log::error!(
                     "oidc-gate #{}: discovery answered HTTP {status} (or too large)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&gate, now);
+                self.use_stale_provider_or_fail(&shared, now);
             }
             None => {
                 log::error!(
                     "oidc-gate #{}: discovery callout failed (IdP unreachable or timed out)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&gate, now);
+                self.use_stale_provider_or_fail(&shared, now);
             }
         }
     }
 
-    fn on_token(&mut self, pending: PendingLogin, body_size: usize) {
-        match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES) {
+    fn on_token(&mut self, pending: PendingLogin, body_size: usize, started: SystemTime) {
+        match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
             None => {
                 log::error!(
                     "oidc-gate #{}: token callout failed (IdP unreachable or timed out)",
                     self.id
                 );
-                self.fail(
-                    Failure::IdpUnavailable,
-                    pending.browser(),
-                    pending.request_id().map(str::to_string),
-                );
+                self.note(Note::count(crate::flow::Event::LoginFailed(
+                    "idp unreachable",
+                )));
+                let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                self.reply(r);
             }
             Some((status, None)) => {
                 log::error!(
                     "oidc-gate #{}: token endpoint answered HTTP {status} with an oversized body",
                     self.id
                 );
-                self.fail(
-                    Failure::IdpInvalid,
-                    pending.browser(),
-                    pending.request_id().map(str::to_string),
-                );
+                self.note(Note::count(crate::flow::Event::LoginFailed(
+                    "token exchange",
+                )));
+                let r = Failure::IdpInvalid.reply(pending.browser(), pending.request_id());
+                self.reply(r);
             }
-            Some((status, Some(body))) => self.finish_login(pending, status, body, false),
+            Some((status, Some(body))) => self.finish_login(pending, status, body),
         }
     }
 
-    fn finish_login(
-        &mut self,
-        pending: PendingLogin,
-        status: u16,
-        body: Vec<u8>,
-        keys_just_fetched: bool,
-    ) {
-        let Some(gate) = self.gate.clone() else {
+    fn finish_login(&mut self, pending: PendingLogin, status: u16, body: Vec<u8>) {
+        let Some(shared) = self.shared.clone() else {
             return;
         };
         let now = self.now();
-        let cached = self.cache.as_ref().and_then(|c| c.borrow_mut().jwks(now));
+        let cached = shared.cache.borrow_mut().jwks(now);
         let jwks = match &cached {
-            Some(f) if !f.stale || keys_just_fetched => Some(f.value.clone()),
+            Some(f) if !f.stale || self.keys_fetched => Some(f.value.clone()),
             _ => None,
         };
-        let may_refetch = !keys_just_fetched
-            && self
-                .cache
-                .as_ref()
-                .is_some_and(|c| c.borrow().claim_jwks_refetch(now));
-        let (step, note) = gate.complete_login(
-            &pending,
-            status,
-            &body,
-            Keys {
-                jwks: jwks.as_deref(),
-                may_refetch,
-            },
-            now,
-            &mut HostRandom,
-        );
-        if let Some(note) = note {
-            log::info!("oidc-gate #{}: {note}", self.id);
-        }
+        let may_refetch = !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now);
+        let keys = Keys {
+            jwks: jwks.as_deref(),
+            may_refetch,
+        };
+        let (step, note) =
+            shared
+                .gate
+                .complete_login(&pending, status, &body, keys, now, &mut HostRandom);
+        self.note(note);
         match step {
             LoginStep::Done(reply) => {
                 self.reply(reply);
             }
-            LoginStep::NeedKeys => self.fetch_jwks(pending, status, body, cached.map(|f| f.value)),
-        }
-    }
-
-    fn fetch_jwks(
-        &mut self,
-        pending: PendingLogin,
-        status: u16,
-        body: Vec<u8>,
-        fallback: Option<Rc<Jwks>>,
-    ) {
-        let Some(gate) = self.gate.clone() else {
-            return;
-        };
-        let Some(provider) = self.provider.clone().or_else(|| {
-            let now = self.now();
-            self.cache
-                .as_ref()
-                .and_then(|c| c.borrow_mut().provider(&gate.config().issuer, now))
-                .map(|f| f.value)
-        }) else {
-            self.fail(
-                Failure::IdpUnavailable,
-                pending.browser(),
-                pending.request_id().map(str::to_string),
-            );
-            return;
-        };
-        let call = gate.document_request(&provider.jwks_uri);
-        match self.dispatch(&gate, &call) {
-            Ok(token) => {
-                self.waiting = Waiting::Jwks {
-                    token,
+            LoginStep::NeedKeys if self.keys_fetched => {
+                let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                self.reply(r);
+            }
+            LoginStep::NeedKeys => self.fetch_jwks(
+                &shared,
+                AfterKeys::Login {
                     pending,
                     status,
                     body,
-                }
-            }
-            Err(()) => match fallback {
-                Some(_) => self.finish_login(pending, status, body, true),
-                None => {
-                    self.fail(
-                        Failure::IdpUnavailable,
-                        pending.browser(),
-                        pending.request_id().map(str::to_string),
-                    );
-                }
-            },
+                },
+                cached.map(|f| f.value),
+            ),
         }
     }
 
-    fn on_jwks(
-        &mut self,
-        pending: PendingLogin,
-        token_status: u16,
-        token_body: Vec<u8>,
-        body_size: usize,
-    ) {
+    fn on_jwks(&mut self, then: AfterKeys, body_size: usize, started: SystemTime) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
         let now = self.now();
-        match self.call_response(body_size, MAX_DOCUMENT_BYTES) {
+        self.keys_fetched = true;
+        match self.call_response(body_size, MAX_DOCUMENT_BYTES, started) {
             Some((200, Some(body))) => match Jwks::parse(&body) {
                 Ok(jwks) => {
                     log::info!(
@@ -490,12 +804,10 @@ impl Stream {
                         self.id,
                         jwks.len()
                     );
-                    if let Some(c) = &self.cache {
-                        c.borrow_mut().store_jwks(&body, jwks, now);
-                    }
+                    shared.cache.borrow_mut().store_jwks(&body, jwks, now);
                 }
-                // A broken or empty JWKS never replaces a good one; verification goes on with
-                // the last good set (or fails closed when there is none).
+                // A broken or empty JWKS never replaces a good one; verification goes on with the
+                // last good set, or fails closed when there is none.
                 Err(e) => log::error!("oidc-gate #{}: JWKS refused: {e}", self.id),
             },
             Some((status, _)) => log::error!(
@@ -507,19 +819,22 @@ impl Stream {
                 self.id
             ),
         }
-        let have_keys = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.borrow_mut().jwks(now))
-            .is_some();
+        let have_keys = shared.cache.borrow_mut().jwks(now).is_some();
         if have_keys {
-            self.finish_login(pending, token_status, token_body, true);
+            self.after_keys(then);
         } else {
-            self.fail(
-                Failure::IdpUnavailable,
-                pending.browser(),
-                pending.request_id().map(str::to_string),
-            );
+            match then {
+                AfterKeys::Refresh { pending, key, .. } => {
+                    self.finish_refresh(pending, key, 503, Vec::new(), true)
+                }
+                AfterKeys::Login { pending, .. } => {
+                    let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                    self.reply(r);
+                }
+                AfterKeys::Decide => {
+                    self.fail(Failure::IdpUnavailable);
+                }
+            }
         }
     }
 }
@@ -534,16 +849,32 @@ impl Context for Stream {
     ) {
         let waiting = std::mem::replace(&mut self.waiting, Waiting::Nothing);
         match waiting {
-            Waiting::Discovery { token } if token == token_id => self.on_discovery(body_size),
-            Waiting::Token { token, pending } if token == token_id => {
-                self.on_token(pending, body_size)
+            Waiting::Discovery { token, started } if token == token_id => {
+                self.on_discovery(body_size, started)
             }
+            Waiting::Token {
+                token,
+                started,
+                pending,
+            } if token == token_id => self.on_token(pending, body_size, started),
             Waiting::Jwks {
                 token,
+                started,
+                then,
+            } if token == token_id => self.on_jwks(then, body_size, started),
+            Waiting::Refresh {
+                token,
+                started,
                 pending,
-                status,
-                body,
-            } if token == token_id => self.on_jwks(pending, status, body, body_size),
+                key,
+            } if token == token_id => {
+                match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
+                    Some((status, Some(body))) => {
+                        self.finish_refresh(pending, key, status, body, true)
+                    }
+                    _ => self.finish_refresh(pending, key, 503, Vec::new(), true),
+                }
+            }
             other => {
                 log::warn!(
                     "oidc-gate #{}: ignoring an unexpected callout answer",
@@ -553,19 +884,77 @@ impl Context for Stream {
             }
         }
     }
+
+    fn on_done(&mut self) -> bool {
+        let Some(shared) = self.shared.clone() else {
+            return true;
+        };
+        match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
+            Waiting::RefreshFollower { key } => shared.refreshes.borrow_mut().forget(&key, self.id),
+            Waiting::Refresh { key, .. } => {
+                // The leader's client went away before the IdP answered; its callout dies with
+                // it. Waiting streams must not hang: they get a retryable 503.
+                for f in shared.refreshes.borrow_mut().finish(&key) {
+                    if hostcalls::set_effective_context(f.context_id).is_ok() {
+                        let r = Failure::IdpUnavailable
+                            .reply(f.facts.browser(), f.facts.request_id.as_deref());
+                        let headers: Vec<(&str, &str)> = r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let _ = hostcalls::send_http_response(
+                            u32::from(r.status),
+                            headers,
+                            Some(r.body.as_bytes()),
+                        );
+                    }
+                }
+                let _ = hostcalls::set_effective_context(self.id);
+            }
+            _ => {}
+        }
+        shared
+            .refreshes
+            .borrow_mut()
+            .response_cookies
+            .remove(&self.id);
+        true
+    }
 }
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.facts = self.gather();
+        if let Some(shared) = self.shared.clone() {
+            if shared.gate.config().protects(&self.facts.authority) {
+                self.strip_identity_headers(&shared.gate);
+            }
+        }
         self.run(false)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if !self.replied {
-            for cookie in std::mem::take(&mut self.response_cookies) {
-                self.add_http_response_header("set-cookie", &cookie);
+        if self.replied {
+            return Action::Continue;
+        }
+        let mut cookies = std::mem::take(&mut self.response_cookies);
+        if let Some(shared) = &self.shared {
+            if let Some(c) = shared
+                .refreshes
+                .borrow_mut()
+                .response_cookies
+                .remove(&self.id)
+            {
+                cookies.extend(c);
             }
+        }
+        if !cookies.is_empty() {
+            // A response that carries a refreshed session must not be cached by anyone.
+            self.set_http_response_header("cache-control", Some("no-store"));
+        }
+        for cookie in cookies {
+            self.add_http_response_header("set-cookie", &cookie);
         }
         Action::Continue
     }

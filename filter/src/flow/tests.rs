@@ -59,6 +59,15 @@ fn browser<'a>(path: &'a str, cookies: Vec<&'a str>) -> Request<'a> {
         has_sec_fetch: true,
         accept: Some("text/html"),
         request_id: Some("rid-1"),
+        ..Default::default()
+    }
+}
+
+fn with_provider(p: &ProviderMetadata) -> Known<'_> {
+    Known {
+        provider: Some(p),
+        jwks: None,
+        may_refetch_keys: false,
     }
 }
 
@@ -91,7 +100,7 @@ struct Login {
 }
 
 fn start_login(g: &Gate, path: &str, rng: &mut SeededRandom) -> Login {
-    let r = expect_reply(g.decide(&browser(path, vec![]), Some(&provider()), NOW, rng));
+    let r = expect_reply(g.decide(&browser(path, vec![]), with_provider(&provider()), NOW, rng));
     assert_eq!(r.status, 302);
     let location = Url::parse(header(&r, "location")[0]).unwrap();
     let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
@@ -111,7 +120,7 @@ fn unauthenticated_navigation_redirects_to_idp_with_pkce_state_nonce() {
     let mut rng = SeededRandom(1);
     let r = expect_reply(g.decide(
         &browser("/app?x=1", vec![]),
-        Some(&provider()),
+        with_provider(&provider()),
         NOW,
         &mut rng,
     ));
@@ -162,17 +171,17 @@ fn api_requests_get_401_not_redirect() {
     let mut rng = SeededRandom(3);
     let mut req = browser("/api/x", vec![]);
     req.sec_fetch_mode = Some("cors");
-    let r = expect_reply(g.decide(&req, Some(&provider()), NOW, &mut rng));
+    let r = expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng));
     assert_eq!(r.status, 401);
     req.sec_fetch_mode = None;
     req.has_sec_fetch = false;
     req.accept = Some("application/json");
-    let r = expect_reply(g.decide(&req, Some(&provider()), NOW, &mut rng));
+    let r = expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng));
     assert_eq!(r.status, 401);
     // Without Sec-Fetch headers, an HTML Accept counts as a navigation.
     req.accept = Some("text/html,application/xhtml+xml");
     assert_eq!(
-        expect_reply(g.decide(&req, Some(&provider()), NOW, &mut rng)).status,
+        expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng)).status,
         302
     );
 }
@@ -184,7 +193,7 @@ fn other_hosts_pass_untouched() {
     let mut req = browser("/", vec!["__Host-oidc-gate=x"]);
     req.authority = "other.example.com";
     assert!(matches!(
-        g.decide(&req, None, NOW, &mut rng).0,
+        g.decide(&req, Known::default(), NOW, &mut rng).0,
         Decision::PassThrough
     ));
 }
@@ -194,7 +203,7 @@ fn skip_paths_forward_without_identity_and_without_our_cookies() {
     let g = gate();
     let mut rng = SeededRandom(5);
     let req = browser("/healthz", vec!["a=1; __Host-oidc-gate=x"]);
-    match g.decide(&req, None, NOW, &mut rng).0 {
+    match g.decide(&req, Known::default(), NOW, &mut rng).0 {
         Decision::Forward(f) => {
             assert_eq!(f.authorization, None);
             assert_eq!(f.cookie.as_deref(), Some("a=1"));
@@ -203,7 +212,7 @@ fn skip_paths_forward_without_identity_and_without_our_cookies() {
     }
     let req = browser("/public/../secret", vec![]);
     assert!(matches!(
-        g.decide(&req, None, NOW, &mut rng).0,
+        g.decide(&req, Known::default(), NOW, &mut rng).0,
         Decision::NeedProvider
     ));
 }
@@ -213,7 +222,8 @@ fn login_needs_provider_but_sessions_do_not() {
     let g = gate();
     let mut rng = SeededRandom(6);
     assert!(matches!(
-        g.decide(&browser("/", vec![]), None, NOW, &mut rng).0,
+        g.decide(&browser("/", vec![]), Known::default(), NOW, &mut rng)
+            .0,
         Decision::NeedProvider
     ));
 }
@@ -232,7 +242,7 @@ fn callback_with_valid_state_exchanges_the_code() {
     let login = start_login(&g, "/deep/page?q=1", &mut rng);
     let path = callback_path(&login, "the-code");
     let req = browser(&path, vec![&login.cookie]);
-    match g.decide(&req, Some(&provider()), NOW, &mut rng).0 {
+    match g.decide(&req, with_provider(&provider()), NOW, &mut rng).0 {
         Decision::ExchangeCode { call, pending } => {
             assert_eq!(call.method, "POST");
             assert_eq!(call.path, "/token");
@@ -278,7 +288,7 @@ fn client_secret_post_puts_credentials_in_the_body() {
     match g
         .decide(
             &browser(&path, vec![&login.cookie]),
-            Some(&provider()),
+            with_provider(&provider()),
             NOW,
             &mut rng,
         )
@@ -321,7 +331,12 @@ fn callback_rejections_never_call_the_token_endpoint() {
         ),
     ];
     for (path, cookies, status) in cases {
-        let r = expect_reply(g.decide(&browser(&path, cookies), Some(&provider()), NOW, &mut rng));
+        let r = expect_reply(g.decide(
+            &browser(&path, cookies),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        ));
         assert_eq!(r.status, status, "{path}");
         assert!(!r.body.contains("<script>"));
         assert!(
@@ -345,14 +360,14 @@ fn tampered_or_expired_login_cookie_is_rejected() {
     let tampered = String::from_utf8(tampered).unwrap();
     let r = expect_reply(g.decide(
         &browser(&path, vec![&tampered]),
-        Some(&provider()),
+        with_provider(&provider()),
         NOW,
         &mut rng,
     ));
     assert_eq!(r.status, 400);
     let r = expect_reply(g.decide(
         &browser(&path, vec![&login.cookie]),
-        Some(&provider()),
+        with_provider(&provider()),
         NOW + 601,
         &mut rng,
     ));
@@ -389,7 +404,7 @@ fn pending_for(g: &Gate, login: &Login, rng: &mut SeededRandom) -> PendingLogin 
     match g
         .decide(
             &browser(&path, vec![&login.cookie]),
-            Some(&provider()),
+            with_provider(&provider()),
             NOW,
             rng,
         )
@@ -445,7 +460,7 @@ fn completed_login_forwards_the_access_token_and_strips_client_authorization() {
     let session = logged_in(&g, &idp, &mut rng);
     let cookie = format!("theme=dark; {session}");
     let req = browser("/headers", vec![&cookie]);
-    match g.decide(&req, None, NOW + 10, &mut rng).0 {
+    match g.decide(&req, Known::default(), NOW + 10, &mut rng).0 {
         Decision::Forward(f) => {
             assert_eq!(f.authorization.as_deref(), Some("Bearer access-abc"));
             assert_eq!(f.cookie.as_deref(), Some("theme=dark"));
@@ -462,7 +477,12 @@ fn upstream_authorization_modes() {
         let g = gate_with(json!({"upstream_authorization": mode}));
         let session = logged_in(&g, &idp, &mut rng);
         match g
-            .decide(&browser("/", vec![&session]), None, NOW, &mut rng)
+            .decide(
+                &browser("/", vec![&session]),
+                Known::default(),
+                NOW,
+                &mut rng,
+            )
             .0
         {
             Decision::Forward(f) => match f.authorization {
@@ -596,14 +616,20 @@ fn tampered_expired_or_foreign_sessions_start_a_new_login() {
     bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
     let tampered = format!("{name}={}", String::from_utf8(bytes).unwrap());
     let truncated = format!("{name}={}", &value[..value.len() - 4]);
-    for (cookie, now) in [
-        (tampered.as_str(), NOW),
-        (truncated.as_str(), NOW),
-        (session.as_str(), NOW + 301),
-    ] {
+    assert!(matches!(
+        g.decide(
+            &browser("/", vec![&session]),
+            with_provider(&provider()),
+            NOW + 301,
+            &mut rng
+        )
+        .0,
+        Decision::Refresh { .. }
+    ));
+    for (cookie, now) in [(tampered.as_str(), NOW), (truncated.as_str(), NOW)] {
         let r = expect_reply(g.decide(
             &browser("/", vec![cookie]),
-            Some(&provider()),
+            with_provider(&provider()),
             now,
             &mut rng,
         ));
@@ -616,7 +642,7 @@ fn tampered_expired_or_foreign_sessions_start_a_new_login() {
     other_host.authority = "app.example.com:8443";
     assert!(
         matches!(
-            g.decide(&other_host, None, NOW, &mut rng).0,
+            g.decide(&other_host, Known::default(), NOW, &mut rng).0,
             Decision::Forward(_)
         ),
         "port is not part of the host"
@@ -625,7 +651,7 @@ fn tampered_expired_or_foreign_sessions_start_a_new_login() {
     let mut foreign = browser("/", vec![&session]);
     foreign.authority = "b.example.com";
     assert_eq!(
-        expect_reply(g2.decide(&foreign, Some(&provider()), NOW, &mut rng)).status,
+        expect_reply(g2.decide(&foreign, with_provider(&provider()), NOW, &mut rng)).status,
         302
     );
 }
@@ -638,7 +664,7 @@ fn duplicate_session_cookies_are_not_trusted() {
     let session = logged_in(&g, &idp, &mut rng);
     let req = browser("/", vec![&session, "__Host-oidc-gate=planted"]);
     assert_eq!(
-        expect_reply(g.decide(&req, Some(&provider()), NOW, &mut rng)).status,
+        expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng)).status,
         302
     );
 }
@@ -652,7 +678,7 @@ fn logout_clears_cookies_and_goes_to_end_session_with_hint() {
     let pending = start_login(&g, "/", &mut rng);
     let r = expect_reply(g.decide(
         &browser("/oauth2/sign_out", vec![&session, &pending.cookie]),
-        Some(&provider()),
+        with_provider(&provider()),
         NOW,
         &mut rng,
     ));
@@ -680,7 +706,7 @@ fn logout_without_end_session_goes_home() {
     let mut rng = SeededRandom(19);
     let r = expect_reply(g.decide(
         &browser("/oauth2/sign_out", vec![]),
-        Some(&p),
+        with_provider(&p),
         NOW,
         &mut rng,
     ));
@@ -723,7 +749,12 @@ fn pending_logins_are_capped() {
     let mut rng = SeededRandom(21);
     let logins: Vec<Login> = (0..6).map(|_| start_login(&g, "/", &mut rng)).collect();
     let cookies: Vec<&str> = logins.iter().map(|l| l.cookie.as_str()).collect();
-    let r = expect_reply(g.decide(&browser("/", cookies), Some(&provider()), NOW, &mut rng));
+    let r = expect_reply(g.decide(
+        &browser("/", cookies),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    ));
     let deleted = header(&r, "set-cookie")
         .iter()
         .filter(|c| c.contains("Max-Age=0"))
@@ -731,46 +762,534 @@ fn pending_logins_are_capped() {
     assert_eq!(deleted, 6 - (MAX_PENDING_LOGINS - 1));
 }
 
-#[test]
-fn oversized_tokens_drop_optional_parts_to_fit_the_cookie() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(22);
-    let login = start_login(&g, "/", &mut rng);
-    let pending = pending_for(&g, &login, &mut rng);
-    let big_refresh = "r".repeat(2500);
-    let body = json!({"access_token": "a".repeat(900), "token_type": "Bearer", "id_token": idp.id_token(&login.nonce), "refresh_token": big_refresh}).to_string();
+fn cookies_of(r: &Reply) -> Vec<String> {
+    header(r, "set-cookie")
+        .iter()
+        .filter(|c| !c.contains("Max-Age=0"))
+        .map(|c| {
+            let (n, v) = cookie_pair(c);
+            format!("{n}={v}")
+        })
+        .collect()
+}
+
+fn login_with_body(
+    g: &Gate,
+    idp: &Idp,
+    rng: &mut SeededRandom,
+    body: impl Fn(&str) -> String,
+) -> (Reply, Note) {
+    let login = start_login(g, "/", rng);
+    let pending = pending_for(g, &login, rng);
+    let jwks = idp.jwks();
     let (step, note) = g.complete_login(
         &pending,
         200,
-        body.as_bytes(),
+        body(&login.nonce).as_bytes(),
         Keys {
-            jwks: Some(&idp.jwks()),
+            jwks: Some(&jwks),
             may_refetch: false,
         },
         NOW,
-        &mut rng,
+        rng,
     );
-    let LoginStep::Done(r) = step else { panic!() };
+    let LoginStep::Done(r) = step else {
+        panic!("needs keys")
+    };
+    (r, note)
+}
+
+#[test]
+fn large_tokens_are_chunked_and_reassembled() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(22);
+    let big_access = "a".repeat(6000);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": big_access, "token_type": "Bearer", "id_token": idp.id_token(nonce), "refresh_token": "r"}).to_string()
+    });
     assert_eq!(r.status, 302);
-    assert!(note.unwrap().contains("dropped"));
-    let session = header(&r, "set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("__Host-oidc-gate="))
-        .unwrap();
-    assert!(session.split(';').next().unwrap().len() <= MAX_SESSION_COOKIE_BYTES);
-    let huge = json!({"access_token": "a".repeat(6000), "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string();
+    let cookies = cookies_of(&r);
+    assert!(cookies.len() >= 3, "{cookies:?}");
+    for c in header(&r, "set-cookie") {
+        assert!(c.split(';').next().unwrap().len() < 4000);
+    }
+    let refs: Vec<&str> = cookies.iter().map(String::as_str).collect();
+    match g
+        .decide(
+            &browser("/", refs.clone()),
+            Known::default(),
+            NOW + 1,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => {
+            assert_eq!(f.authorization, Some(format!("Bearer {big_access}")));
+            assert_eq!(f.cookie, None, "no session chunk reaches the upstream");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A missing chunk means no session.
+    let partial: Vec<&str> = refs
+        .iter()
+        .copied()
+        .filter(|c| !c.starts_with("__Host-oidc-gate-2="))
+        .collect();
+    assert_eq!(
+        expect_reply(g.decide(
+            &browser("/", partial),
+            with_provider(&provider()),
+            NOW + 1,
+            &mut rng
+        ))
+        .status,
+        302
+    );
+}
+
+#[test]
+fn smaller_session_deletes_stale_chunks() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(23);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "a".repeat(9000), "token_type": "Bearer", "id_token": idp.id_token(nonce)}).to_string()
+    });
+    let big = cookies_of(&r);
+    let login = start_login(&g, "/", &mut rng);
+    let mut cookies: Vec<&str> = big.iter().map(String::as_str).collect();
+    cookies.push(&login.cookie);
+    let path = callback_path(&login, "c");
+    let pending = match g
+        .decide(
+            &browser(&path, cookies),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::ExchangeCode { pending, .. } => pending,
+        other => panic!("{other:?}"),
+    };
+    let jwks = idp.jwks();
     let (step, _) = g.complete_login(
         &pending,
         200,
-        huge.as_bytes(),
+        &idp.token_body(&login.nonce),
         Keys {
-            jwks: Some(&idp.jwks()),
+            jwks: Some(&jwks),
             may_refetch: false,
         },
         NOW,
         &mut rng,
     );
     let LoginStep::Done(r) = step else { panic!() };
+    let set = header(&r, "set-cookie");
+    assert!(
+        set.iter()
+            .any(|c| c.starts_with("__Host-oidc-gate-2=;") && c.contains("Max-Age=0")),
+        "{set:?}"
+    );
+}
+
+#[test]
+fn oversized_sessions_drop_optional_tokens_then_fail() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(24);
+    let (r, note) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "a".repeat(10_000), "token_type": "Bearer", "id_token": idp.id_token(nonce), "refresh_token": "r".repeat(2000)}).to_string()
+    });
+    assert_eq!(r.status, 302);
+    assert!(note.log.unwrap().contains("dropped"));
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "a".repeat(MAX_CHUNKS * CHUNK_BYTES), "token_type": "Bearer", "id_token": idp.id_token(nonce)}).to_string()
+    });
     assert_eq!(r.status, 502);
+}
+
+fn refresh_pending(
+    g: &Gate,
+    session: &str,
+    now: u64,
+    rng: &mut SeededRandom,
+) -> (Callout, PendingRefresh) {
+    match g
+        .decide(
+            &browser("/x", vec![session]),
+            with_provider(&provider()),
+            now,
+            rng,
+        )
+        .0
+    {
+        Decision::Refresh { call, pending } => (call, pending),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn session_near_expiry_refreshes_and_forwards_the_new_token() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(25);
+    let session = logged_in(&g, &idp, &mut rng);
+    let now = NOW + 300 - 30; // inside the 60 s refresh skew
+    let (call, pending) = refresh_pending(&g, &session, now, &mut rng);
+    let body = String::from_utf8(call.body.clone()).unwrap();
+    assert!(body.contains("grant_type=refresh_token") && body.contains("refresh_token=r1"));
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
+    let jwks = idp.jwks();
+    let (step, note) = g.complete_refresh(
+        &pending,
+        200,
+        answer.as_bytes(),
+        Keys {
+            jwks: Some(&jwks),
+            may_refetch: false,
+        },
+        now,
+        &mut rng,
+    );
+    assert_eq!(note.event, Some(Event::RefreshCompleted));
+    let RefreshStep::Forward(f) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(f.authorization.as_deref(), Some("Bearer access-2"));
+    let new_cookie = f
+        .response_cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-oidc-gate="))
+        .unwrap();
+    let (n, v) = cookie_pair(new_cookie);
+    let renewed = format!("{n}={v}");
+    match g
+        .decide(
+            &browser("/", vec![&renewed]),
+            Known::default(),
+            now + 200,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => assert_eq!(f.authorization.as_deref(), Some("Bearer access-2")),
+        other => panic!("{other:?}"),
+    }
+    let (call, _) = refresh_pending(&g, &renewed, now + 290, &mut rng);
+    assert!(
+        String::from_utf8(call.body)
+            .unwrap()
+            .contains("refresh_token=r2"),
+        "rotated refresh token is used"
+    );
+}
+
+#[test]
+fn failed_refresh_ends_the_session() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(26);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 400, &mut rng);
+    let jwks = idp.jwks();
+    let keys = Keys {
+        jwks: Some(&jwks),
+        may_refetch: false,
+    };
+    let other_sub = idp.0.sign_jwt(json!({}), json!({"iss": ISS, "sub": "someone-else", "aud": "gate", "exp": NOW + 900, "iat": NOW + 400}));
+    for (status, body) in [
+        (400, json!({"error": "invalid_grant"}).to_string()),
+        (503, String::new()),
+        (200, "<html>".to_string()),
+        (
+            200,
+            json!({"access_token": "x", "token_type": "Bearer", "id_token": other_sub}).to_string(),
+        ),
+    ] {
+        let (step, note) =
+            g.complete_refresh(&pending, status, body.as_bytes(), keys, NOW + 400, &mut rng);
+        let RefreshStep::Ended(clear) = step else {
+            panic!("{step:?}")
+        };
+        assert!(clear.iter().any(|c| c.starts_with("__Host-oidc-gate=;")));
+        assert!(matches!(note.event, Some(Event::RefreshFailed(_))));
+    }
+}
+
+#[test]
+fn session_without_refresh_token_ends_with_the_access_token_and_max_age_is_absolute() {
+    let g = gate_with(json!({"session_max_age": 3600.0}));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(27);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "a", "token_type": "Bearer", "expires_in": 300, "id_token": idp.id_token(nonce)}).to_string()
+    });
+    let cookie = cookies_of(&r).remove(0);
+    assert!(matches!(
+        g.decide(
+            &browser("/", vec![&cookie]),
+            Known::default(),
+            NOW + 200,
+            &mut rng
+        )
+        .0,
+        Decision::Forward(_)
+    ));
+    assert_eq!(
+        expect_reply(g.decide(
+            &browser("/", vec![&cookie]),
+            with_provider(&provider()),
+            NOW + 300,
+            &mut rng
+        ))
+        .status,
+        302
+    );
+    let session = logged_in(&g, &idp, &mut rng);
+    let r = expect_reply(g.decide(
+        &browser("/", vec![&session]),
+        with_provider(&provider()),
+        NOW + 3600,
+        &mut rng,
+    ));
+    assert_eq!(
+        r.status, 302,
+        "session_max_age ends even a refreshable session"
+    );
+}
+
+fn bearer_gate() -> Gate {
+    gate_with(
+        json!({"bearer_tokens": {"audiences": ["api://orders"]}, "claims_to_headers": {"x-user": "sub"}}),
+    )
+}
+
+fn api_request<'a>(authorization: Vec<&'a str>) -> Request<'a> {
+    Request {
+        method: "GET",
+        scheme: "https",
+        authority: "app.example.com",
+        path: "/api/orders",
+        authorization,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bearer_tokens_are_verified_and_forwarded() {
+    let g = bearer_gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(28);
+    let jwks = idp.jwks();
+    let p = provider();
+    let known = Known {
+        provider: Some(&p),
+        jwks: Some(&jwks),
+        may_refetch_keys: false,
+    };
+    let good = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "svc-1", "aud": "api://orders", "exp": NOW + 60}),
+    );
+    let header_value = format!("Bearer {good}");
+    match g.decide(&api_request(vec![&header_value]), known, NOW, &mut rng) {
+        (Decision::Forward(f), note) => {
+            assert_eq!(f.authorization, Some(header_value.clone()));
+            assert_eq!(
+                f.set_headers,
+                vec![("x-user".to_string(), "svc-1".to_string())]
+            );
+            assert_eq!(note.event, Some(Event::BearerAccepted));
+        }
+        other => panic!("{other:?}"),
+    }
+    let expired = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "s", "aud": "api://orders", "exp": NOW - 600}),
+    );
+    let wrong_aud = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "s", "aud": "gate", "exp": NOW + 60}),
+    );
+    let wrong_iss = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": "https://evil", "sub": "s", "aud": "api://orders", "exp": NOW + 60}),
+    );
+    let none = idp.0.sign_jwt(
+        json!({"alg": "none"}),
+        json!({"iss": ISS, "sub": "s", "aud": "api://orders", "exp": NOW + 60}),
+    );
+    for bad in [expired, wrong_aud, wrong_iss, none, "not-a-jwt".to_string()] {
+        let v = format!("Bearer {bad}");
+        let r = expect_reply(g.decide(&api_request(vec![&v]), known, NOW, &mut rng));
+        assert_eq!(r.status, 401);
+    }
+    let mut nav = api_request(vec![&header_value, &header_value]);
+    nav.sec_fetch_mode = Some("navigate");
+    assert_eq!(
+        expect_reply(g.decide(&nav, known, NOW, &mut rng)).status,
+        401,
+        "two Authorization headers: refused, never redirected"
+    );
+    let basic = api_request(vec!["Basic dXNlcjpwYXNz"]);
+    assert_eq!(
+        expect_reply(g.decide(&basic, known, NOW, &mut rng)).status,
+        401
+    );
+    let no_keys = Known {
+        provider: Some(&p),
+        jwks: None,
+        may_refetch_keys: true,
+    };
+    assert!(matches!(
+        g.decide(&api_request(vec![&header_value]), no_keys, NOW, &mut rng)
+            .0,
+        Decision::NeedKeys
+    ));
+}
+
+#[test]
+fn bearer_is_ignored_when_not_configured() {
+    let g = gate();
+    let mut rng = SeededRandom(29);
+    let r = expect_reply(g.decide(
+        &api_request(vec!["Bearer x.y.z"]),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    ));
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn preflights_pass_and_api_paths_never_redirect() {
+    let g = gate_with(json!({"api_paths": ["/api"]}));
+    let mut rng = SeededRandom(30);
+    let preflight = Request {
+        method: "OPTIONS",
+        scheme: "https",
+        authority: "app.example.com",
+        path: "/api/x",
+        origin: Some("https://spa.example.com"),
+        access_control_request_method: Some("POST"),
+        ..Default::default()
+    };
+    assert!(matches!(
+        g.decide(&preflight, Known::default(), NOW, &mut rng).0,
+        Decision::Forward(_)
+    ));
+    let plain_options = Request {
+        access_control_request_method: None,
+        ..preflight.clone()
+    };
+    assert_eq!(
+        expect_reply(g.decide(&plain_options, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
+    let off = gate_with(json!({"pass_cors_preflight": false}));
+    assert_eq!(
+        expect_reply(off.decide(&preflight, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
+    let nav = browser("/api/orders", vec![]);
+    assert_eq!(
+        expect_reply(g.decide(&nav, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
+}
+
+#[test]
+fn claims_and_access_token_headers() {
+    let g = gate_with(json!({
+        "claims_to_headers": {"x-auth-request-email": "email", "x-auth-request-user": "sub", "x-auth-request-groups": "groups"},
+        "pass_access_token_headers": true
+    }));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(31);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        let id = idp.0.sign_jwt(
+            json!({}),
+            json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": nonce, "email": "u@example.com", "groups": ["admins", "users"]}),
+        );
+        json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id}).to_string()
+    });
+    let cookie = cookies_of(&r).remove(0);
+    match g
+        .decide(
+            &browser("/", vec![&cookie]),
+            Known::default(),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => {
+            let h: std::collections::HashMap<_, _> = f.set_headers.into_iter().collect();
+            assert_eq!(h["x-auth-request-email"], "u@example.com");
+            assert_eq!(h["x-auth-request-user"], "user-1");
+            assert_eq!(h["x-auth-request-groups"], "admins,users");
+            assert_eq!(h["x-auth-request-access-token"], "at-1");
+            assert_eq!(h["x-forwarded-access-token"], "at-1");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn rotated_cookie_secret_keeps_sessions_and_reseals() {
+    let old_secret = "MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=";
+    let old = gate_with(json!({"cookie_secret": old_secret}));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(32);
+    let session = logged_in(&old, &idp, &mut rng);
+    let rotated = gate_with(json!({"previous_cookie_secrets": [old_secret]}));
+    let resealed = match rotated
+        .decide(
+            &browser("/", vec![&session]),
+            Known::default(),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => {
+            assert_eq!(f.authorization.as_deref(), Some("Bearer access-abc"));
+            let c = f
+                .response_cookies
+                .iter()
+                .find(|c| c.starts_with("__Host-oidc-gate="))
+                .expect("resealed cookie")
+                .clone();
+            let (n, v) = cookie_pair(&c);
+            format!("{n}={v}")
+        }
+        other => panic!("{other:?}"),
+    };
+    match rotated
+        .decide(
+            &browser("/", vec![&resealed]),
+            Known::default(),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => {
+            assert!(f.response_cookies.is_empty(), "already on the current key")
+        }
+        other => panic!("{other:?}"),
+    }
+    let forgot = gate();
+    assert_eq!(
+        expect_reply(forgot.decide(
+            &browser("/", vec![&session]),
+            with_provider(&provider()),
+            NOW,
+            &mut rng
+        ))
+        .status,
+        302
+    );
 }

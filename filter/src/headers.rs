@@ -1,0 +1,123 @@
+//! Header hygiene: which incoming headers the filter owns, in every spelling.
+
+use crate::config::Config;
+
+/// Identity headers oauth2-proxy and similar gateways set; a client must never be able to supply
+/// them, whether or not this configuration sets them.
+const KNOWN_IDENTITY_HEADERS: [&str; 6] = [
+    "x-forwarded-access-token",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-auth-request-access-token",
+];
+/// Any header with this prefix is treated as identity (oauth2-proxy's `X-Auth-Request-*`).
+const IDENTITY_PREFIX: &str = "x-auth-request-";
+
+/// Lowercases and maps `_` to `-`: Envoy and many upstream frameworks (CGI, WSGI, Rack) treat
+/// `X_Auth_Request_User` as `X-Auth-Request-User`, so both spellings must be stripped.
+pub fn normalize_header_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// Whether an incoming header must be removed before the request goes upstream.
+pub fn is_identity_header(config: &Config, name: &str) -> bool {
+    let n = normalize_header_name(name);
+    n.starts_with(IDENTITY_PREFIX)
+        || KNOWN_IDENTITY_HEADERS.contains(&n.as_str())
+        || config.claims_to_headers.iter().any(|(h, _)| *h == n)
+}
+
+/// A header value from a claim: strings as they are, arrays joined by commas, numbers and
+/// booleans printed; control characters removed so no header can be split or injected.
+pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
+    const MAX_LEN: usize = 4096;
+    let raw = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|v| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => return None,
+    };
+    let clean: String = raw
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_LEN)
+        .collect();
+    (!clean.is_empty()).then_some(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        let cfg = json!({
+            "issuer": "https://idp.example.com", "idp_cluster": "c", "client_id": "g", "client_secret": "s",
+            "cookie_secret": "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=", "hosts": ["a.example.com"],
+            "claims_to_headers": {"X-User-Email": "email", "x-groups": "groups"}
+        });
+        Config::parse(cfg.to_string().as_bytes(), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn strips_identity_headers_in_every_spelling() {
+        let c = config();
+        for name in [
+            "x-auth-request-user",
+            "X-Auth-Request-User",
+            "x_auth_request_user",
+            "X-Auth_Request-Email",
+            "x-auth-request-anything",
+            "x-forwarded-access-token",
+            "X_FORWARDED_USER",
+            "x-user-email",
+            "x_user_email",
+            "X-Groups",
+        ] {
+            assert!(is_identity_header(&c, name), "{name}");
+        }
+        for name in [
+            "accept",
+            "x-request-id",
+            "authorization",
+            "x-forwarded-for",
+            "cookie",
+        ] {
+            assert!(!is_identity_header(&c, name), "{name}");
+        }
+    }
+
+    #[test]
+    fn claim_values_are_flattened_and_sanitized() {
+        assert_eq!(
+            claim_header_value(&json!(["a", "b", 3])).as_deref(),
+            Some("a,b,3")
+        );
+        assert_eq!(
+            claim_header_value(&json!("x\r\nSet-Cookie: y")).as_deref(),
+            Some("xSet-Cookie: y")
+        );
+        assert_eq!(claim_header_value(&json!(true)).as_deref(), Some("true"));
+        assert_eq!(claim_header_value(&json!({"a": 1})), None);
+        assert_eq!(claim_header_value(&json!("")), None);
+    }
+}
