@@ -6,6 +6,10 @@
 //! skip paths; valid session -> forward with the access token; otherwise login redirect for
 //! browser navigations and 401 for everything else.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -455,19 +459,103 @@ pub fn parse_token_response(
 pub struct Gate {
     config: Config,
     keys: Keyring,
+    sessions: RefCell<SessionCache>,
 }
 
 /// A session read from the request's cookies.
 struct FoundSession {
-    session: Session,
+    session: Rc<Session>,
     needs_reseal: bool,
+}
+
+/// Sessions this VM already verified, keyed by the exact sealed cookie value.
+///
+/// Decrypting and parsing a 1-2 KB cookie on every request is most of the filter's cost inside
+/// wasm. A hit needs the very same bytes (any change is a miss and gets the full check), for the
+/// same host (the host is part of the AEAD context), and the expiry of the session is still
+/// checked on every request; failures are never cached.
+#[derive(Default)]
+struct SessionCache {
+    /// Keyed by the value's last bytes (the AEAD tag: random per seal) so a lookup hashes a few
+    /// bytes, not the whole cookie; the full value is compared on a hit.
+    entries: HashMap<String, CachedSession>,
+}
+
+struct CachedSession {
+    value: String,
+    host: String,
+    session: Rc<Session>,
+    needs_reseal: bool,
+}
+
+fn cache_key(value: &str) -> &str {
+    const TAG_CHARS: usize = 24;
+    value
+        .get(value.len().saturating_sub(TAG_CHARS)..)
+        .unwrap_or(value)
+}
+
+/// Verified sessions kept per VM (a few MB at most per worker).
+pub const SESSION_CACHE_CAPACITY: usize = 1024;
+
+impl std::fmt::Debug for SessionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionCache({} entries)", self.entries.len())
+    }
+}
+
+impl SessionCache {
+    fn get(&self, host: &str, value: &str) -> Option<(Rc<Session>, bool)> {
+        let hit = self.entries.get(cache_key(value))?;
+        (hit.value == value && hit.host == host).then(|| (hit.session.clone(), hit.needs_reseal))
+    }
+
+    fn insert(&mut self, host: &str, value: String, session: Rc<Session>, needs_reseal: bool) {
+        if self.entries.len() >= SESSION_CACHE_CAPACITY {
+            // Drop about half, in hash order (arbitrary, not attacker-chosen): bounded memory with
+            // no bookkeeping on the hot path.
+            let mut keep = false;
+            self.entries.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+        }
+        self.entries.insert(
+            cache_key(&value).to_string(),
+            CachedSession {
+                value,
+                host: host.to_string(),
+                session,
+                needs_reseal,
+            },
+        );
+    }
+
+    fn remove(&mut self, value: &str) {
+        if self
+            .entries
+            .get(cache_key(value))
+            .is_some_and(|e| e.value == value)
+        {
+            self.entries.remove(cache_key(value));
+        }
+    }
 }
 
 impl Gate {
     /// Builds the engine from a validated configuration.
     pub fn new(config: Config) -> Self {
         let keys = Keyring::new(&config.cookie_secret, &config.previous_cookie_secrets);
-        Self { config, keys }
+        Self {
+            config,
+            keys,
+            sessions: RefCell::new(SessionCache::default()),
+        }
+    }
+
+    /// Number of verified sessions cached in this VM.
+    pub fn cached_sessions(&self) -> usize {
+        self.sessions.borrow().entries.len()
     }
 
     /// The configuration.
@@ -554,7 +642,7 @@ impl Gate {
                     host: host.clone(),
                     cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
                     present_session_cookies: session_cookie_names(&cookies),
-                    session,
+                    session: (*session).clone(),
                 };
                 return (
                     Decision::Refresh {
@@ -644,6 +732,24 @@ impl Gate {
                 )
             }
         };
+        if let Some((session, needs_reseal)) = self.sessions.borrow().get(host, &value) {
+            if now >= session.max_expires_at {
+                return (
+                    None,
+                    Note::event(
+                        Event::SessionRejected("max_age"),
+                        "session reached session_max_age",
+                    ),
+                );
+            }
+            return (
+                Some(FoundSession {
+                    session,
+                    needs_reseal,
+                }),
+                Note::none(),
+            );
+        }
         match Session::open(&self.keys, host, &value) {
             Ok((session, _)) if now >= session.max_expires_at => (
                 None,
@@ -652,13 +758,19 @@ impl Gate {
                     "session reached session_max_age",
                 ),
             ),
-            Ok((session, needs_reseal)) => (
-                Some(FoundSession {
-                    session,
-                    needs_reseal,
-                }),
-                Note::none(),
-            ),
+            Ok((session, needs_reseal)) => {
+                let session = Rc::new(session);
+                self.sessions
+                    .borrow_mut()
+                    .insert(host, value, session.clone(), needs_reseal);
+                (
+                    Some(FoundSession {
+                        session,
+                        needs_reseal,
+                    }),
+                    Note::none(),
+                )
+            }
             Err(e) => (
                 None,
                 Note::event(
@@ -668,7 +780,6 @@ impl Gate {
             ),
         }
     }
-
     fn cookie_max_age(&self, session: &Session, now: UnixSeconds) -> u64 {
         session.max_expires_at.saturating_sub(now).max(1)
     }
@@ -1411,9 +1522,12 @@ impl Gate {
     }
 
     fn logout(&self, host: &str, cookies: &[(&str, &str)], provider: &ProviderMetadata) -> Reply {
-        let id_token_hint = assemble_session_cookie(cookies)
-            .ok()
-            .flatten()
+        let value = assemble_session_cookie(cookies).ok().flatten();
+        if let Some(v) = &value {
+            // This worker must not serve the session again from its cache.
+            self.sessions.borrow_mut().remove(v);
+        }
+        let id_token_hint = value
             .and_then(|v| Session::open(&self.keys, host, &v).ok())
             .and_then(|(s, _)| s.id_token);
         let mut set_cookies = vec![delete_cookie(SESSION_COOKIE)];

@@ -29,11 +29,17 @@ struct Parsed<T> {
     cas: Option<u32>,
 }
 
+/// How often a VM looks at shared data for a newer document while it holds one: reading shared
+/// data copies the whole document, which the hot path must not pay on every request.
+pub const SHARED_RECHECK_SECS: u64 = 5;
+
 /// The per-VM view of the shared IdP documents.
 pub struct IdpCache {
     prefix: String,
     provider: Option<Parsed<ProviderMetadata>>,
+    provider_checked: UnixSeconds,
     jwks: Option<Parsed<Jwks>>,
+    jwks_checked: UnixSeconds,
 }
 
 /// A document and how old it is.
@@ -52,7 +58,9 @@ impl IdpCache {
         Self {
             prefix: format!("oidc-gate/{tag}"),
             provider: None,
+            provider_checked: 0,
             jwks: None,
+            jwks_checked: 0,
         }
     }
 
@@ -62,17 +70,25 @@ impl IdpCache {
 
     /// The provider metadata, if any VM fetched it within the staleness bound.
     pub fn provider(&mut self, issuer: &str, now: UnixSeconds) -> Option<Fresh<ProviderMetadata>> {
-        let key = self.key("discovery");
-        refresh(&key, &mut self.provider, |body| {
-            ProviderMetadata::parse(body, issuer).ok()
-        });
+        if self.provider.is_none()
+            || now >= self.provider_checked.saturating_add(SHARED_RECHECK_SECS)
+        {
+            let key = self.key("discovery");
+            refresh(&key, &mut self.provider, |body| {
+                ProviderMetadata::parse(body, issuer).ok()
+            });
+            self.provider_checked = now;
+        }
         fresh(&self.provider, DISCOVERY_TTL_SECS, now)
     }
 
     /// The JWKS, if any VM fetched it within the staleness bound.
     pub fn jwks(&mut self, now: UnixSeconds) -> Option<Fresh<Jwks>> {
-        let key = self.key("jwks");
-        refresh(&key, &mut self.jwks, |body| Jwks::parse(body).ok());
+        if self.jwks.is_none() || now >= self.jwks_checked.saturating_add(SHARED_RECHECK_SECS) {
+            let key = self.key("jwks");
+            refresh(&key, &mut self.jwks, |body| Jwks::parse(body).ok());
+            self.jwks_checked = now;
+        }
         fresh(&self.jwks, JWKS_TTL_SECS, now)
     }
 

@@ -37,7 +37,8 @@ pub struct Facts {
     authorization: Vec<String>,
     origin: Option<String>,
     access_control_request_method: Option<String>,
-    header_names: Vec<String>,
+    /// Client-sent headers the filter owns (identity headers in any spelling).
+    identity_headers: Vec<String>,
 }
 
 impl Facts {
@@ -154,7 +155,7 @@ impl Stream {
         unix_seconds(self.get_current_time())
     }
 
-    fn gather(&self) -> Facts {
+    fn gather(&self, gate: Option<&Gate>) -> Facts {
         let mut f = Facts::default();
         let mut scheme = None;
         let mut forwarded_proto = None;
@@ -180,8 +181,8 @@ impl Stream {
                 "x-forwarded-proto" => forwarded_proto = Some(value),
                 _ => {}
             }
-            if !name.starts_with(':') {
-                f.header_names.push(name);
+            if gate.is_some_and(|g| is_identity_header(g.config(), &name)) {
+                f.identity_headers.push(name);
             }
         }
         f.scheme = match forwarded_proto.or(scheme) {
@@ -223,24 +224,35 @@ impl Stream {
     }
 
     /// Removes every identity header the client sent, in every spelling, before anything else.
-    fn strip_identity_headers(&self, gate: &Gate) {
-        for name in &self.facts.header_names {
-            if is_identity_header(gate.config(), name) {
+    fn strip_identity_headers(&self) {
+        for name in &self.facts.identity_headers {
+            self.set_http_request_header(name, None);
+        }
+    }
+
+    /// Sets or removes a header the client may have sent `sent` times: adding when absent, one
+    /// replace when once, and remove-then-add when repeated, so no client copy survives.
+    fn replace_header(&self, name: &str, sent: usize, value: Option<&str>) {
+        match (sent, value) {
+            (0, None) => {}
+            (0, Some(v)) => self.add_http_request_header(name, v),
+            (1, v) => self.set_http_request_header(name, v),
+            (_, v) => {
                 self.set_http_request_header(name, None);
+                if let Some(v) = v {
+                    self.add_http_request_header(name, v);
+                }
             }
         }
     }
 
     fn apply_forward(&mut self, fwd: Forward) {
-        // Remove first: a client may have sent the header twice.
-        self.set_http_request_header("authorization", None);
-        if let Some(v) = &fwd.authorization {
-            self.add_http_request_header("authorization", v);
-        }
-        self.set_http_request_header("cookie", None);
-        if let Some(v) = &fwd.cookie {
-            self.add_http_request_header("cookie", v);
-        }
+        self.replace_header(
+            "authorization",
+            self.facts.authorization.len(),
+            fwd.authorization.as_deref(),
+        );
+        self.replace_header("cookie", self.facts.cookies.len(), fwd.cookie.as_deref());
         for (name, value) in &fwd.set_headers {
             self.set_http_request_header(name, None);
             self.add_http_request_header(name, value);
@@ -316,13 +328,24 @@ impl Stream {
             .jwks(now)
             .filter(|f| !f.stale || self.keys_fetched)
             .map(|f| f.value);
-        let may_refetch_keys = !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now);
+        // Optimistic: the process-wide refetch right is claimed only when a decision needs it.
         let known = Known {
             provider: provider.as_deref(),
             jwks: jwks.as_deref(),
-            may_refetch_keys,
+            may_refetch_keys: !self.keys_fetched,
         };
-        let (decision, note) = gate.decide(&self.facts.request(), known, now, &mut HostRandom);
+        let (mut decision, mut note) =
+            gate.decide(&self.facts.request(), known, now, &mut HostRandom);
+        if matches!(decision, Decision::NeedKeys)
+            && jwks.is_some()
+            && !shared.cache.borrow().claim_jwks_refetch(now)
+        {
+            let known = Known {
+                may_refetch_keys: false,
+                ..known
+            };
+            (decision, note) = gate.decide(&self.facts.request(), known, now, &mut HostRandom);
+        }
         self.note(note);
         match decision {
             Decision::PassThrough => self.continue_or_resume(paused),
@@ -458,12 +481,23 @@ impl Stream {
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
         let keys = Keys {
             jwks: jwks.as_deref(),
-            may_refetch: !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now),
+            may_refetch: !self.keys_fetched,
         };
-        let (step, note) =
-            shared
-                .gate
-                .complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
+        let gate = shared.gate.clone();
+        let (mut step, mut note) =
+            gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
+        if matches!(step, RefreshStep::NeedKeys)
+            && jwks.is_some()
+            && !self.keys_fetched
+            && !shared.cache.borrow().claim_jwks_refetch(now)
+        {
+            let keys = Keys {
+                may_refetch: false,
+                ..keys
+            };
+            (step, note) =
+                gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
+        }
         self.note(note);
         match step {
             RefreshStep::NeedKeys => {
@@ -760,15 +794,24 @@ impl Stream {
             Some(f) if !f.stale || self.keys_fetched => Some(f.value.clone()),
             _ => None,
         };
-        let may_refetch = !self.keys_fetched && shared.cache.borrow().claim_jwks_refetch(now);
         let keys = Keys {
             jwks: jwks.as_deref(),
-            may_refetch,
+            may_refetch: !self.keys_fetched,
         };
-        let (step, note) =
-            shared
-                .gate
-                .complete_login(&pending, status, &body, keys, now, &mut HostRandom);
+        let gate = shared.gate.clone();
+        let (mut step, mut note) =
+            gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom);
+        if matches!(step, LoginStep::NeedKeys)
+            && jwks.is_some()
+            && !self.keys_fetched
+            && !shared.cache.borrow().claim_jwks_refetch(now)
+        {
+            let keys = Keys {
+                may_refetch: false,
+                ..keys
+            };
+            (step, note) = gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom);
+        }
         self.note(note);
         match step {
             LoginStep::Done(reply) => {
@@ -925,12 +968,18 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.facts = self.gather();
-        if let Some(shared) = self.shared.clone() {
-            if shared.gate.config().protects(&self.facts.authority) {
-                self.strip_identity_headers(&shared.gate);
+        let gate = self.shared.as_ref().map(|s| s.gate.clone());
+        if let Some(gate) = &gate {
+            // Hosts this policy does not list pass untouched, without reading anything else.
+            let authority = self
+                .get_http_request_header(":authority")
+                .unwrap_or_default();
+            if !gate.config().protects(&authority) {
+                return Action::Continue;
             }
         }
+        self.facts = self.gather(gate.as_deref());
+        self.strip_identity_headers();
         self.run(false)
     }
 

@@ -1293,3 +1293,94 @@ fn rotated_cookie_secret_keeps_sessions_and_reseals() {
         302
     );
 }
+
+#[test]
+fn session_cache_keeps_every_check() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(40);
+    let session = logged_in(&g, &idp, &mut rng);
+    assert!(matches!(
+        g.decide(
+            &browser("/", vec![&session]),
+            Known::default(),
+            NOW,
+            &mut rng
+        )
+        .0,
+        Decision::Forward(_)
+    ));
+    assert_eq!(g.cached_sessions(), 1);
+    // A cached session still expires (no refresh token in this login would end it; here it refreshes).
+    let after_expiry = g
+        .decide(
+            &browser("/", vec![&session]),
+            with_provider(&provider()),
+            NOW + 301,
+            &mut rng,
+        )
+        .0;
+    assert!(matches!(after_expiry, Decision::Refresh { .. }));
+    // Any change to the bytes is a miss and fails the full check.
+    let (n, v) = session.split_once('=').unwrap();
+    let mut b = v.as_bytes().to_vec();
+    let i = b.len() / 2;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{n}={}", String::from_utf8(b).unwrap());
+    assert_eq!(
+        expect_reply(g.decide(
+            &browser("/", vec![&tampered]),
+            with_provider(&provider()),
+            NOW,
+            &mut rng
+        ))
+        .status,
+        302
+    );
+    // Another host never gets the cached entry.
+    let g2 = gate_with(json!({"hosts": ["*.example.com"]}));
+    assert!(matches!(
+        g2.decide(
+            &browser("/", vec![&session]),
+            Known::default(),
+            NOW,
+            &mut rng
+        )
+        .0,
+        Decision::Forward(_)
+    ));
+    let mut other = browser("/", vec![&session]);
+    other.authority = "b.example.com";
+    assert_eq!(
+        expect_reply(g2.decide(&other, with_provider(&provider()), NOW, &mut rng)).status,
+        302
+    );
+    // Logout evicts it from this worker's cache.
+    let _ = g.decide(
+        &browser("/oauth2/sign_out", vec![&session]),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    );
+    assert_eq!(g.cached_sessions(), 0);
+}
+
+#[test]
+fn session_cache_is_bounded() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(41);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, value) = session.split_once('=').unwrap();
+    let (s, _) = Session::open(&g.keys, "app.example.com", value).unwrap();
+    for _ in 0..(SESSION_CACHE_CAPACITY + 10) {
+        let sealed = s.seal(&g.keys, "app.example.com", &mut rng).unwrap();
+        let c = format!("{SESSION_COOKIE}={sealed}");
+        assert!(matches!(
+            g.decide(&browser("/", vec![&c]), Known::default(), NOW, &mut rng)
+                .0,
+            Decision::Forward(_)
+        ));
+    }
+    assert!(g.cached_sessions() <= SESSION_CACHE_CAPACITY);
+}
