@@ -1,0 +1,176 @@
+//! The gateway exactly as Istio runs it: the filter delivered by ECDS under Istio's >= 1.30 name,
+//! secrets from the pod environment (`vmConfig.env` `valueFrom: HOST` → `host_env_keys`), and
+//! several gateway replicas serving one user.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use integration::browser::Mode;
+use integration::config::{self, GatewayConfig};
+use integration::envoy::{Envoy, EnvoyOptions};
+use integration::stack::{jwt_payload, Stack, StackOptions, SESSION_COOKIE};
+use integration::{random_bytes, TEST_HOSTS};
+use serde_json::json;
+
+/// `valueFrom: HOST`: the variables come from the Envoy process's own environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecds_delivery_with_secrets_from_the_gateway_pod_environment() {
+    let cookie_secret = STANDARD.encode(random_bytes(32));
+    // Unique names: tests in this binary share the process environment.
+    std::env::set_var("OIDC_GATE_IT_HOST_CLIENT_SECRET", "oidc-gate-secret");
+    std::env::set_var("OIDC_GATE_IT_HOST_COOKIE_SECRET", &cookie_secret);
+    let opts = StackOptions {
+        tweak: Some(Arc::new(|gw: &mut GatewayConfig| {
+            gw.env.clear();
+            gw.host_env_keys = vec![
+                "OIDC_GATE_IT_HOST_CLIENT_SECRET".into(),
+                "OIDC_GATE_IT_HOST_COOKIE_SECRET".into(),
+            ];
+        })),
+        ..StackOptions::default()
+    }
+    .ecds()
+    .with_config(json!({
+        "client_secret_env": "OIDC_GATE_IT_HOST_CLIENT_SECRET",
+        "cookie_secret_env": "OIDC_GATE_IT_HOST_COOKIE_SECRET",
+    }));
+    let stack = Stack::start(opts).await;
+    let ecds = std::fs::read_to_string(stack.dir().join("ecds.json")).expect("ecds file");
+    assert!(
+        ecds.contains("extensions.istio.io/trafficextension/"),
+        "Istio >= 1.30 name"
+    );
+    assert!(
+        !ecds.contains(&cookie_secret),
+        "no secret in the ECDS resource"
+    );
+    assert!(ecds.contains("FAIL_CLOSED"));
+
+    let b = stack.browser();
+    let flow = stack.login(&b, &stack.url("/headers")).await;
+    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
+    let seen = stack.upstream.last().expect("upstream saw the request");
+    let auth = seen
+        .header("authorization")
+        .expect("authorization upstream");
+    let token = auth.strip_prefix("Bearer ").expect("bearer");
+    assert_ne!(
+        jwt_payload(token)["aud"],
+        json!("oidc-gate"),
+        "access token, not the ID token"
+    );
+}
+
+/// Writes a new ECDS version for a second gateway that reads its own file.
+fn push_replica(gw: &GatewayConfig, dir: &std::path::Path, plugin_config: &str, version: u64) {
+    let mut gw = gw.clone();
+    gw.plugin_config = Some(plugin_config.to_string());
+    config::write_atomic(&dir.join("ecds.json"), &gw.ecds_resource(version));
+}
+
+async fn wait_reloads(envoy: &Envoy, at_least: u64) {
+    for _ in 0..100 {
+        let reloads: u64 = envoy
+            .stats("extension_config_discovery.*config_reload$")
+            .await
+            .values()
+            .sum();
+        if reloads >= at_least {
+            // The new VM configures right after the reload is counted.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("ECDS update was not applied:\n{}", envoy.log_tail(40));
+}
+
+/// Two gateway replicas (two Envoy processes, same configuration) behind one load balancer: a
+/// session made on one works on the other, before and after a cookie-key rotation rolled out to
+/// both (new key current, old key kept for decryption).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_sessions_across_a_key_rotation() {
+    let a = Stack::start(StackOptions::default().ecds()).await;
+    let dir_b = tempfile::Builder::new()
+        .prefix("oidc-gate-replica-")
+        .tempdir()
+        .expect("dir");
+    let bootstrap_b = a.gateway.write(dir_b.path());
+    let b_envoy = Envoy::start(&bootstrap_b, dir_b.path(), &EnvoyOptions::default())
+        .await
+        .expect("replica B starts");
+    let b_addr = b_envoy
+        .listener(config::GATEWAY_LISTENER)
+        .expect("B listener");
+
+    let via_a = a.browser();
+    let via_b = via_a.with_mode(b_addr, TEST_HOSTS, Mode::Navigation);
+    let flow = a.login(&via_a, &a.url("/headers")).await;
+    assert_eq!(flow.landed.status, 200);
+    let tokens_issued = a.idp.stats().token;
+
+    let on_b = via_b.get(&a.url("/headers")).await;
+    assert_eq!(
+        on_b.status,
+        200,
+        "session from A works on B: {}",
+        on_b.describe()
+    );
+    assert!(a
+        .upstream
+        .last()
+        .and_then(|r| r.header("authorization").map(str::to_string))
+        .is_some());
+
+    // Roll the rotation out to both replicas.
+    let old_key = a.cookie_secret.clone();
+    let new_key = STANDARD.encode(random_bytes(32));
+    let mut rotated = a.filter_config.clone().expect("generated config");
+    config::merge(
+        &mut rotated,
+        &json!({"cookie_secret_env": null, "cookie_secret": new_key, "previous_cookie_secrets": [old_key]}),
+    );
+    let rotated = config::istio_plugin_json(&rotated);
+    let v = a.push_plugin_config(&rotated);
+    push_replica(&a.gateway, dir_b.path(), &rotated, v);
+    wait_reloads(&a.envoy, 1).await;
+    wait_reloads(&b_envoy, 1).await;
+
+    let before = via_b
+        .jar()
+        .get("app.example.com", SESSION_COOKIE)
+        .expect("session cookie")
+        .value;
+    let on_b = via_b.get(&a.url("/headers")).await;
+    assert_eq!(
+        on_b.status,
+        200,
+        "old-key session still works on B: {}",
+        on_b.describe()
+    );
+    assert!(
+        on_b.set_cookie(SESSION_COOKIE).is_some(),
+        "B reseals with the new key"
+    );
+    let after = via_b
+        .jar()
+        .get("app.example.com", SESSION_COOKIE)
+        .expect("session cookie")
+        .value;
+    assert_ne!(before, after);
+    let on_a = via_a.get(&a.url("/headers")).await;
+    assert_eq!(
+        on_a.status,
+        200,
+        "resealed session works on A: {}",
+        on_a.describe()
+    );
+    assert!(
+        on_a.set_cookie(SESSION_COOKIE).is_none(),
+        "already on the current key"
+    );
+    assert_eq!(a.idp.stats().token, tokens_issued, "nobody logged in again");
+    drop(b_envoy);
+}
