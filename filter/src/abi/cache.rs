@@ -229,3 +229,65 @@ impl IdpCache {
         bytes.get(24..).map(<[u8]>::to_vec)
     }
 }
+
+/// A cross-VM refresh lock expires after this long (a refresh callout times out after 5 s).
+pub const REFRESH_LOCK_SECS: u64 = 10;
+
+impl IdpCache {
+    fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
+        self.key(&format!("refreshing/{}", key[0] % REFRESH_SLOTS))
+    }
+
+    /// Creates the lock slots, so that taking a lock is always a compare-and-swap.
+    pub fn init_refresh_locks(&self) {
+        for slot in 0..REFRESH_SLOTS {
+            let name = self.key(&format!("refreshing/{slot}"));
+            if let Ok((None, _)) = hostcalls::get_shared_data(&name) {
+                let _ = hostcalls::set_shared_data(&name, Some(&[]), None);
+            }
+        }
+    }
+
+    /// Whether another VM is refreshing this session right now.
+    pub fn refresh_locked(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
+        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_lock_slot(key)) else {
+            return false;
+        };
+        bytes.get(..16) == Some(key.as_slice())
+            && bytes
+                .get(16..24)
+                .and_then(read_u64)
+                .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS))
+    }
+
+    /// Takes the process-wide right to refresh this session; false if another VM holds it.
+    pub fn try_lock_refresh(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
+        let slot = self.refresh_lock_slot(key);
+        let Ok((bytes, cas)) = hostcalls::get_shared_data(&slot) else {
+            return true;
+        };
+        if let Some(b) = bytes {
+            let held = b.get(..16) == Some(key.as_slice())
+                && b.get(16..24)
+                    .and_then(read_u64)
+                    .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS));
+            if held {
+                return false;
+            }
+        }
+        let mut value = Vec::with_capacity(24);
+        value.extend_from_slice(key);
+        value.extend_from_slice(&now.to_be_bytes());
+        hostcalls::set_shared_data(&slot, Some(&value), cas).is_ok()
+    }
+
+    /// Releases the lock if this session still holds it.
+    pub fn unlock_refresh(&self, key: &[u8; 16]) {
+        let slot = self.refresh_lock_slot(key);
+        if let Ok((Some(b), cas)) = hostcalls::get_shared_data(&slot) {
+            if b.get(..16) == Some(key.as_slice()) {
+                let _ = hostcalls::set_shared_data(&slot, Some(&[]), cas);
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 mod cache;
 mod host;
 mod metrics;
+mod refresh;
 mod root;
 mod stream;
 
@@ -19,8 +20,8 @@ pub use root::Root;
 mod entry {
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-            Box::new(super::Root::default())
+        proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+            Box::new(super::Root::new(context_id))
         });
     }}
 }

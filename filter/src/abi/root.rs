@@ -7,8 +7,11 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
+use std::time::Duration;
+
 use super::cache::IdpCache;
 use super::metrics::Metrics;
+use super::refresh::{poll_remote, RemoteWaiter};
 use super::stream::{Facts, Stream};
 use crate::config::Config;
 use crate::flow::{Gate, PendingRefresh};
@@ -71,12 +74,24 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Refreshes in flight.
     pub refreshes: RefCell<RefreshRegistry>,
+    /// Streams waiting for another VM's refresh.
+    pub remote_waiters: RefCell<Vec<RemoteWaiter>>,
 }
 
+/// How often the root context looks for refreshes finished by other VMs.
+const TICK: Duration = Duration::from_millis(100);
+
 /// The per-VM root context.
-#[derive(Default)]
 pub struct Root {
+    id: u32,
     shared: Option<Rc<Shared>>,
+}
+
+impl Root {
+    /// The root context with the id the host gave it.
+    pub fn new(id: u32) -> Self {
+        Self { id, shared: None }
+    }
 }
 
 impl Context for Root {}
@@ -97,7 +112,12 @@ impl RootContext for Root {
                     gate: Rc::new(Gate::new(config)),
                     metrics: Metrics::default(),
                     refreshes: RefCell::new(RefreshRegistry::default()),
+                    remote_waiters: RefCell::new(Vec::new()),
                 }));
+                if let Some(shared) = &self.shared {
+                    shared.cache.borrow().init_refresh_locks();
+                }
+                self.set_tick_period(TICK);
                 true
             }
             Err(e) => {
@@ -105,6 +125,13 @@ impl RootContext for Root {
                 self.shared = None;
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            let now = super::host::unix_seconds(self.get_current_time());
+            poll_remote(shared, now, self.id);
         }
     }
 

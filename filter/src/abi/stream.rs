@@ -3,11 +3,11 @@
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::{unix_seconds, HostRandom};
+use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SECS};
 use super::root::{Follower, Shared};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
@@ -42,7 +42,7 @@ pub struct Facts {
 }
 
 impl Facts {
-    fn request(&self) -> Request<'_> {
+    pub(crate) fn request(&self) -> Request<'_> {
         Request {
             method: &self.method,
             scheme: &self.scheme,
@@ -59,12 +59,16 @@ impl Facts {
         }
     }
 
-    fn browser(&self) -> bool {
+    pub(crate) fn browser(&self) -> bool {
         self.request().is_navigation()
     }
 
+    pub(crate) fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
     /// The same request without the session cookies: what remains once a session ended.
-    fn without_session(&self) -> Facts {
+    pub(crate) fn without_session(&self) -> Facts {
         let mut f = self.clone();
         f.cookies = f
             .cookies
@@ -118,6 +122,9 @@ enum Waiting {
         key: [u8; 16],
     },
     RefreshFollower {
+        key: [u8; 16],
+    },
+    RemoteRefresh {
         key: [u8; 16],
     },
 }
@@ -432,7 +439,8 @@ impl Stream {
         let key = pending.coalescing_key();
         // Another worker may already have refreshed this session (and the IdP rotated the
         // refresh token): reuse its answer instead of presenting the old token again.
-        if let Some(body) = shared.cache.borrow().refresh_result(&key, now) {
+        let reused = shared.cache.borrow().refresh_result(&key, now);
+        if let Some(body) = reused {
             self.finish_refresh(pending, key, 200, body, paused);
             return Action::Pause;
         }
@@ -446,6 +454,21 @@ impl Stream {
                 },
             );
             self.waiting = Waiting::RefreshFollower { key };
+            return Action::Pause;
+        }
+        let locked_elsewhere = !shared.cache.borrow().try_lock_refresh(&key, now);
+        if locked_elsewhere {
+            // Another worker is refreshing this session: wait for its answer (root tick).
+            shared.remote_waiters.borrow_mut().push(RemoteWaiter {
+                follower: Follower {
+                    context_id: self.id,
+                    pending,
+                    facts: self.facts.clone(),
+                },
+                key,
+                deadline: now.saturating_add(REMOTE_WAIT_SECS),
+            });
+            self.waiting = Waiting::RemoteRefresh { key };
             return Action::Pause;
         }
         match self.dispatch(&shared.gate, &call) {
@@ -478,6 +501,16 @@ impl Stream {
             return;
         };
         let now = self.now();
+        let (status, body) = if status == 200 {
+            (status, body)
+        } else {
+            // Refused: another worker may have rotated the refresh token a moment ago.
+            let elsewhere = shared.cache.borrow().refresh_result(&key, now);
+            match elsewhere {
+                Some(b) => (200, b),
+                None => (status, body),
+            }
+        };
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
         let keys = Keys {
             jwks: jwks.as_deref(),
@@ -516,114 +549,36 @@ impl Stream {
                 if status == 200 {
                     shared.cache.borrow().store_refresh_result(&key, &body, now);
                 }
+                shared.cache.borrow().unlock_refresh(&key);
                 self.apply_forward(fwd);
                 self.resume_http_request();
-                self.release_followers(&shared, key, status, &body, now);
+                release_local(
+                    &shared,
+                    &key,
+                    status,
+                    &body,
+                    now,
+                    self.provider.as_deref(),
+                    self.id,
+                );
             }
             RefreshStep::Ended(clear) => {
+                shared.cache.borrow().unlock_refresh(&key);
                 self.extra_reply_cookies = clear;
                 self.facts = self.facts.without_session();
-                self.release_followers(&shared, key, status, &body, now);
+                release_local(
+                    &shared,
+                    &key,
+                    status,
+                    &body,
+                    now,
+                    self.provider.as_deref(),
+                    self.id,
+                );
                 let _ = paused;
                 self.run(true);
             }
         }
-    }
-
-    /// Completes the refresh for the streams that waited on this one (same worker, same session).
-    fn release_followers(
-        &mut self,
-        shared: &Rc<Shared>,
-        key: [u8; 16],
-        status: u16,
-        body: &[u8],
-        now: u64,
-    ) {
-        let followers = shared.refreshes.borrow_mut().finish(&key);
-        let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
-        for f in followers {
-            if hostcalls::set_effective_context(f.context_id).is_err() {
-                continue;
-            }
-            let keys = Keys {
-                jwks: jwks.as_deref(),
-                may_refetch: false,
-            };
-            let (step, _) =
-                shared
-                    .gate
-                    .complete_refresh(&f.pending, status, body, keys, now, &mut HostRandom);
-            match step {
-                RefreshStep::Forward(fwd) => {
-                    let _ = hostcalls::set_map_value(
-                        proxy_wasm::types::MapType::HttpRequestHeaders,
-                        "authorization",
-                        None,
-                    );
-                    if let Some(v) = &fwd.authorization {
-                        let _ = hostcalls::add_map_value(
-                            proxy_wasm::types::MapType::HttpRequestHeaders,
-                            "authorization",
-                            v,
-                        );
-                    }
-                    let _ = hostcalls::set_map_value(
-                        proxy_wasm::types::MapType::HttpRequestHeaders,
-                        "cookie",
-                        fwd.cookie.as_deref(),
-                    );
-                    for (name, value) in &fwd.set_headers {
-                        let _ = hostcalls::set_map_value(
-                            proxy_wasm::types::MapType::HttpRequestHeaders,
-                            name,
-                            Some(value),
-                        );
-                    }
-                    shared
-                        .refreshes
-                        .borrow_mut()
-                        .response_cookies
-                        .insert(f.context_id, fwd.response_cookies);
-                    let _ = hostcalls::resume_http_request();
-                }
-                ended => {
-                    let clear = if let RefreshStep::Ended(c) = ended {
-                        c
-                    } else {
-                        Vec::new()
-                    };
-                    // Decide again for the follower without its session: login or 401.
-                    let facts = f.facts.without_session();
-                    let (decision, _) = shared.gate.decide(
-                        &facts.request(),
-                        Known {
-                            provider: self.provider.as_deref(),
-                            jwks: None,
-                            may_refetch_keys: false,
-                        },
-                        now,
-                        &mut HostRandom,
-                    );
-                    let reply = match decision {
-                        Decision::Reply(r) => r,
-                        _ => Failure::IdpUnavailable
-                            .reply(facts.browser(), facts.request_id.as_deref()),
-                    }
-                    .with_cookies(clear);
-                    let headers: Vec<(&str, &str)> = reply
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    let _ = hostcalls::send_http_response(
-                        u32::from(reply.status),
-                        headers,
-                        Some(reply.body.as_bytes()),
-                    );
-                }
-            }
-        }
-        let _ = hostcalls::set_effective_context(self.id);
     }
 
     fn fetch_jwks(&mut self, shared: &Rc<Shared>, then: AfterKeys, fallback: Option<Rc<Jwks>>) {
@@ -937,23 +892,16 @@ impl Context for Stream {
             Waiting::Refresh { key, .. } => {
                 // The leader's client went away before the IdP answered; its callout dies with
                 // it. Waiting streams must not hang: they get a retryable 503.
-                for f in shared.refreshes.borrow_mut().finish(&key) {
-                    if hostcalls::set_effective_context(f.context_id).is_ok() {
-                        let r = Failure::IdpUnavailable
-                            .reply(f.facts.browser(), f.facts.request_id.as_deref());
-                        let headers: Vec<(&str, &str)> = r
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_str()))
-                            .collect();
-                        let _ = hostcalls::send_http_response(
-                            u32::from(r.status),
-                            headers,
-                            Some(r.body.as_bytes()),
-                        );
-                    }
-                }
-                let _ = hostcalls::set_effective_context(self.id);
+                shared.cache.borrow().unlock_refresh(&key);
+                abandon_local(&shared, &key, self.id);
+            }
+            Waiting::RemoteRefresh { key } => {
+                shared
+                    .remote_waiters
+                    .borrow_mut()
+                    .retain(|w| w.follower.context_id != self.id);
+                // Requests of this worker that waited on this one must not hang either.
+                abandon_local(&shared, &key, self.id);
             }
             _ => {}
         }

@@ -541,3 +541,43 @@ fn validate_command_reports_invalid_files() {
         "{stdout}"
     );
 }
+
+/// What Istio hands the filter: the pluginConfig as compact JSON with sorted keys and numbers as
+/// doubles. Each rendered WasmPlugin must be accepted by the filter's own parser, with the
+/// secrets coming from the environment variables the manifest names.
+#[test]
+fn plugin_config_is_accepted_by_the_filter() {
+    fn as_istio_json(v: &Value) -> Value {
+        match v {
+            Value::Number(n) => n.as_f64().map(|f| json!(f)).unwrap_or(Value::Null),
+            Value::Array(a) => Value::Array(a.iter().map(as_istio_json).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), as_istio_json(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    let env = |name: &str| match name {
+        "OIDC_CLIENT_SECRET" => Some("client-secret".to_string()),
+        "OIDC_COOKIE_SECRET" => Some("MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=".to_string()),
+        _ => None,
+    };
+    let mut plugins = vec![base_plugin()];
+    for overlay in overlays() {
+        plugins.extend(
+            render_overlay(&overlay, &values())
+                .into_iter()
+                .filter(|d| d["kind"] == "WasmPlugin"),
+        );
+    }
+    assert!(plugins.len() >= 3, "base and at least two overlays");
+    for plugin in plugins {
+        let config = as_istio_json(&plugin["spec"]["pluginConfig"]);
+        let text = serde_json::to_string(&config).unwrap();
+        if let Err(e) = oidc_filter::config::Config::parse(text.as_bytes(), &env) {
+            panic!("{}: {e}", plugin["metadata"]["name"]);
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Completing a refresh for streams that did not send it themselves.
+//!
+//! Within a VM, concurrent requests of one session wait for the first one's refresh ("local
+//! followers"). Across VMs (worker threads), a shared-data lock lets one VM refresh while the
+//! others wait ("remote waiters", polled by the root context's tick) for the answer it stores:
+//! with refresh-token rotation, a second refresh with the same token would be refused and log the
+//! user out.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
+
+use super::host::HostRandom;
+use super::root::{Follower, Shared};
+use crate::discovery::ProviderMetadata;
+use crate::flow::{Decision, Keys, Known, RefreshStep};
+use crate::reply::{Failure, Reply};
+
+/// How long a request may wait for another worker's refresh.
+pub const REMOTE_WAIT_SECS: u64 = 10;
+
+/// A stream waiting for another VM's refresh of the same session.
+pub struct RemoteWaiter {
+    /// The stream and its request.
+    pub follower: Follower,
+    /// The refresh-token digest.
+    pub key: [u8; 16],
+    /// When to give up and end the session.
+    pub deadline: u64,
+}
+
+fn send(reply: &Reply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _ = hostcalls::send_http_response(
+        u32::from(reply.status),
+        headers,
+        Some(reply.body.as_bytes()),
+    );
+}
+
+/// Applies a refresh answer to a waiting stream. The caller has made it the effective context.
+pub fn complete_follower(
+    shared: &Shared,
+    f: Follower,
+    status: u16,
+    body: &[u8],
+    now: u64,
+    provider: Option<&ProviderMetadata>,
+) {
+    let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
+    let keys = Keys {
+        jwks: jwks.as_deref(),
+        may_refetch: false,
+    };
+    let (step, _) =
+        shared
+            .gate
+            .complete_refresh(&f.pending, status, body, keys, now, &mut HostRandom);
+    match step {
+        RefreshStep::Forward(fwd) => {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "authorization",
+                fwd.authorization.as_deref(),
+            );
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "cookie",
+                fwd.cookie.as_deref(),
+            );
+            for (name, value) in &fwd.set_headers {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
+            shared
+                .refreshes
+                .borrow_mut()
+                .response_cookies
+                .insert(f.context_id, fwd.response_cookies);
+            let _ = hostcalls::resume_http_request();
+        }
+        ended => {
+            let clear = if let RefreshStep::Ended(c) = ended {
+                c
+            } else {
+                Vec::new()
+            };
+            // Decide again without the session: a login redirect for browsers, 401 for APIs.
+            let facts = f.facts.without_session();
+            let known = Known {
+                provider,
+                jwks: None,
+                may_refetch_keys: false,
+            };
+            let (decision, note) =
+                shared
+                    .gate
+                    .decide(&facts.request(), known, now, &mut HostRandom);
+            if let Some(event) = note.event {
+                shared.metrics.event(event);
+            }
+            let reply = match decision {
+                Decision::Reply(r) => r,
+                _ => Failure::IdpUnavailable.reply(facts.browser(), facts.request_id()),
+            };
+            send(&reply.with_cookies(clear));
+        }
+    }
+}
+
+/// Completes every local follower of `key`, then makes `restore` the effective context again.
+pub fn release_local(
+    shared: &Shared,
+    key: &[u8; 16],
+    status: u16,
+    body: &[u8],
+    now: u64,
+    provider: Option<&ProviderMetadata>,
+    restore: u32,
+) {
+    let followers = shared.refreshes.borrow_mut().finish(key);
+    for f in followers {
+        if hostcalls::set_effective_context(f.context_id).is_ok() {
+            complete_follower(shared, f, status, body, now, provider);
+        }
+    }
+    let _ = hostcalls::set_effective_context(restore);
+}
+
+/// Answers waiting streams with a retryable 503 (their refresh's leader went away).
+pub fn abandon_local(shared: &Shared, key: &[u8; 16], restore: u32) {
+    let followers = shared.refreshes.borrow_mut().finish(key);
+    for f in followers {
+        if hostcalls::set_effective_context(f.context_id).is_ok() {
+            send(&Failure::IdpUnavailable.reply(f.facts.browser(), f.facts.request_id()));
+        }
+    }
+    let _ = hostcalls::set_effective_context(restore);
+}
+
+/// Root tick: completes remote waiters whose refresh finished elsewhere (or gave up).
+pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
+    if shared.remote_waiters.borrow().is_empty() {
+        return;
+    }
+    let waiters = std::mem::take(&mut *shared.remote_waiters.borrow_mut());
+    let provider = shared
+        .cache
+        .borrow_mut()
+        .provider(&shared.gate.config().issuer, now)
+        .map(|f| f.value);
+    let mut still = Vec::new();
+    for w in waiters {
+        let result = shared.cache.borrow().refresh_result(&w.key, now);
+        let locked = shared.cache.borrow().refresh_locked(&w.key, now);
+        let (status, body) = match result {
+            Some(body) => (200, body),
+            None if locked && now < w.deadline => {
+                still.push(w);
+                continue;
+            }
+            // The other worker's refresh failed (lock released without an answer) or took too
+            // long: the session ends, as it would have here.
+            None => (503, Vec::new()),
+        };
+        let key = w.key;
+        let context_id = w.follower.context_id;
+        if hostcalls::set_effective_context(context_id).is_ok() {
+            complete_follower(shared, w.follower, status, &body, now, provider.as_deref());
+        }
+        release_local(
+            shared,
+            &key,
+            status,
+            &body,
+            now,
+            provider.as_deref(),
+            root_id,
+        );
+    }
+    shared.remote_waiters.borrow_mut().extend(still);
+    let _ = hostcalls::set_effective_context(root_id);
+}
