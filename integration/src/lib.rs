@@ -18,6 +18,7 @@
 
 pub mod browser;
 pub mod config;
+pub mod demo_app;
 pub mod envoy;
 pub mod stack;
 pub mod tls;
