@@ -289,7 +289,7 @@ impl Stream {
             Ok(token) => Some(token),
             Err(status) => {
                 log::error!(
-                    "oidc-gate #{}: callout to cluster `{}` refused by the host ({status:?}); check that idp_cluster names an existing Envoy cluster",
+                    "oidc-gate #{}: callout to cluster `{}` refused by the host ({status:?}): the cluster is unknown to Envoy or has no endpoints yet (check idp_cluster, and DNS for STRICT_DNS clusters)",
                     self.id,
                     gate.config().idp_cluster
                 );
