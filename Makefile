@@ -59,6 +59,11 @@ demo: build envoy
 bench: build envoy
 	cargo run -q --release -p integration --bin oidc-gate-bench
 
+# Property-based fuzzing of every parser and of the decision engine (stable Rust, proptest).
+# CASES sets the case count per property (expensive properties run a fraction of it).
+fuzz:
+	PROPTEST_CASES=$(or $(CASES),200000) cargo test -p oidc-filter --release --test fuzz_parsers
+
 image: build
 	wasmplugin/scripts/image.sh $(WASM)
 

@@ -672,7 +672,9 @@ fn strip_position(msg: &str) -> String {
 
 fn unknown_field_name(msg: &str) -> Option<String> {
     let rest = msg.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_string())
+    // serde: "unknown field `<name>`, expected ..." — the name itself may contain backticks.
+    let end = rest.rfind("`, expected").or_else(|| rest.rfind('`'))?;
+    Some(rest[..end].to_string())
 }
 
 #[cfg(test)]

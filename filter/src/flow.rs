@@ -38,6 +38,8 @@ pub const MAX_SESSION_COOKIE_BYTES: usize = 3800;
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
 /// Access-token lifetime assumed when the IdP omits `expires_in` (RFC 6749 §5.1 makes it optional).
 pub const DEFAULT_EXPIRES_IN_SECS: u64 = 600;
+/// Longest access-token lifetime believed (ten years); anything longer is an IdP error.
+const MAX_EXPIRES_IN_SECS: u64 = 10 * 365 * 86400;
 /// ID-token claims kept in the session for identity headers.
 const KEPT_CLAIMS: [&str; 5] = [
     "email",
@@ -433,13 +435,18 @@ pub fn parse_token_response(
     let expires_in = match raw.expires_in {
         None | Some(serde_json::Value::Null) => DEFAULT_EXPIRES_IN_SECS,
         Some(serde_json::Value::Number(n)) => match n.as_f64() {
-            Some(v) if v.is_finite() && (0.0..=10.0 * 365.0 * 86400.0).contains(&v) => v as u64,
+            Some(v) if v.is_finite() && (0.0..=MAX_EXPIRES_IN_SECS as f64).contains(&v) => v as u64,
             _ => return Err(TokenResponseError::BadExpiry),
         },
         // Some IdPs send it as a string; accept digits only.
-        Some(serde_json::Value::String(s)) => s
-            .parse::<u64>()
-            .map_err(|_| TokenResponseError::BadExpiry)?,
+        Some(serde_json::Value::String(s))
+            if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse::<u64>()
+                .ok()
+                .filter(|v| *v <= MAX_EXPIRES_IN_SECS)
+                .ok_or(TokenResponseError::BadExpiry)?
+        }
         Some(_) => return Err(TokenResponseError::BadExpiry),
     };
     let id_token = raw.id_token.filter(|t| !t.is_empty());
@@ -998,10 +1005,7 @@ impl Gate {
     ) -> Vec<String> {
         let mut live: Vec<(u64, &str)> = Vec::new();
         let mut out = Vec::new();
-        for (name, value) in cookies
-            .iter()
-            .filter(|(n, _)| n.starts_with(LOGIN_COOKIE_PREFIX))
-        {
+        for (name, value) in cookies.iter().filter(|(n, _)| is_login_cookie_name(n)) {
             match LoginState::open(&self.keys, host, name, value, now) {
                 Ok(l) => live.push((l.created_at, name)),
                 Err(_) => out.push(delete_cookie(name)),
@@ -1540,7 +1544,7 @@ impl Gate {
         set_cookies.extend(
             cookies
                 .iter()
-                .filter(|(n, _)| n.starts_with(LOGIN_COOKIE_PREFIX))
+                .filter(|(n, _)| is_login_cookie_name(n))
                 .map(|(n, _)| delete_cookie(n)),
         );
         let location = match &provider.end_session_endpoint {
@@ -1616,6 +1620,18 @@ fn assemble_session_cookie(cookies: &[(&str, &str)]) -> Result<Option<String>, &
         value.push_str(get(&chunk_cookie_name(i))?.ok_or("missing chunk")?);
     }
     Ok(Some(value))
+}
+
+/// A login cookie name this filter could have set: the prefix and a base64url flow id. Other
+/// names a client sends are never echoed back into `Set-Cookie`.
+fn is_login_cookie_name(name: &str) -> bool {
+    name.strip_prefix(LOGIN_COOKIE_PREFIX).is_some_and(|id| {
+        !id.is_empty()
+            && id.len() <= 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 fn is_cors_preflight(req: &Request<'_>) -> bool {

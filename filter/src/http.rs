@@ -1,6 +1,5 @@
 //! HTTP details the flow depends on: cookies, query strings, paths, redirect targets.
 
-use percent_encoding::percent_decode_str;
 use url::Url;
 
 use crate::config::path_has_prefix;
@@ -110,13 +109,9 @@ pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
     {
         return false;
     }
-    let decoded = match percent_decode_str(path).decode_utf8() {
-        Ok(d) => d,
-        Err(_) => return false,
-    };
-    if decoded != path {
-        // Escapes that change nothing dangerous (e.g. `%20`) would still be fine, but an upstream
-        // may decode once more; keep the rule simple and require login.
+    // Any `%` (valid `%XX`, IIS-style `%u002e`, or a lone `%`) means an upstream could decode the
+    // path into something else: no skip.
+    if path.contains('%') {
         return false;
     }
     if path.split('/').any(|seg| seg == "." || seg == "..") {
@@ -242,6 +237,9 @@ mod tests {
             "/secret?p=/public/",
             "/secret#/public/",
             "/PUBLIC/x",
+            "/public/%u002e%u002e/admin",
+            "/public/%/a",
+            "/public/%20x",
         ] {
             assert!(
                 !skip_path_matches(bypass, &p),

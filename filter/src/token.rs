@@ -350,6 +350,10 @@ pub fn verify(
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed("too long"));
     }
+    // jwt-simple's clock is fixed-point over u32 seconds: past 2106 its arithmetic overflows.
+    if expect.now.saturating_add(expect.skew) >= u64::from(u32::MAX) {
+        return Err(TokenError::Malformed("clock out of range"));
+    }
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -363,6 +367,7 @@ pub fn verify(
     // Parse the payload before the signature so a duplicate member is reported as such, but
     // nothing from it is trusted until the signature verified.
     let claims = decode_strict_object(p)?;
+    check_registered_claim_types(&claims)?;
 
     let candidates: Vec<&VerifyKey> = jwks
         .keys
@@ -396,6 +401,42 @@ pub fn verify(
         return Err(TokenError::BadSignature);
     }
     check_claims(claims, expect)
+}
+
+/// Registered claims of the wrong JSON type (RFC 7519 §4.1) are refused by name, before
+/// jwt-simple would refuse the whole token as if the signature were wrong.
+fn check_registered_claim_types(claims: &Map<String, Value>) -> Result<(), TokenError> {
+    for (name, numeric) in [
+        ("iss", false),
+        ("sub", false),
+        ("jti", false),
+        ("nonce", false),
+        ("exp", true),
+        ("nbf", true),
+        ("iat", true),
+    ] {
+        let ok = match claims.get(name) {
+            None => true,
+            Some(v) if numeric => v.is_number(),
+            Some(v) => v.is_string(),
+        };
+        if !ok {
+            return Err(TokenError::MissingClaim(match name {
+                "iss" => "iss",
+                "sub" => "sub",
+                "jti" => "jti",
+                "nonce" => "nonce",
+                "exp" => "exp",
+                "nbf" => "nbf",
+                _ => "iat",
+            }));
+        }
+    }
+    match claims.get("aud") {
+        None | Some(Value::String(_)) => Ok(()),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => Ok(()),
+        Some(_) => Err(TokenError::MissingClaim("aud")),
+    }
 }
 
 fn number_claim(
