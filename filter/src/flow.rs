@@ -38,6 +38,8 @@ pub const MAX_SESSION_COOKIE_BYTES: usize = 3800;
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
 /// Access-token lifetime assumed when the IdP omits `expires_in` (RFC 6749 §5.1 makes it optional).
 pub const DEFAULT_EXPIRES_IN_SECS: u64 = 600;
+/// Longest return URL kept across a login (sealed into the login cookie).
+pub const MAX_RETURN_URL_BYTES: usize = 1536;
 /// Longest access-token lifetime believed (ten years); anything longer is an IdP error.
 const MAX_EXPIRES_IN_SECS: u64 = 10 * 365 * 86400;
 /// ID-token claims kept in the session for identity headers.
@@ -901,6 +903,7 @@ impl Gate {
             };
         };
         let expect = Expectations {
+            exclusive_audiences: false,
             issuer: &self.config.issuer,
             audiences,
             client_id: None,
@@ -955,7 +958,11 @@ impl Gate {
         let code_verifier = random_token(rng, 32)?;
         let code_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(code_verifier.as_bytes()));
         let (path, query) = split_path(req.path);
-        let return_to = if query.is_empty() {
+        // The return URL is sealed into the login cookie, which must stay under the browsers'
+        // 4096-byte limit: a long query is dropped, a long path becomes `/`.
+        let return_to = if path.len() > MAX_RETURN_URL_BYTES {
+            "/".to_string()
+        } else if query.is_empty() || path.len() + 1 + query.len() > MAX_RETURN_URL_BYTES {
             path.to_string()
         } else {
             format!("{path}?{query}")
@@ -965,6 +972,7 @@ impl Gate {
             nonce: Secret::new(nonce.clone()),
             code_verifier: Secret::new(code_verifier),
             return_to,
+            authority: req.authority.to_ascii_lowercase(),
             created_at: now,
         };
         let name = login_cookie_name(&flow_id);
@@ -1097,6 +1105,15 @@ impl Gate {
             return fail(
                 Failure::BadCallback("The sign-in response did not match."),
                 "state mismatch",
+                delete_login,
+            );
+        }
+        // The code was issued for the redirect_uri built from the login's authority; a callback
+        // on another host:port is not this login's callback (and would waste the code).
+        if !login.authority.is_empty() && !login.authority.eq_ignore_ascii_case(req.authority) {
+            return fail(
+                Failure::BadCallback("The sign-in response came back to another address."),
+                "authority mismatch",
                 delete_login,
             );
         }
@@ -1243,6 +1260,19 @@ impl Gate {
         };
         let tokens = match parse_token_response(status, body, true) {
             Ok(t) => t,
+            // 502-504 come from Envoy itself when the IdP times out, resets or has no healthy
+            // endpoint (or from a proxy in front of the IdP): unreachable, not a bad answer.
+            Err(
+                e @ TokenResponseError::Status {
+                    status: 502..=504, ..
+                },
+            ) => {
+                return fail(
+                    Failure::IdpUnavailable,
+                    "idp unreachable",
+                    format!("token exchange failed: {e}"),
+                )
+            }
             Err(e) => {
                 return fail(
                     Failure::IdpInvalid,
@@ -1263,6 +1293,7 @@ impl Gate {
         };
         let audiences = [self.config.client_id.clone()];
         let expect = Expectations {
+            exclusive_audiences: true,
             issuer: &self.config.issuer,
             audiences: &audiences,
             client_id: Some(&self.config.client_id),
@@ -1375,6 +1406,7 @@ impl Gate {
             };
             let audiences = [self.config.client_id.clone()];
             let expect = Expectations {
+                exclusive_audiences: true,
                 issuer: &self.config.issuer,
                 audiences: &audiences,
                 client_id: Some(&self.config.client_id),

@@ -168,6 +168,9 @@ pub struct LoginState {
     pub code_verifier: Secret,
     /// Path and query to return to after login.
     pub return_to: String,
+    /// The `:authority` (host and port) the login started on: the callback must come back to it,
+    /// since the `redirect_uri` sent to the IdP was built from it.
+    pub authority: String,
     /// When the login started.
     pub created_at: UnixSeconds,
 }
@@ -186,6 +189,8 @@ struct LoginWire {
     n: String,
     v: String,
     r: String,
+    #[serde(default)]
+    a: String,
     c: u64,
 }
 
@@ -222,6 +227,7 @@ impl LoginState {
             n: self.nonce.expose().to_string(),
             v: self.code_verifier.expose().to_string(),
             r: self.return_to.clone(),
+            a: self.authority.clone(),
             c: self.created_at,
         };
         let json = serde_json::to_vec(&wire).map_err(|_| SealError::Encrypt)?;
@@ -247,6 +253,7 @@ impl LoginState {
             nonce: Secret::new(w.n),
             code_verifier: Secret::new(w.v),
             return_to: w.r,
+            authority: w.a,
             created_at: w.c,
         })
     }
@@ -313,6 +320,7 @@ mod tests {
             nonce: Secret::new("n"),
             code_verifier: Secret::new("v"),
             return_to: "/x".into(),
+            authority: "h".into(),
             created_at: 100,
         };
         let name = login_cookie_name("f");

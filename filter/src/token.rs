@@ -221,6 +221,8 @@ pub struct Expectations<'a> {
     pub issuer: &'a str,
     /// Accepted audiences: for an ID token, just the client id.
     pub audiences: &'a [String],
+    /// Every `aud` entry must be accepted (ID tokens), not just one (bearer tokens).
+    pub exclusive_audiences: bool,
     /// For ID tokens: the client id that must be `azp` when there are several audiences.
     pub client_id: Option<&'a str>,
     /// For ID tokens from a login: the nonce sent; `None` skips the check (refresh, bearer).
@@ -492,6 +494,10 @@ fn check_claims(
     };
     let accepted: HashSet<&str> = expect.audiences.iter().map(String::as_str).collect();
     if !audiences.iter().any(|a| accepted.contains(a)) {
+        return Err(TokenError::InvalidAudience);
+    }
+    // OIDC Core §3.1.3.7 (3): an ID token with audiences the client does not trust is refused.
+    if expect.exclusive_audiences && audiences.iter().any(|a| !accepted.contains(a)) {
         return Err(TokenError::InvalidAudience);
     }
     if let Some(client_id) = expect.client_id {

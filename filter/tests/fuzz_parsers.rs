@@ -668,6 +668,7 @@ proptest! {
             nonce: Secret::new(nonce.clone()),
             code_verifier: Secret::new(verifier.clone()),
             return_to: return_to.clone(),
+            authority: host.clone(),
             created_at,
         };
         let sealed = l.seal(ring, &host, &name, &mut Xorshift::new(seed)).unwrap();
@@ -1182,6 +1183,7 @@ proptest! {
     ) {
         let audiences = if two { vec![CLIENT.to_string(), "api".to_string()] } else { vec![CLIENT.to_string()] };
         let expect = Expectations {
+            exclusive_audiences: false,
             issuer: ISS,
             audiences: &audiences,
             client_id: cid.then_some(CLIENT),
@@ -1238,6 +1240,7 @@ fn verify_signed_random_claims() {
                 vec![CLIENT.to_string()]
             };
             let expect = Expectations {
+                exclusive_audiences: false,
                 issuer: ISS,
                 audiences: &audiences,
                 client_id: cid.then_some(CLIENT),
@@ -1355,6 +1358,7 @@ fn verify_accepts_every_valid_token() {
             let token = idp.sign_jwt(header, Value::Object(claims.clone()));
             let audiences = vec![CLIENT.to_string()];
             let expect = Expectations {
+                exclusive_audiences: false,
                 issuer: ISS,
                 audiences: &audiences,
                 client_id: Some(CLIENT),
@@ -2329,6 +2333,8 @@ fn plant(sc: &mut Scenario) -> Planted {
             nonce: Secret::new(NONCE),
             code_verifier: Secret::new("verifier-0123456789-0123456789-0123456789"),
             return_to: "/after?x=1".into(),
+            // Empty: an old-format login cookie without the authority binding.
+            authority: String::new(),
             created_at,
         };
         let name = login_cookie_name(&flow);
@@ -2544,6 +2550,7 @@ fn gate_decide() {
                     let (t, _, claims) = planted.bearer.as_ref().unwrap();
                     let audiences = vec!["api".to_string()];
                     let expect = Expectations {
+                        exclusive_audiences: false,
                         issuer: ISS,
                         audiences: &audiences,
                         client_id: None,
@@ -2912,6 +2919,7 @@ fn gate_login_round_trip() {
                     prop_assert!(response["id_token"].as_str() == Some(id_token.as_str()));
                     let audiences = vec![CLIENT.to_string()];
                     let expect = Expectations {
+                        exclusive_audiences: false,
                         issuer: ISS,
                         audiences: &audiences,
                         client_id: Some(CLIENT),
@@ -3004,6 +3012,7 @@ fn verify_fails_closed_after_2106() {
     let token = idp(SigningAlg::Es256).sign_jwt(json!({}), claims);
     let audiences = vec![CLIENT.to_string()];
     let expect = Expectations {
+        exclusive_audiences: false,
         issuer: ISS,
         audiences: &audiences,
         client_id: None,
@@ -3016,7 +3025,10 @@ fn verify_fails_closed_after_2106() {
     let r =
         std::panic::catch_unwind(|| token::verify(&token, jwks(), &expect).map(|v| v.expires_at));
     // jwt-simple's clock cannot represent 2^32 s; the filter refuses instead of overflowing.
-    assert!(matches!(r, Ok(Err(token::TokenError::Malformed(_)))), "at 2^32 s: {r:?}");
+    assert!(
+        matches!(r, Ok(Err(token::TokenError::Malformed(_)))),
+        "at 2^32 s: {r:?}"
+    );
 }
 
 #[test]
@@ -3041,6 +3053,7 @@ fn known_wrongly_typed_jti_is_reported_as_bad_signature() {
     let token = idp(SigningAlg::Es256).sign_jwt(json!({}), claims);
     let audiences = vec![CLIENT.to_string()];
     let expect = Expectations {
+        exclusive_audiences: false,
         issuer: ISS,
         audiences: &audiences,
         client_id: None,

@@ -193,6 +193,70 @@ pub(crate) fn encode_jwt(
     format!("{signing_input}.{}", b64(&sig))
 }
 
+/// A deliberately weak 1024-bit RSA key (PKCS#1 DER, base64 lines), for the
+/// [`crate::Fault::IdTokenSignWithWeakRsaKey`] fault only: relying parties must refuse RSA keys
+/// under 2048 bits. Fixed rather than generated because RSA libraries refuse to generate it.
+const WEAK_RSA_1024_DER_B64: &[&str] = &[
+    "MIICWwIBAAKBgQDP3NF8ooOoXZ8B0RYiieK+DVnIroUpYRBNHq7GBGbxy9ltQWz9kZVsriKio+5h",
+    "bAUFwSY9bTfz02DXYm3Yfr4FLx3N6xRF2xXPTc65ru8UDATH1y5Uu6EQR0pMiAlvkOrSn1uHXwFC",
+    "q7S9LmbbYNMGj+LkQZptH0iEO8c+PelXowIDAQABAoGAdeKWLEk+wc3W0AD0vMHWhlKsCNRxUPZr",
+    "eFFebY8xkxA5T207ktNuGyTnH7Y5C6dnccwJE+1NPkszMPPxuEapHOB+DvkMs9cs/VGjml5v/jwk",
+    "nJa8I/a2XeK13snSZssngtueAatz20cAYk4V1IUqvabnTd+Nf0dY4Wiw2tU34IECQQD/znNrKvvV",
+    "qNeaI1B5IGrt/Xmu53i+frU8Q/qqkh7fB1JUTxuUQbXLRUWhN48br4bmjgorEcIh0jr3FePB98Xl",
+    "AkEA0AUUsU/MeVpP+7xMp1rALRtNTsmYhnw/wrTCfnamVsNV9DQAnDRtuZBad/hJ/YMih3cXiKAJ",
+    "83zWiXGFpEJO5wJAcGLKsKXE2L0CZFTpkR3d/MtlP6Owl7jhdSXEplXmPERiNmo/CqbH8RNxIQBg",
+    "3mACm56B9yQpL2TGxTGXy+tIxQJAUrQybeyUFwtZEXTj5QWnskdQjSqJga6Uiwzi5vS1XXl8CwNB",
+    "2tjdZxGFZn1IrYodiE5JBQDb8/qGMU75Gz1hsQJAEu1cFcacfzhS+JiU8g8TxWpNMLPwDLsDa65q",
+    "jJ1QCPRf62SibUJaqfG/SS/41KVZAc4Ay2LhmyWvOI0PW4M85w==",
+];
+
+/// Key id of the weak key in the JWKS.
+pub(crate) const WEAK_KID: &str = "weak-rsa-1024";
+
+static WEAK_RSA: OnceLock<SigningKey> = OnceLock::new();
+
+/// The weak 1024-bit signing key (see [`WEAK_RSA_1024_DER_B64`]).
+pub(crate) fn weak_rsa_key() -> &'static SigningKey {
+    WEAK_RSA.get_or_init(|| {
+        use base64::engine::general_purpose::STANDARD;
+        let der = STANDARD
+            .decode(WEAK_RSA_1024_DER_B64.concat())
+            .expect("weak key base64");
+        let rsa = superboring::rsa::Rsa::private_key_from_der(&der).expect("weak RSA DER");
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "alg": "RS256",
+            "use": "sig",
+            "kid": WEAK_KID,
+            "n": b64(&rsa.n().to_vec()),
+            "e": b64(&rsa.e().to_vec()),
+        });
+        let pkey = superboring::pkey::PKey::from_rsa(rsa).expect("weak RSA pkey");
+        SigningKey {
+            kid: WEAK_KID.to_string(),
+            material: Material::Rsa(Box::new(pkey)),
+            public_pem: String::new(),
+            jwk,
+        }
+    })
+}
+
+/// A compact JWS over exactly these header and payload bytes, signed with `key` (for tokens a
+/// JSON serializer cannot produce, e.g. duplicate members).
+pub(crate) fn sign_raw(key: &SigningKey, header_json: &[u8], payload_json: &[u8]) -> String {
+    let signing_input = format!("{}.{}", b64(header_json), b64(payload_json));
+    let sig = key.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(&sig))
+}
+
+/// A compact JWS over exactly these bytes with `alg` HS256 keyed with `key` (whatever the header
+/// says).
+pub(crate) fn hs256_raw(key: &[u8], header_json: &[u8], payload_json: &[u8]) -> String {
+    let signing_input = format!("{}.{}", b64(header_json), b64(payload_json));
+    let mac = hmac_sha256::HMAC::mac(signing_input.as_bytes(), key);
+    format!("{signing_input}.{}", b64(&mac))
+}
+
 /// `at_hash` for a SHA-256 based algorithm: base64url of the left half of SHA-256(token).
 pub(crate) fn at_hash(access_token: &str) -> String {
     use sha2::Digest as _;

@@ -105,6 +105,12 @@ pub fn subject_for(username: &str) -> String {
     )
 }
 
+/// A compact JWS over exactly these header and payload JSON texts, HMAC-SHA256 keyed with `key`
+/// (algorithm confusion: the public key as PEM, DER or modulus; a client secret; an empty key).
+pub fn sign_hs256_raw(key: &[u8], header_json: &str, payload_json: &str) -> String {
+    keys::hs256_raw(key, header_json.as_bytes(), payload_json.as_bytes())
+}
+
 /// Configuration of a mock-idp instance.
 #[derive(Clone, Debug)]
 pub struct MockIdpConfig {
@@ -199,15 +205,27 @@ pub enum Fault {
     IdTokenCorruptSignature,
     /// Merge these fields into successful token responses (null removes, e.g. `id_token`).
     TokenResponseFields(Value),
+    /// The JWKS also publishes a deliberately weak 1024-bit RSA key (kid `weak-rsa-1024`) and ID
+    /// tokens are signed with it (relying parties must ignore such keys).
+    IdTokenSignWithWeakRsaKey,
+    /// Merge these fields into the discovery document (null removes), e.g. a `jwks_uri` at a
+    /// random path (served by `{issuer}/jwks/<name>`), endpoints on other hosts, or
+    /// `authorization_response_iss_parameter_supported: false`.
+    DiscoveryFields(Value),
+    /// Token endpoint processes the request at once (code checks, signing) but holds the answer
+    /// back this long: a slow IdP whose CPU work does not bunch up after the delay when many
+    /// requests arrive together.
+    TokenDelayAfterGrant(Duration),
 }
 
 impl Fault {
     /// Parse the admin API JSON form: `{"fault": "<snake_case name>", ...parameters}`.
     ///
     /// Parameters: `status` (token_status, discovery_status, jwks_status), `content_type` and
-    /// `body` (token_body; jwks_body uses `body`), `delay_ms` (token_delay), `issuer`
+    /// `body` (token_body; jwks_body uses `body`), `delay_ms` (token_delay,
+    /// token_delay_after_grant), `issuer`
     /// (discovery_issuer), `claims` (id_token_claims), `header` (id_token_header), `fields`
-    /// (token_response_fields), `faults` (all: array of fault objects).
+    /// (token_response_fields, discovery_fields), `faults` (all: array of fault objects).
     pub fn from_json(v: &Value) -> Result<Fault, String> {
         let name = v
             .get("fault")
@@ -266,6 +284,13 @@ impl Fault {
             "id_token_sign_with_hs256_public_key" => Fault::IdTokenSignWithHs256PublicKey,
             "id_token_corrupt_signature" => Fault::IdTokenCorruptSignature,
             "token_response_fields" => Fault::TokenResponseFields(object("fields")?),
+            "id_token_sign_with_weak_rsa_key" => Fault::IdTokenSignWithWeakRsaKey,
+            "discovery_fields" => Fault::DiscoveryFields(object("fields")?),
+            "token_delay_after_grant" => Fault::TokenDelayAfterGrant(Duration::from_millis(
+                v.get("delay_ms")
+                    .and_then(Value::as_u64)
+                    .ok_or("fault `token_delay_after_grant` needs numeric `delay_ms`")?,
+            )),
             other => return Err(format!("unknown fault `{other}`")),
         })
     }
@@ -303,6 +328,8 @@ pub struct Stats {
     pub last_token_auth_method: Option<String>,
     /// `error` code of the last failed token request.
     pub last_token_error: Option<String>,
+    /// Path (below the issuer) of the last JWKS request: `/keys` or `/jwks/<name>`.
+    pub last_jwks_path: Option<String>,
 }
 
 struct CodeGrant {
@@ -461,6 +488,20 @@ impl IdpState {
         keys::encode_jwt(&key, "JWT", &[&header], &claims, SignMode::Normal, false)
     }
 
+    /// Sign exactly these header and payload JSON texts with the current key (the header is used
+    /// as given, so set `alg`/`kid` yourself): tokens a serializer cannot produce, such as
+    /// duplicate members.
+    pub fn sign_jwt_raw(&self, header_json: &str, payload_json: &str) -> String {
+        let key = self.current_key();
+        keys::sign_raw(&key, header_json.as_bytes(), payload_json.as_bytes())
+    }
+
+    /// The current signing key's public key as PEM (SubjectPublicKeyInfo), e.g. for algorithm
+    /// confusion tokens.
+    pub fn public_key_pem(&self) -> String {
+        self.current_key().public_pem.clone()
+    }
+
     /// Mint a JWT access token (as the token endpoint would) for `sub` and `audience`. The token
     /// is also accepted by the userinfo endpoint.
     pub fn mint_access_token(&self, sub: &str, audience: &str, ttl: Duration) -> String {
@@ -608,6 +649,14 @@ impl MockIdp {
 
     pub fn sign_jwt(&self, header: Value, claims: Value) -> String {
         self.state.sign_jwt(header, claims)
+    }
+
+    pub fn sign_jwt_raw(&self, header_json: &str, payload_json: &str) -> String {
+        self.state.sign_jwt_raw(header_json, payload_json)
+    }
+
+    pub fn public_key_pem(&self) -> String {
+        self.state.public_key_pem()
     }
 
     pub fn mint_access_token(&self, sub: &str, audience: &str, ttl: Duration) -> String {

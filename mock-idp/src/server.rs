@@ -32,6 +32,7 @@ pub fn app(state: Arc<IdpState>) -> Router {
     let oidc: Router<Arc<IdpState>> = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/keys", get(jwks))
+        .route("/jwks/{name}", get(jwks))
         .route("/authorize", get(authorize_get).post(authorize_post))
         .route("/token", post(token))
         .route("/userinfo", get(userinfo).post(userinfo))
@@ -216,7 +217,7 @@ async fn discovery(State(st): St) -> Response {
         }
     }
     let base = &st.issuer;
-    let doc = json!({
+    let mut doc = json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": format!("{base}/token"),
@@ -237,21 +238,36 @@ async fn discovery(State(st): St) -> Response {
         ],
         "authorization_response_iss_parameter_supported": true,
     });
+    for f in st.faults() {
+        if let (Fault::DiscoveryFields(fields), Value::Object(d)) = (&f, &mut doc) {
+            keys::merge(d, fields);
+        }
+    }
     json_response(StatusCode::OK, &doc)
 }
 
-async fn jwks(State(st): St) -> Response {
-    st.lock().stats.jwks += 1;
+async fn jwks(State(st): St, uri: axum::http::Uri) -> Response {
+    {
+        let mut inner = st.lock();
+        inner.stats.jwks += 1;
+        inner.stats.last_jwks_path = Some(uri.path().to_string());
+    }
+    let mut doc = st.jwks();
     for f in st.faults() {
         match f {
             Fault::JwksStatus(code) => return injected(code),
             Fault::JwksBody(body) => {
                 return json_response_raw(StatusCode::OK, "application/json", body);
             }
+            Fault::IdTokenSignWithWeakRsaKey => {
+                if let Some(list) = doc.get_mut("keys").and_then(Value::as_array_mut) {
+                    list.push(keys::weak_rsa_key().jwk.clone());
+                }
+            }
             _ => {}
         }
     }
-    json_response(StatusCode::OK, &st.jwks())
+    json_response(StatusCode::OK, &doc)
 }
 
 fn json_response_raw(status: StatusCode, content_type: &str, body: String) -> Response {
@@ -772,18 +788,21 @@ impl IdpState {
         let mut header_overrides: Vec<&Value> = Vec::new();
         let mut mode = SignMode::Normal;
         let mut corrupt = false;
+        let mut weak = false;
         for f in &faults {
             match f {
                 Fault::IdTokenClaims(v) => keys::merge(&mut claims, v),
                 Fault::IdTokenHeader(v) => header_overrides.push(v),
                 Fault::IdTokenSignWithHs256PublicKey => mode = SignMode::Hs256WithPublicKey,
                 Fault::IdTokenCorruptSignature => corrupt = true,
+                Fault::IdTokenSignWithWeakRsaKey => weak = true,
                 _ => {}
             }
         }
-        let key = self.current_key();
+        let current = self.current_key();
+        let key: &keys::SigningKey = if weak { keys::weak_rsa_key() } else { &current };
         let id_token = keys::encode_jwt(
-            &key,
+            key,
             "JWT",
             &header_overrides,
             &Value::Object(claims),
@@ -885,7 +904,13 @@ async fn token(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
             _ => {}
         }
     }
-    match st.token_grant(&headers, &params) {
+    let result = st.token_grant(&headers, &params);
+    for f in &faults {
+        if let Fault::TokenDelayAfterGrant(d) = f {
+            tokio::time::sleep(*d).await;
+        }
+    }
+    match result {
         Ok(v) => {
             st.lock().stats.token_ok += 1;
             no_store(json_response(StatusCode::OK, &v))
@@ -1113,5 +1138,68 @@ mod tests {
             s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
+    }
+}
+
+#[cfg(test)]
+mod attack_fault_tests {
+    use super::*;
+    use crate::MockIdpConfig;
+
+    #[test]
+    fn new_faults_parse_from_json() {
+        assert_eq!(
+            Fault::from_json(&json!({"fault": "id_token_sign_with_weak_rsa_key"})),
+            Ok(Fault::IdTokenSignWithWeakRsaKey)
+        );
+        assert_eq!(
+            Fault::from_json(&json!({"fault": "discovery_fields", "fields": {"jwks_uri": "x"}})),
+            Ok(Fault::DiscoveryFields(json!({"jwks_uri": "x"})))
+        );
+        assert!(Fault::from_json(&json!({"fault": "discovery_fields"})).is_err());
+        assert_eq!(
+            Fault::from_json(&json!({"fault": "token_delay_after_grant", "delay_ms": 5})),
+            Ok(Fault::TokenDelayAfterGrant(
+                std::time::Duration::from_millis(5)
+            ))
+        );
+    }
+
+    #[test]
+    fn weak_key_is_1024_bits_and_signs() {
+        let k = keys::weak_rsa_key();
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(k.jwk["n"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(n.len(), 128);
+        let t = keys::encode_jwt(k, "JWT", &[], &json!({"a": 1}), SignMode::Normal, false);
+        assert_eq!(t.split('.').count(), 3);
+        assert!(t.contains(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+                serde_json::to_vec(&json!({"alg": "RS256", "kid": keys::WEAK_KID, "typ": "JWT"}))
+                    .unwrap()
+            )
+        ));
+    }
+
+    #[test]
+    fn raw_signing_keeps_bytes() {
+        let st = IdpState::new(MockIdpConfig::default());
+        let t = st.sign_jwt_raw(
+            r#"{"alg":"RS256","alg":"none"}"#,
+            r#"{"iss":"a","iss":"b"}"#,
+        );
+        let parts: Vec<&str> = t.split('.').collect();
+        assert_eq!(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(parts[1])
+                .unwrap(),
+            br#"{"iss":"a","iss":"b"}"#
+        );
+        assert!(st
+            .public_key_pem()
+            .starts_with("-----BEGIN PUBLIC KEY-----"));
+        let h = crate::sign_hs256_raw(b"", r#"{"alg":"HS256"}"#, "{}");
+        assert_eq!(h.split('.').nth(2).map(str::len), Some(43));
     }
 }

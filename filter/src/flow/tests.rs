@@ -1384,3 +1384,64 @@ fn session_cache_is_bounded() {
     }
     assert!(g.cached_sessions() <= SESSION_CACHE_CAPACITY);
 }
+
+#[test]
+fn gateway_timeouts_and_resets_at_the_token_endpoint_are_503() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(50);
+    let login = start_login(&g, "/", &mut rng);
+    let pending = pending_for(&g, &login, &mut rng);
+    let jwks = idp.jwks();
+    for (status, expected) in [(504, 503), (503, 503), (502, 503), (500, 502), (400, 502)] {
+        let keys = Keys {
+            jwks: Some(&jwks),
+            may_refetch: false,
+        };
+        let (step, _) = g.complete_login(
+            &pending,
+            status,
+            b"upstream request timeout",
+            keys,
+            NOW,
+            &mut rng,
+        );
+        let LoginStep::Done(r) = step else { panic!() };
+        assert_eq!(r.status, expected, "token endpoint {status}");
+    }
+}
+
+#[test]
+fn callback_on_another_authority_is_refused_before_the_token_call() {
+    let g = gate();
+    let mut rng = SeededRandom(51);
+    let login = start_login(&g, "/", &mut rng);
+    let path = callback_path(&login, "c");
+    let mut req = browser(&path, vec![&login.cookie]);
+    req.authority = "app.example.com:8443";
+    assert_eq!(
+        expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng)).status,
+        400
+    );
+}
+
+#[test]
+fn long_return_urls_keep_the_login_cookie_small() {
+    let g = gate();
+    let mut rng = SeededRandom(52);
+    let long = format!("/long?q={}", "x".repeat(6000));
+    let r = expect_reply(g.decide(
+        &browser(&long, vec![]),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    ));
+    let set = header(&r, "set-cookie");
+    assert!(
+        set[0].split(';').next().unwrap().len() < 4000,
+        "login cookie fits a browser"
+    );
+    let login = start_login(&g, &long, &mut rng);
+    let pending = pending_for(&g, &login, &mut rng);
+    assert_eq!(pending.return_to, "/long");
+}

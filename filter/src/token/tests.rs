@@ -31,6 +31,7 @@ fn audiences() -> Vec<String> {
 
 fn expect(aud: &[String]) -> Expectations<'_> {
     Expectations {
+        exclusive_audiences: true,
         issuer: ISS,
         audiences: aud,
         client_id: Some("gate"),
@@ -256,16 +257,33 @@ fn claim_rules() {
         check(with_claim("aud", Value::Null)).unwrap_err(),
         TokenError::MissingClaim("aud")
     );
+    // OIDC Core §3.1.3.7 (3): an untrusted extra audience is refused, with or without azp.
     assert_eq!(
         check(with_claim("aud", json!(["gate", "untrusted"]))).unwrap_err(),
-        TokenError::InvalidAuthorizedParty
+        TokenError::InvalidAudience
     );
     let mut multi = with_claim("aud", json!(["gate", "api"]));
     multi["azp"] = json!("gate");
-    assert!(check(multi.clone()).is_ok());
+    assert_eq!(
+        check(multi.clone()).unwrap_err(),
+        TokenError::InvalidAudience
+    );
+    // With several trusted audiences, azp decides (items 4-5).
+    let trusted = vec!["gate".to_string(), "api".to_string()];
+    let several = Expectations {
+        audiences: &trusted,
+        ..expect(&aud)
+    };
+    let check_several = |c: Value| verify(&idp.sign_jwt(json!({}), c), &keys, &several);
+    assert!(check_several(multi.clone()).is_ok());
+    multi.as_object_mut().unwrap().remove("azp");
+    assert_eq!(
+        check_several(multi.clone()).unwrap_err(),
+        TokenError::InvalidAuthorizedParty
+    );
     multi["azp"] = json!("other");
     assert_eq!(
-        check(multi).unwrap_err(),
+        check_several(multi).unwrap_err(),
         TokenError::InvalidAuthorizedParty
     );
     assert_eq!(
