@@ -38,7 +38,7 @@ lint: $(WASM_TARGET)-target
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p oidc-filter --target $(WASM_TARGET) -- -D warnings
 	@# Only filter/src/abi may talk to the host.
-	@if grep -rln 'proxy_wasm' filter/src --include=*.rs | grep -v '^filter/src/abi/'; then \
+	@if grep -rlnE '(use proxy_wasm|proxy_wasm::)' filter/src --include=*.rs | grep -v '^filter/src/abi/'; then \
 		echo "proxy_wasm used outside filter/src/abi"; exit 1; fi
 
 test-unit:

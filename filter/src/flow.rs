@@ -469,6 +469,7 @@ pub struct Gate {
     config: Config,
     keys: Keyring,
     sessions: RefCell<SessionCache>,
+    bearers: RefCell<BearerCache>,
 }
 
 /// A session read from the request's cookies.
@@ -502,6 +503,52 @@ fn cache_key(value: &str) -> &str {
     value
         .get(value.len().saturating_sub(TAG_CHARS)..)
         .unwrap_or(value)
+}
+
+/// Bearer JWTs this VM already verified, keyed like [`SessionCache`] by their last bytes (the
+/// signature) with the whole token compared on a hit. Only successes are kept; `exp` is checked
+/// on every use.
+#[derive(Default)]
+struct BearerCache {
+    entries: HashMap<String, CachedBearer>,
+}
+
+struct CachedBearer {
+    token: String,
+    expires_at: UnixSeconds,
+    set_headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for BearerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BearerCache({} entries)", self.entries.len())
+    }
+}
+
+impl BearerCache {
+    fn get(&self, token: &str, now: UnixSeconds) -> Option<Vec<(String, String)>> {
+        let hit = self.entries.get(cache_key(token))?;
+        (hit.token == token && now <= hit.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS))
+            .then(|| hit.set_headers.clone())
+    }
+
+    fn insert(&mut self, token: &str, expires_at: UnixSeconds, set_headers: Vec<(String, String)>) {
+        if self.entries.len() >= SESSION_CACHE_CAPACITY {
+            let mut keep = false;
+            self.entries.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+        }
+        self.entries.insert(
+            cache_key(token).to_string(),
+            CachedBearer {
+                token: token.to_string(),
+                expires_at,
+                set_headers,
+            },
+        );
+    }
 }
 
 /// Verified sessions kept per VM (a few MB at most per worker).
@@ -559,6 +606,7 @@ impl Gate {
             config,
             keys,
             sessions: RefCell::new(SessionCache::default()),
+            bearers: RefCell::new(BearerCache::default()),
         }
     }
 
@@ -895,6 +943,20 @@ impl Gate {
             }
             _ => return reject("not a Bearer token"),
         };
+        let forward = |set_headers: Vec<(String, String)>| {
+            let fwd = Forward {
+                authorization: Some(format!("Bearer {token}")),
+                cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
+                set_headers,
+                response_cookies: Vec::new(),
+            };
+            (Decision::Forward(fwd), Note::count(Event::BearerAccepted))
+        };
+        // A token this VM already verified: the signature check (about a millisecond for RS256
+        // in wasm) is not repeated, expiry is.
+        if let Some(set_headers) = self.bearers.borrow().get(token, now) {
+            return forward(set_headers);
+        }
         let Some(jwks) = known.jwks else {
             return if known.provider.is_some() {
                 (Decision::NeedKeys, Note::none())
@@ -921,13 +983,10 @@ impl Gate {
                         set_headers.push((header.clone(), v));
                     }
                 }
-                let fwd = Forward {
-                    authorization: Some(format!("Bearer {token}")),
-                    cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
-                    set_headers,
-                    response_cookies: Vec::new(),
-                };
-                (Decision::Forward(fwd), Note::count(Event::BearerAccepted))
+                self.bearers
+                    .borrow_mut()
+                    .insert(token, verified.expires_at, set_headers.clone());
+                forward(set_headers)
             }
             Err(TokenError::UnknownKey) if known.may_refetch_keys => (
                 Decision::NeedKeys,

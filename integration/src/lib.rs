@@ -16,6 +16,7 @@
 //! Paths: the filter module is `<repo>/target/wasm32-wasip1/release/oidc_filter.wasm` unless
 //! `OIDC_FILTER_WASM` names another file ([`wasm_path`]).
 
+pub mod bench;
 pub mod browser;
 pub mod config;
 pub mod demo_app;

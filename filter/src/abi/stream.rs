@@ -917,16 +917,16 @@ impl Context for Stream {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let gate = self.shared.as_ref().map(|s| s.gate.clone());
-        if let Some(gate) = &gate {
-            // Hosts this policy does not list pass untouched, without reading anything else.
-            let authority = self
-                .get_http_request_header(":authority")
-                .unwrap_or_default();
-            if !gate.config().protects(&authority) {
-                return Action::Continue;
-            }
-        }
+        // One read of the header map serves every decision (each host call costs more than the
+        // work the filter does per request).
         self.facts = self.gather(gate.as_deref());
+        if gate
+            .as_ref()
+            .is_some_and(|g| !g.config().protects(&self.facts.authority))
+        {
+            // Hosts this policy does not list pass untouched.
+            return Action::Continue;
+        }
         self.strip_identity_headers();
         self.run(false)
     }

@@ -1143,8 +1143,10 @@ fn bearer_tokens_are_verified_and_forwarded() {
         jwks: None,
         may_refetch_keys: true,
     };
+    // A token this gate has not verified yet needs the keys.
     assert!(matches!(
-        g.decide(&api_request(vec![&header_value]), no_keys, NOW, &mut rng)
+        bearer_gate()
+            .decide(&api_request(vec![&header_value]), no_keys, NOW, &mut rng)
             .0,
         Decision::NeedKeys
     ));
@@ -1444,4 +1446,57 @@ fn long_return_urls_keep_the_login_cookie_small() {
     let login = start_login(&g, &long, &mut rng);
     let pending = pending_for(&g, &login, &mut rng);
     assert_eq!(pending.return_to, "/long");
+}
+
+#[test]
+fn verified_bearer_tokens_are_cached_but_still_expire() {
+    let g = bearer_gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(60);
+    let jwks = idp.jwks();
+    let p = provider();
+    let known = Known {
+        provider: Some(&p),
+        jwks: Some(&jwks),
+        may_refetch_keys: false,
+    };
+    let token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "svc", "aud": "api://orders", "exp": NOW + 60}),
+    );
+    let value = format!("Bearer {token}");
+    assert!(matches!(
+        g.decide(&api_request(vec![&value]), known, NOW, &mut rng).0,
+        Decision::Forward(_)
+    ));
+    // Cached: accepted even without keys at hand.
+    let no_keys = Known {
+        provider: Some(&p),
+        jwks: None,
+        may_refetch_keys: false,
+    };
+    assert!(matches!(
+        g.decide(&api_request(vec![&value]), no_keys, NOW + 10, &mut rng)
+            .0,
+        Decision::Forward(_)
+    ));
+    // Expired: the cache does not help.
+    assert!(matches!(
+        g.decide(&api_request(vec![&value]), no_keys, NOW + 200, &mut rng)
+            .0,
+        Decision::NeedKeys
+    ));
+    assert_eq!(
+        expect_reply(g.decide(&api_request(vec![&value]), known, NOW + 200, &mut rng)).status,
+        401
+    );
+    // A token differing in one signature byte is a miss and fails verification.
+    let mut forged = token.clone().into_bytes();
+    let i = forged.len() - 3;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = format!("Bearer {}", String::from_utf8(forged).unwrap());
+    assert_eq!(
+        expect_reply(g.decide(&api_request(vec![&forged]), known, NOW, &mut rng)).status,
+        401
+    );
 }

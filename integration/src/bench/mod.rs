@@ -1,0 +1,742 @@
+//! `make bench`: oidc-gate's cost per request against bare Envoy, a no-op wasm filter, Envoy's
+//! OAuth2 filter, `ext_authz` to a zero-work authorizer and `jwt_authn`, plus logins per second,
+//! the refresh path, the module size, memory per 10,000 sessions and time to ready.
+//!
+//! Method (see [`run`]): every scenario gets its own Envoy (the same binary, `--concurrency 1`,
+//! the Istio-shaped TLS gateway of [`crate::config`], route = `direct_response`, access log off,
+//! log level `warn`), all started up front and idle while another is measured. Credentials come
+//! from real logins against the in-process mock IdP; each scenario's request is checked once
+//! (200 with credentials, not 200 without) before any load. Then, after a warm-up per scenario
+//! (V8 tiers hot wasm code up in the background), rounds run the scenarios interleaved, in an
+//! order rotated each round, each for the same `wrk` settings; every run is checked with the
+//! Envoy's own counters (all responses 2xx, none 3xx/4xx/5xx). Medians over rounds are reported.
+
+pub mod authz;
+pub mod client;
+pub mod extras;
+pub mod report;
+pub mod scenarios;
+pub mod wrk;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use mock_idp::{MockIdp, MockIdpConfig};
+use serde_json::{json, Value};
+
+use crate::config::{write_atomic, GATEWAY_LISTENER};
+use crate::envoy::{Envoy, EnvoyOptions};
+use crate::stack::{APP_HOST, USERNAME};
+use crate::tls::{self, CertFiles};
+use crate::{random_bytes, repo_root};
+
+pub use report::Report;
+pub use scenarios::Scenario;
+pub use wrk::{WrkRequest, WrkResult, WrkSettings};
+
+use authz::Authorizer;
+use client::median;
+use scenarios::{ConfigInputs, ACCESS_TOKEN_AUDIENCE, BENCH_PATH, DIRECT_RESPONSE_BODY};
+
+/// The wasm modules under test.
+#[derive(Clone, Debug)]
+pub struct WasmModules {
+    /// oidc-gate (`make build`).
+    pub oidc: PathBuf,
+    /// The no-op filter (`integration/noop-filter`).
+    pub noop: PathBuf,
+}
+
+impl WasmModules {
+    /// oidc-gate from [`crate::require_wasm`]; the no-op module built if needed
+    /// ([`ensure_noop_wasm`]).
+    pub fn locate() -> Result<WasmModules, String> {
+        let oidc = crate::wasm_path();
+        if !oidc.is_file() {
+            return Err(format!(
+                "filter module {} is missing: run `make build` first",
+                oidc.display()
+            ));
+        }
+        Ok(WasmModules {
+            oidc,
+            noop: ensure_noop_wasm()?,
+        })
+    }
+}
+
+/// `<repo>/target/wasm32-wasip1/release/noop_filter.wasm`, built with
+/// `cargo build -p noop-filter --target wasm32-wasip1 --release --target-dir <repo>/target`
+/// (quick when up to date). `$NOOP_FILTER_WASM` names a prebuilt module instead.
+pub fn ensure_noop_wasm() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("NOOP_FILTER_WASM").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = repo_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "noop-filter",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        .args(["--release", "--target-dir"])
+        .arg(root.join("target"))
+        .current_dir(&root)
+        .output()
+        .map_err(|e| format!("cargo build -p noop-filter: {e}"))?;
+    let wasm = root.join("target/wasm32-wasip1/release/noop_filter.wasm");
+    if !out.status.success() || !wasm.is_file() {
+        return Err(format!(
+            "cargo build -p noop-filter --target wasm32-wasip1 --release failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(wasm)
+}
+
+/// Sizes and counts of the extra measurements.
+#[derive(Clone, Debug)]
+pub struct ExtrasOptions {
+    /// Full logins to drive (oidc-gate and Envoy OAuth2 each).
+    pub logins: usize,
+    /// Concurrent logins.
+    pub login_concurrency: usize,
+    /// Requests that each trigger a refresh.
+    pub refreshes: usize,
+    /// Distinct sessions per memory batch (two batches).
+    pub sessions: usize,
+    /// Envoy starts per kind for the time to ready.
+    pub ready_repeats: usize,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Warm-up per scenario before the rounds (not measured).
+    pub warmup: Duration,
+    /// wrk settings (the same for every scenario).
+    pub wrk: WrkSettings,
+    /// Scenarios measured.
+    pub scenarios: Vec<Scenario>,
+    /// Envoy `--concurrency` of the throughput scenarios.
+    pub concurrency: u32,
+    /// The other measurements, if any.
+    pub extras: Option<ExtrasOptions>,
+    /// The IdP issues JWT access tokens (session cookie about 2.6 KB) instead of opaque ones
+    /// (about 1.5 KB, the default).
+    pub jwt_access_tokens: bool,
+}
+
+impl BenchOptions {
+    /// The default run: 5 rounds × 8 scenarios × 5 s, and every extra (about 5 minutes).
+    pub fn full() -> BenchOptions {
+        BenchOptions {
+            rounds: 5,
+            warmup: Duration::from_secs(2),
+            wrk: WrkSettings {
+                threads: 1,
+                connections: 16,
+                duration: Duration::from_secs(5),
+                timeout: Duration::from_secs(5),
+            },
+            scenarios: Scenario::ALL.to_vec(),
+            concurrency: 1,
+            extras: Some(ExtrasOptions {
+                logins: 200,
+                login_concurrency: 8,
+                refreshes: 200,
+                sessions: 10_000,
+                ready_repeats: 5,
+            }),
+            jwt_access_tokens: false,
+        }
+    }
+
+    /// `--quick`: 1 round × 2 s, smaller extras (a smoke check, not a measurement).
+    pub fn quick() -> BenchOptions {
+        let mut o = BenchOptions::full();
+        o.rounds = 1;
+        o.warmup = Duration::from_secs(1);
+        o.wrk.duration = Duration::from_secs(2);
+        o.extras = Some(ExtrasOptions {
+            logins: 24,
+            login_concurrency: 8,
+            refreshes: 24,
+            sessions: 4_000,
+            ready_repeats: 1,
+        });
+        o
+    }
+}
+
+/// Mock IdP settings for the benchmark: tokens live `ttl` (long enough that no session needs a
+/// refresh during a run, unless the refresh path is what is measured). `opaque`: opaque access
+/// tokens (as Google or Okta's org server issue) instead of JWTs; the session cookie is then
+/// about 1.5 KB instead of 2.6 KB.
+pub fn idp_config(ttl: Duration, opaque: bool) -> MockIdpConfig {
+    MockIdpConfig {
+        access_token_ttl: ttl,
+        opaque_access_tokens: opaque,
+        id_token_ttl: ttl.max(Duration::from_secs(300)),
+        refresh_token_ttl: Duration::from_secs(3 * 3600),
+        ..MockIdpConfig::default()
+    }
+}
+
+/// Envoy options for measurements: log level `warn` (Istio's default), no wasm debug logging.
+pub fn envoy_options(concurrency: u32, wait_ready: bool) -> EnvoyOptions {
+    EnvoyOptions {
+        concurrency,
+        component_log_level: "wasm:warn".into(),
+        log_level: "warn".into(),
+        wait_ready,
+        listeners: vec![GATEWAY_LISTENER.into()],
+    }
+}
+
+/// Directory, mock IdP, certificate, secrets and authorizer shared by a set of Envoys.
+pub struct Fixture {
+    /// The mock IdP.
+    pub idp: MockIdp,
+    /// The zero-work authorizer.
+    pub authz: Authorizer,
+    /// Serving certificate.
+    pub cert: CertFiles,
+    /// oidc-gate cookie secret (base64).
+    pub cookie_secret: String,
+    /// Envoy OAuth2 HMAC secret.
+    pub hmac_secret: String,
+    /// Modules.
+    pub wasm: WasmModules,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Start the IdP (with `idp`) and the authorizer; write the certificate.
+    pub async fn start(wasm: &WasmModules, idp: MockIdpConfig) -> Result<Fixture, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("oidc-gate-bench-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let idp = MockIdp::start(idp)
+            .await
+            .map_err(|e| format!("mock-idp: {e}"))?;
+        let authz = Authorizer::start().map_err(|e| format!("authorizer: {e}"))?;
+        let cert = tls::write_self_signed(dir.path());
+        Ok(Fixture {
+            idp,
+            authz,
+            cert,
+            cookie_secret: STANDARD.encode(random_bytes(32)),
+            hmac_secret: STANDARD.encode(random_bytes(32)),
+            wasm: wasm.clone(),
+            dir,
+        })
+    }
+
+    /// The working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `<issuer>/authorize`.
+    pub fn authorize_endpoint(&self) -> String {
+        format!("{}/authorize", self.idp.issuer())
+    }
+
+    /// Write the scenario's bootstrap into `<dir>/<name>/envoy.json`; returns that directory.
+    pub fn write_bootstrap(&self, s: Scenario, name: &str) -> Result<PathBuf, String> {
+        let sub = self.dir().join(name);
+        std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+        let issuer = self.idp.issuer();
+        let jwks = self.idp.jwks();
+        let inputs = ConfigInputs {
+            oidc_wasm: &self.wasm.oidc,
+            noop_wasm: &self.wasm.noop,
+            cert: &self.cert,
+            issuer: &issuer,
+            idp_port: self.idp.addr().port(),
+            jwks: &jwks,
+            cookie_secret: &self.cookie_secret,
+            hmac_secret: &self.hmac_secret,
+            authz_port: self.authz.addr().port(),
+        };
+        write_atomic(
+            &sub.join("envoy.json"),
+            &scenarios::bootstrap(s, &inputs, &sub),
+        );
+        Ok(sub)
+    }
+
+    /// Start an Envoy for `s` (directory `<dir>/<name>`).
+    pub async fn start_envoy(
+        &self,
+        s: Scenario,
+        name: &str,
+        opts: &EnvoyOptions,
+    ) -> Result<Envoy, String> {
+        let sub = self.write_bootstrap(s, name)?;
+        Envoy::start(&sub.join("envoy.json"), &sub, opts)
+            .await
+            .map_err(|e| format!("{s}: Envoy did not start: {e}"))
+    }
+}
+
+/// The checks made on a scenario's request before it is measured.
+#[derive(Clone, Debug, Default)]
+pub struct Verification {
+    /// Status of the request with credentials (must be 200 from `direct_response`).
+    pub status: u16,
+    /// The body was the `direct_response` body.
+    pub direct_response: bool,
+    /// Status of the same request without credentials (authenticating scenarios; must not be 200).
+    pub unauthenticated_status: Option<u16>,
+    /// `ext_authz`: checks the authorizer allowed during the request (Envoy's `ext_authz.ok`;
+    /// must be 1).
+    pub authorizer_calls: Option<u64>,
+}
+
+impl Verification {
+    /// Whether the checks passed.
+    pub fn ok(&self) -> bool {
+        self.status == 200
+            && self.direct_response
+            && self.unauthenticated_status.is_none_or(|s| s != 200)
+            && self.authorizer_calls.is_none_or(|n| n == 1)
+    }
+}
+
+/// Credentials obtained for the scenarios.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// `Cookie` header after a real oidc-gate login.
+    pub session_cookie: String,
+    /// `Cookie` header after a real login through Envoy's OAuth2 filter.
+    pub oauth2_cookie: Option<String>,
+    /// Names of the OAuth2 filter's cookies.
+    pub oauth2_cookie_names: Vec<String>,
+    /// The machine client's JWT.
+    pub bearer: String,
+}
+
+/// The throughput lab: one Envoy per scenario plus the credentials.
+pub struct Lab {
+    /// Envoys by scenario (the oidc-gate session Envoy is always there: it mints the cookie).
+    pub envoys: BTreeMap<Scenario, Envoy>,
+    /// Each scenario's request.
+    pub requests: BTreeMap<Scenario, WrkRequest>,
+    /// Each scenario's pre-load check.
+    pub verified: BTreeMap<Scenario, Verification>,
+    /// Credentials.
+    pub creds: Credentials,
+    /// Shared pieces (dropped last).
+    pub fixture: Fixture,
+}
+
+impl Lab {
+    /// Start the Envoys for `scenarios`, log in, build and check every request.
+    pub async fn start(
+        wasm: &WasmModules,
+        scenarios: &[Scenario],
+        concurrency: u32,
+        jwt_access_tokens: bool,
+    ) -> Result<Lab, String> {
+        let fixture = Fixture::start(
+            wasm,
+            idp_config(Duration::from_secs(3600), !jwt_access_tokens),
+        )
+        .await?;
+        let mut needed: Vec<Scenario> = scenarios.to_vec();
+        if !needed.contains(&Scenario::OidcSession) {
+            needed.push(Scenario::OidcSession);
+        }
+        let opts = envoy_options(concurrency, true);
+        let mut envoys = BTreeMap::new();
+        for s in needed {
+            let e = fixture.start_envoy(s, s.id(), &opts).await?;
+            envoys.insert(s, e);
+        }
+        let gw = |s: Scenario| -> Result<std::net::SocketAddr, String> {
+            envoys
+                .get(&s)
+                .and_then(|e| e.listener(GATEWAY_LISTENER))
+                .ok_or_else(|| format!("{s}: no gateway listener"))
+        };
+        let url = format!("https://{APP_HOST}{BENCH_PATH}");
+        let authorize = fixture.authorize_endpoint();
+
+        let mut creds = Credentials {
+            session_cookie: client::browser_login(
+                gw(Scenario::OidcSession)?,
+                &url,
+                &authorize,
+                true,
+            )
+            .await
+            .map_err(|e| format!("oidc-gate login: {e}"))?
+            .cookie,
+            bearer: fixture.idp.mint_access_token(
+                &mock_idp::subject_for(USERNAME),
+                ACCESS_TOKEN_AUDIENCE,
+                Duration::from_secs(3600),
+            ),
+            ..Credentials::default()
+        };
+        if envoys.contains_key(&Scenario::EnvoyOAuth2) {
+            let login = client::browser_login(gw(Scenario::EnvoyOAuth2)?, &url, &authorize, true)
+                .await
+                .map_err(|e| format!("Envoy OAuth2 login: {e}"))?;
+            creds.oauth2_cookie_names = login
+                .browser
+                .jar()
+                .for_host(APP_HOST)
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            creds.oauth2_cookie = Some(login.cookie);
+        }
+
+        let mut requests = BTreeMap::new();
+        let mut verified = BTreeMap::new();
+        for &s in scenarios {
+            let addr = gw(s)?;
+            let credential: (String, String) = if s.uses_bearer() {
+                ("Authorization".into(), format!("Bearer {}", creds.bearer))
+            } else if s == Scenario::EnvoyOAuth2 {
+                (
+                    "Cookie".into(),
+                    creds.oauth2_cookie.clone().unwrap_or_default(),
+                )
+            } else {
+                ("Cookie".into(), creds.session_cookie.clone())
+            };
+            let req = WrkRequest {
+                url: format!("https://127.0.0.1:{}{BENCH_PATH}", addr.port()),
+                headers: vec![("Host".into(), APP_HOST.into()), credential.clone()],
+            };
+            let authz_ok = || async {
+                match envoys.get(&s) {
+                    Some(e) if s == Scenario::ExtAuthz => Some(e.stat(EXT_AUTHZ_OK).await),
+                    _ => None,
+                }
+            };
+            let before = authz_ok().await;
+            let mut v = verify(addr, &url, &credential, s.authenticates()).await?;
+            v.authorizer_calls = match (before, authz_ok().await) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            if !v.ok() {
+                return Err(format!("{s}: request check failed: {v:?}"));
+            }
+            requests.insert(s, req);
+            verified.insert(s, v);
+        }
+        Ok(Lab {
+            envoys,
+            requests,
+            verified,
+            creds,
+            fixture,
+        })
+    }
+}
+
+/// One request with the credential (must be answered by `direct_response`), and one without
+/// (must not be 200 when the scenario authenticates).
+async fn verify(
+    gateway: std::net::SocketAddr,
+    url: &str,
+    credential: &(String, String),
+    authenticates: bool,
+) -> Result<Verification, String> {
+    let c = client::plain_client(gateway);
+    let with = client::get(&c, url, std::slice::from_ref(credential)).await?;
+    let unauthenticated_status = if authenticates {
+        Some(client::get(&c, url, &[]).await?.status)
+    } else {
+        None
+    };
+    Ok(Verification {
+        status: with.status,
+        direct_response: with.body == DIRECT_RESPONSE_BODY,
+        unauthenticated_status,
+        authorizer_calls: None,
+    })
+}
+
+/// One measured run of one scenario.
+#[derive(Clone, Debug)]
+pub struct RoundResult {
+    /// Round number (0-based).
+    pub round: usize,
+    /// Position within the round.
+    pub position: usize,
+    /// wrk's numbers.
+    pub wrk: WrkResult,
+    /// 2xx responses counted by Envoy during the run.
+    pub envoy_2xx: u64,
+    /// Other responses (1xx/3xx/4xx/5xx) counted by Envoy during the run.
+    pub envoy_other: u64,
+}
+
+/// All runs of one scenario, and their medians.
+#[derive(Clone, Debug)]
+pub struct ScenarioResult {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Bytes of the request head.
+    pub request_bytes: usize,
+    /// Bytes of the credential header value (cookie or `Bearer …`).
+    pub credential_bytes: usize,
+    /// Pre-load check.
+    pub verified: Verification,
+    /// Each round.
+    pub rounds: Vec<RoundResult>,
+}
+
+impl ScenarioResult {
+    fn values(&self, f: impl Fn(&WrkResult) -> f64) -> Vec<f64> {
+        self.rounds.iter().map(|r| f(&r.wrk)).collect()
+    }
+    /// Median requests per second.
+    pub fn rps(&self) -> f64 {
+        median(&self.values(|w| w.rps))
+    }
+    /// Median p50 latency, µs.
+    pub fn p50_us(&self) -> f64 {
+        median(&self.values(|w| w.p50_us))
+    }
+    /// Median p99 latency, µs.
+    pub fn p99_us(&self) -> f64 {
+        median(&self.values(|w| w.p99_us))
+    }
+    /// Lowest and highest rps over rounds.
+    pub fn rps_range(&self) -> (f64, f64) {
+        let v = self.values(|w| w.rps);
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    }
+    /// 2xx responses over all rounds (Envoy's count).
+    pub fn ok_responses(&self) -> u64 {
+        self.rounds.iter().map(|r| r.envoy_2xx).sum()
+    }
+    /// Non-2xx responses over all rounds (Envoy's count) plus wrk's socket errors.
+    pub fn bad_responses(&self) -> u64 {
+        self.rounds
+            .iter()
+            .map(|r| r.envoy_other + r.wrk.socket_errors + r.wrk.status_errors)
+            .sum()
+    }
+}
+
+/// Envoy's counter of requests the ext_authz server allowed.
+const EXT_AUTHZ_OK: &str = "http.outbound_0.0.0.0_8443.ext_authz.ok";
+
+const RQ_CLASSES: &str = r"^http\.outbound_0\.0\.0\.0_8443\.downstream_rq_[1-5]xx$";
+
+async fn response_classes(envoy: &Envoy) -> (u64, u64) {
+    let stats = envoy.stats(RQ_CLASSES).await;
+    let ok = stats
+        .iter()
+        .filter(|(k, _)| k.ends_with("_2xx"))
+        .map(|(_, v)| *v)
+        .sum();
+    let other = stats
+        .iter()
+        .filter(|(k, _)| !k.ends_with("_2xx"))
+        .map(|(_, v)| *v)
+        .sum();
+    (ok, other)
+}
+
+/// Run wrk on a scenario once, with Envoy's response counters around it.
+pub async fn run_once(
+    lab: &Lab,
+    s: Scenario,
+    wrk_bin: &Path,
+    script: &Path,
+    settings: &WrkSettings,
+) -> Result<(WrkResult, u64, u64), String> {
+    let envoy = lab.envoys.get(&s).ok_or("no Envoy for scenario")?;
+    let req = lab
+        .requests
+        .get(&s)
+        .ok_or("no request for scenario")?
+        .clone();
+    let (ok0, other0) = response_classes(envoy).await;
+    let (w, settings2, script2) = (
+        wrk_bin.to_path_buf(),
+        settings.clone(),
+        script.to_path_buf(),
+    );
+    let result = tokio::task::spawn_blocking(move || wrk::run(&w, &script2, &settings2, &req))
+        .await
+        .map_err(|e| e.to_string())??;
+    let (ok1, other1) = response_classes(envoy).await;
+    Ok((result, ok1 - ok0, other1 - other0))
+}
+
+/// Warm up, then the interleaved rounds. `progress` receives one line per run.
+pub async fn measure(
+    lab: &Lab,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ScenarioResult>, String> {
+    let wrk_bin = wrk::find_wrk()?;
+    let script = wrk::write_script(lab.fixture.dir()).map_err(|e| e.to_string())?;
+    let mut results: Vec<ScenarioResult> = opts
+        .scenarios
+        .iter()
+        .map(|&s| {
+            let req = &lab.requests[&s];
+            ScenarioResult {
+                scenario: s,
+                request_bytes: req.head_bytes(),
+                credential_bytes: req.headers.get(1).map_or(0, |(_, v)| v.len()),
+                verified: lab.verified[&s].clone(),
+                rounds: Vec::new(),
+            }
+        })
+        .collect();
+    if !opts.warmup.is_zero() {
+        let mut warm = opts.wrk.clone();
+        warm.duration = opts.warmup;
+        for &s in &opts.scenarios {
+            let (w, _, other) = run_once(lab, s, &wrk_bin, &script, &warm).await?;
+            progress(&format!(
+                "warm-up {:<22} {:>9.0} rps{}",
+                s.id(),
+                w.rps,
+                if other > 0 { "  (non-2xx!)" } else { "" }
+            ));
+        }
+    }
+    let n = opts.scenarios.len();
+    for round in 0..opts.rounds {
+        for position in 0..n {
+            let idx = (position + round) % n;
+            let s = opts.scenarios[idx];
+            let (w, ok, other) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
+            progress(&format!(
+                "round {}/{} {:<22} {:>9.0} rps  p50 {:>7.2} ms  p99 {:>7.2} ms  2xx {:>7}  other {}",
+                round + 1,
+                opts.rounds,
+                s.id(),
+                w.rps,
+                w.p50_us / 1000.0,
+                w.p99_us / 1000.0,
+                ok,
+                other + w.socket_errors
+            ));
+            results[idx].rounds.push(RoundResult {
+                round,
+                position,
+                wrk: w,
+                envoy_2xx: ok,
+                envoy_other: other,
+            });
+        }
+    }
+    Ok(results)
+}
+
+/// Facts about the run's environment.
+pub fn environment() -> Value {
+    let envoy = crate::envoy::find_envoy();
+    let version = Command::new(&envoy[0])
+        .args(&envoy[1..])
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.split_once("version: ").map(|(_, v)| v.trim().to_string()))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let wrk = wrk::find_wrk()
+        .ok()
+        .and_then(|w| Command::new(w).arg("--version").output().ok())
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            let first = s.lines().next().unwrap_or_default();
+            first.split(" [").next().unwrap_or(first).trim().to_string()
+        })
+        .unwrap_or_default();
+    json!({
+        "envoy": envoy.join(" "),
+        "envoy_version": version,
+        "wrk_version": wrk,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// The whole benchmark: the lab, the rounds, then the extras. `progress` gets one line per step.
+pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+    let wasm = WasmModules::locate()?;
+    let env_start = environment();
+    progress(&format!(
+        "starting {} Envoys (--concurrency {}), logging in",
+        opts.scenarios.len(),
+        opts.concurrency
+    ));
+    let lab = Lab::start(
+        &wasm,
+        &opts.scenarios,
+        opts.concurrency,
+        opts.jwt_access_tokens,
+    )
+    .await?;
+    for (s, v) in &lab.verified {
+        progress(&format!(
+            "checked {:<22} with credentials: {} ({}), without: {}",
+            s.id(),
+            v.status,
+            if v.direct_response {
+                "direct_response"
+            } else {
+                "other body"
+            },
+            match (v.unauthenticated_status, v.authorizer_calls) {
+                (Some(st), _) => st.to_string(),
+                (None, Some(n)) => format!("n/a (authorizer allows all; it allowed {n} check)"),
+                (None, None) => "n/a".into(),
+            }
+        ));
+    }
+    let throughput = measure(&lab, opts, progress).await?;
+    let extras = match &opts.extras {
+        Some(x) => Some(extras::run(&lab, &wasm, x, !opts.jwt_access_tokens, progress).await?),
+        None => None,
+    };
+    let mut env = env_start;
+    env["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
+    Ok(Report {
+        environment: env,
+        options: opts.clone(),
+        credentials: lab.creds.clone(),
+        throughput,
+        extras,
+    })
+}
