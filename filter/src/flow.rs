@@ -667,17 +667,15 @@ impl Gate {
                 let Some(provider) = known.provider else {
                     // Still valid: serve now rather than wait for discovery; refresh next time.
                     if session.is_usable(now) {
-                        return (
-                            Decision::Forward(self.forward_with(
-                                req,
-                                &session,
-                                &cookies,
-                                found.needs_reseal,
-                                now,
-                                rng,
-                            )),
-                            note,
+                        let fwd = self.forward_with(
+                            req,
+                            &session,
+                            &cookies,
+                            found.needs_reseal,
+                            now,
+                            rng,
                         );
+                        return (Decision::Forward(fwd), note);
                     }
                     return (Decision::NeedProvider, note);
                 };
@@ -710,17 +708,8 @@ impl Gate {
                 );
             }
             if session.is_usable(now) {
-                return (
-                    Decision::Forward(self.forward_with(
-                        req,
-                        &session,
-                        &cookies,
-                        found.needs_reseal,
-                        now,
-                        rng,
-                    )),
-                    note,
-                );
+                let fwd = self.forward_with(req, &session, &cookies, found.needs_reseal, now, rng);
+                return (Decision::Forward(fwd), note);
             }
             note = Note::event(Event::SessionRejected("expired"), "session expired");
         }

@@ -403,6 +403,35 @@ impl Stream {
         }
     }
 
+    /// Runs `step` with the cached JWKS, allowing a refetch for an unknown key. Only when it asks
+    /// for keys is the process-wide refetch right claimed; without it, `step` runs again knowing
+    /// no refetch may happen (so a flood of unknown keys cannot become a flood of fetches).
+    fn with_keys<T>(
+        &self,
+        shared: &Shared,
+        jwks: Option<&Jwks>,
+        now: u64,
+        needs_keys: fn(&T) -> bool,
+        mut step: impl FnMut(Keys<'_>) -> T,
+    ) -> T {
+        let keys = Keys {
+            jwks,
+            may_refetch: !self.keys_fetched,
+        };
+        let out = step(keys);
+        if needs_keys(&out)
+            && jwks.is_some()
+            && !self.keys_fetched
+            && !shared.cache.borrow().claim_jwks_refetch(now)
+        {
+            return step(Keys {
+                may_refetch: false,
+                ..keys
+            });
+        }
+        out
+    }
+
     fn continue_or_resume(&mut self, paused: bool) -> Action {
         if paused {
             self.resume_http_request();
@@ -512,25 +541,14 @@ impl Stream {
             }
         };
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
-        let keys = Keys {
-            jwks: jwks.as_deref(),
-            may_refetch: !self.keys_fetched,
-        };
         let gate = shared.gate.clone();
-        let (mut step, mut note) =
-            gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
-        if matches!(step, RefreshStep::NeedKeys)
-            && jwks.is_some()
-            && !self.keys_fetched
-            && !shared.cache.borrow().claim_jwks_refetch(now)
-        {
-            let keys = Keys {
-                may_refetch: false,
-                ..keys
-            };
-            (step, note) =
-                gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom);
-        }
+        let (step, note) = self.with_keys(
+            &shared,
+            jwks.as_deref(),
+            now,
+            |(step, _)| matches!(step, RefreshStep::NeedKeys),
+            |keys| gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom),
+        );
         self.note(note);
         match step {
             RefreshStep::NeedKeys => {
@@ -749,24 +767,14 @@ impl Stream {
             Some(f) if !f.stale || self.keys_fetched => Some(f.value.clone()),
             _ => None,
         };
-        let keys = Keys {
-            jwks: jwks.as_deref(),
-            may_refetch: !self.keys_fetched,
-        };
         let gate = shared.gate.clone();
-        let (mut step, mut note) =
-            gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom);
-        if matches!(step, LoginStep::NeedKeys)
-            && jwks.is_some()
-            && !self.keys_fetched
-            && !shared.cache.borrow().claim_jwks_refetch(now)
-        {
-            let keys = Keys {
-                may_refetch: false,
-                ..keys
-            };
-            (step, note) = gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom);
-        }
+        let (step, note) = self.with_keys(
+            &shared,
+            jwks.as_deref(),
+            now,
+            |(step, _)| matches!(step, LoginStep::NeedKeys),
+            |keys| gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom),
+        );
         self.note(note);
         match step {
             LoginStep::Done(reply) => {
