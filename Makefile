@@ -48,7 +48,7 @@ test-integration: build envoy
 	cargo test -p integration -- --test-threads=4
 
 test: lint build envoy
-	cargo test --workspace
+	cargo test --workspace --no-fail-fast
 
 fmt:
 	cargo fmt --all

@@ -19,6 +19,8 @@ fn challenge(verifier: &str) -> String {
 }
 
 fn http() -> reqwest::Client {
+    // Already installed by another test is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(20))
