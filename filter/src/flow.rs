@@ -516,6 +516,8 @@ struct BearerCache {
 struct CachedBearer {
     token: String,
     expires_at: UnixSeconds,
+    /// The latest of `nbf` and `iat`: a clock that moves back must not make it valid early.
+    valid_from: UnixSeconds,
     set_headers: Vec<(String, String)>,
 }
 
@@ -528,11 +530,19 @@ impl std::fmt::Debug for BearerCache {
 impl BearerCache {
     fn get(&self, token: &str, now: UnixSeconds) -> Option<Vec<(String, String)>> {
         let hit = self.entries.get(cache_key(token))?;
-        (hit.token == token && now <= hit.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS))
+        (hit.token == token
+            && now <= hit.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS)
+            && now.saturating_add(DEFAULT_CLOCK_SKEW_SECS) >= hit.valid_from)
             .then(|| hit.set_headers.clone())
     }
 
-    fn insert(&mut self, token: &str, expires_at: UnixSeconds, set_headers: Vec<(String, String)>) {
+    fn insert(
+        &mut self,
+        token: &str,
+        expires_at: UnixSeconds,
+        valid_from: UnixSeconds,
+        set_headers: Vec<(String, String)>,
+    ) {
         if self.entries.len() >= SESSION_CACHE_CAPACITY {
             let mut keep = false;
             self.entries.retain(|_, _| {
@@ -545,6 +555,7 @@ impl BearerCache {
             CachedBearer {
                 token: token.to_string(),
                 expires_at,
+                valid_from,
                 set_headers,
             },
         );
@@ -972,9 +983,17 @@ impl Gate {
                         set_headers.push((header.clone(), v));
                     }
                 }
-                self.bearers
-                    .borrow_mut()
-                    .insert(token, verified.expires_at, set_headers.clone());
+                let valid_from = ["nbf", "iat"]
+                    .iter()
+                    .filter_map(|c| verified.claims.get(*c).and_then(serde_json::Value::as_u64))
+                    .max()
+                    .unwrap_or(0);
+                self.bearers.borrow_mut().insert(
+                    token,
+                    verified.expires_at,
+                    valid_from,
+                    set_headers.clone(),
+                );
                 forward(set_headers)
             }
             Err(TokenError::UnknownKey) if known.may_refetch_keys => (
