@@ -30,11 +30,43 @@ pub fn normalize_header_name(name: &str) -> String {
 }
 
 /// Whether an incoming header must be removed before the request goes upstream.
+///
+/// Runs for every header of every request, so it compares in place instead of normalizing into
+/// a new string.
 pub fn is_identity_header(config: &Config, name: &str) -> bool {
-    let n = normalize_header_name(name);
-    n.starts_with(IDENTITY_PREFIX)
-        || KNOWN_IDENTITY_HEADERS.contains(&n.as_str())
-        || config.claims_to_headers.iter().any(|(h, _)| *h == n)
+    starts_with_normalized(name, IDENTITY_PREFIX)
+        || KNOWN_IDENTITY_HEADERS
+            .iter()
+            .any(|h| eq_normalized(name, h))
+        || config
+            .claims_to_headers
+            .iter()
+            .any(|(h, _)| eq_normalized(name, h))
+}
+
+fn normalized_byte(b: u8) -> u8 {
+    if b == b'_' {
+        b'-'
+    } else {
+        b.to_ascii_lowercase()
+    }
+}
+
+/// `name` equals the lowercase `target` once `_` counts as `-` and case is ignored.
+fn eq_normalized(name: &str, target: &str) -> bool {
+    name.len() == target.len()
+        && name
+            .bytes()
+            .zip(target.bytes())
+            .all(|(a, b)| normalized_byte(a) == b)
+}
+
+fn starts_with_normalized(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(a, b)| normalized_byte(a) == b)
 }
 
 /// A header value from a claim: strings as they are, arrays joined by commas, numbers and

@@ -254,12 +254,24 @@ impl Stream {
     }
 
     fn apply_forward(&mut self, fwd: Forward) {
-        self.replace_header(
-            "authorization",
-            self.facts.authorization.len(),
-            fwd.authorization.as_deref(),
-        );
-        self.replace_header("cookie", self.facts.cookies.len(), fwd.cookie.as_deref());
+        // Unchanged headers (a verified bearer token, a Cookie without ours) cost no host call.
+        let sent_authorization: Vec<&str> = self
+            .facts
+            .authorization
+            .iter()
+            .map(String::as_str)
+            .collect();
+        if sent_authorization.as_slice() != fwd.authorization.as_slice() {
+            self.replace_header(
+                "authorization",
+                sent_authorization.len(),
+                fwd.authorization.as_deref(),
+            );
+        }
+        let sent_cookies: Vec<&str> = self.facts.cookies.iter().map(String::as_str).collect();
+        if sent_cookies.as_slice() != fwd.cookie.as_slice() {
+            self.replace_header("cookie", sent_cookies.len(), fwd.cookie.as_deref());
+        }
         for (name, value) in &fwd.set_headers {
             self.set_http_request_header(name, None);
             self.add_http_request_header(name, value);
