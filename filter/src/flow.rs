@@ -468,8 +468,8 @@ pub fn parse_token_response(
 pub struct Gate {
     config: Config,
     keys: Keyring,
-    sessions: RefCell<SessionCache>,
-    bearers: RefCell<BearerCache>,
+    sessions: RefCell<VerifiedCache<CachedSession>>,
+    bearers: RefCell<VerifiedCache<CachedBearer>>,
 }
 
 /// A session read from the request's cookies.
@@ -478,24 +478,32 @@ struct FoundSession {
     needs_reseal: bool,
 }
 
-/// Sessions this VM already verified, keyed by the exact sealed cookie value.
+/// Verified sessions and bearer tokens kept per VM (a few MB at most per worker).
+pub const SESSION_CACHE_CAPACITY: usize = 1024;
+
+/// Credentials this VM already verified, keyed by their exact text.
 ///
-/// Decrypting and parsing a 1-2 KB cookie on every request is most of the filter's cost inside
-/// wasm. A hit needs the very same bytes (any change is a miss and gets the full check), for the
-/// same host (the host is part of the AEAD context), and the expiry of the session is still
-/// checked on every request; failures are never cached.
-#[derive(Default)]
-struct SessionCache {
-    /// Keyed by the value's last bytes (the AEAD tag: random per seal) so a lookup hashes a few
-    /// bytes, not the whole cookie; the full value is compared on a hit.
-    entries: HashMap<String, CachedSession>,
+/// Decrypting a 1-2 KB cookie or checking an RS256 signature on every request is most of the
+/// filter's cost inside wasm. A hit needs the very same bytes (any change is a miss and gets the
+/// full check); the caller still checks expiry on every request; failures are never cached.
+/// Entries are found by the value's last characters (the AEAD tag or JWS signature: random per
+/// credential) so a lookup hashes a few bytes, and the whole value is compared on a hit.
+struct VerifiedCache<V> {
+    entries: HashMap<String, (String, V)>,
 }
 
-struct CachedSession {
-    value: String,
-    host: String,
-    session: Rc<Session>,
-    needs_reseal: bool,
+impl<V> Default for VerifiedCache<V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for VerifiedCache<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifiedCache({} entries)", self.entries.len())
+    }
 }
 
 fn cache_key(value: &str) -> &str {
@@ -505,79 +513,13 @@ fn cache_key(value: &str) -> &str {
         .unwrap_or(value)
 }
 
-/// Bearer JWTs this VM already verified, keyed like [`SessionCache`] by their last bytes (the
-/// signature) with the whole token compared on a hit. Only successes are kept; `exp` is checked
-/// on every use.
-#[derive(Default)]
-struct BearerCache {
-    entries: HashMap<String, CachedBearer>,
-}
-
-struct CachedBearer {
-    token: String,
-    expires_at: UnixSeconds,
-    /// The latest of `nbf` and `iat`: a clock that moves back must not make it valid early.
-    valid_from: UnixSeconds,
-    set_headers: Vec<(String, String)>,
-}
-
-impl std::fmt::Debug for BearerCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BearerCache({} entries)", self.entries.len())
-    }
-}
-
-impl BearerCache {
-    fn get(&self, token: &str, now: UnixSeconds) -> Option<Vec<(String, String)>> {
-        let hit = self.entries.get(cache_key(token))?;
-        (hit.token == token
-            && now <= hit.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS)
-            && now.saturating_add(DEFAULT_CLOCK_SKEW_SECS) >= hit.valid_from)
-            .then(|| hit.set_headers.clone())
+impl<V> VerifiedCache<V> {
+    fn get(&self, value: &str) -> Option<&V> {
+        let (full, v) = self.entries.get(cache_key(value))?;
+        (full == value).then_some(v)
     }
 
-    fn insert(
-        &mut self,
-        token: &str,
-        expires_at: UnixSeconds,
-        valid_from: UnixSeconds,
-        set_headers: Vec<(String, String)>,
-    ) {
-        if self.entries.len() >= SESSION_CACHE_CAPACITY {
-            let mut keep = false;
-            self.entries.retain(|_, _| {
-                keep = !keep;
-                keep
-            });
-        }
-        self.entries.insert(
-            cache_key(token).to_string(),
-            CachedBearer {
-                token: token.to_string(),
-                expires_at,
-                valid_from,
-                set_headers,
-            },
-        );
-    }
-}
-
-/// Verified sessions kept per VM (a few MB at most per worker).
-pub const SESSION_CACHE_CAPACITY: usize = 1024;
-
-impl std::fmt::Debug for SessionCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SessionCache({} entries)", self.entries.len())
-    }
-}
-
-impl SessionCache {
-    fn get(&self, host: &str, value: &str) -> Option<(Rc<Session>, bool)> {
-        let hit = self.entries.get(cache_key(value))?;
-        (hit.value == value && hit.host == host).then(|| (hit.session.clone(), hit.needs_reseal))
-    }
-
-    fn insert(&mut self, host: &str, value: String, session: Rc<Session>, needs_reseal: bool) {
+    fn insert(&mut self, value: &str, v: V) {
         if self.entries.len() >= SESSION_CACHE_CAPACITY {
             // Drop about half, in hash order (arbitrary, not attacker-chosen): bounded memory with
             // no bookkeeping on the hot path.
@@ -587,26 +529,30 @@ impl SessionCache {
                 keep
             });
         }
-        self.entries.insert(
-            cache_key(&value).to_string(),
-            CachedSession {
-                value,
-                host: host.to_string(),
-                session,
-                needs_reseal,
-            },
-        );
+        self.entries
+            .insert(cache_key(value).to_string(), (value.to_string(), v));
     }
 
     fn remove(&mut self, value: &str) {
-        if self
-            .entries
-            .get(cache_key(value))
-            .is_some_and(|e| e.value == value)
-        {
+        if self.get(value).is_some() {
             self.entries.remove(cache_key(value));
         }
     }
+}
+
+/// A verified session; the host is part of the AEAD context, so it must match too.
+struct CachedSession {
+    host: String,
+    session: Rc<Session>,
+    needs_reseal: bool,
+}
+
+/// A verified bearer token and the identity headers it yields.
+struct CachedBearer {
+    expires_at: UnixSeconds,
+    /// The latest of `nbf` and `iat`: a clock that moves back must not make it valid early.
+    valid_from: UnixSeconds,
+    set_headers: Vec<(String, String)>,
 }
 
 impl Gate {
@@ -616,8 +562,8 @@ impl Gate {
         Self {
             config,
             keys,
-            sessions: RefCell::new(SessionCache::default()),
-            bearers: RefCell::new(BearerCache::default()),
+            sessions: RefCell::new(VerifiedCache::default()),
+            bearers: RefCell::new(VerifiedCache::default()),
         }
     }
 
@@ -789,7 +735,13 @@ impl Gate {
                 )
             }
         };
-        if let Some((session, needs_reseal)) = self.sessions.borrow().get(host, &value) {
+        let hit = self
+            .sessions
+            .borrow()
+            .get(&value)
+            .filter(|c| c.host == host)
+            .map(|c| (c.session.clone(), c.needs_reseal));
+        if let Some((session, needs_reseal)) = hit {
             if now >= session.max_expires_at {
                 return (
                     None,
@@ -817,9 +769,14 @@ impl Gate {
             ),
             Ok((session, needs_reseal)) => {
                 let session = Rc::new(session);
-                self.sessions
-                    .borrow_mut()
-                    .insert(host, value, session.clone(), needs_reseal);
+                self.sessions.borrow_mut().insert(
+                    &value,
+                    CachedSession {
+                        host: host.to_string(),
+                        session: session.clone(),
+                        needs_reseal,
+                    },
+                );
                 (
                     Some(FoundSession {
                         session,
@@ -954,7 +911,12 @@ impl Gate {
         };
         // A token this VM already verified: the signature check (about a millisecond for RS256
         // in wasm) is not repeated, expiry is.
-        if let Some(set_headers) = self.bearers.borrow().get(token, now) {
+        let hit = self.bearers.borrow().get(token).and_then(|c| {
+            (now <= c.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS)
+                && now.saturating_add(DEFAULT_CLOCK_SKEW_SECS) >= c.valid_from)
+                .then(|| c.set_headers.clone())
+        });
+        if let Some(set_headers) = hit {
             return forward(set_headers);
         }
         let Some(jwks) = known.jwks else {
@@ -990,9 +952,11 @@ impl Gate {
                     .unwrap_or(0);
                 self.bearers.borrow_mut().insert(
                     token,
-                    verified.expires_at,
-                    valid_from,
-                    set_headers.clone(),
+                    CachedBearer {
+                        expires_at: verified.expires_at,
+                        valid_from,
+                        set_headers: set_headers.clone(),
+                    },
                 );
                 forward(set_headers)
             }
