@@ -9,16 +9,10 @@ use crate::config::path_has_prefix;
 pub fn parse_cookies<'a>(headers: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, &'a str)> {
     headers
         .into_iter()
-        .flat_map(|h| h.split(';'))
-        .filter_map(|pair| {
-            let pair = pair.trim();
-            let (name, value) = pair.split_once('=')?;
-            let name = name.trim();
-            if name.is_empty() {
-                return None;
-            }
-            Some((name, value.trim().trim_matches('"')))
-        })
+        .flat_map(cookie::Cookie::split_parse)
+        // A malformed pair (no `=`, empty name) is skipped, as browsers do.
+        .filter_map(Result::ok)
+        .filter_map(|c| Some((c.name_raw()?, c.value_raw()?.trim_matches('"'))))
         .collect()
 }
 
