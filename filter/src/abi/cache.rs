@@ -291,3 +291,35 @@ impl IdpCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(fetched_at: UnixSeconds) -> Option<Parsed<u8>> {
+        Some(Parsed {
+            value: Rc::new(1),
+            fetched_at,
+            cas: None,
+        })
+    }
+
+    #[test]
+    fn documents_go_stale_after_their_ttl_and_are_dropped_after_the_staleness_bound() {
+        let s = slot(1_000);
+        let at = |now| fresh(&s, JWKS_TTL_SECS, now).map(|f| f.stale);
+        assert_eq!(at(1_000 + JWKS_TTL_SECS), Some(false));
+        assert_eq!(
+            at(1_000 + JWKS_TTL_SECS + 1),
+            Some(true),
+            "stale: refetch, usable only while the IdP is down"
+        );
+        assert_eq!(at(1_000 + MAX_STALENESS_SECS), Some(true));
+        assert_eq!(
+            at(1_000 + MAX_STALENESS_SECS + 1),
+            None,
+            "past the bound: fail closed"
+        );
+        assert!(fresh::<u8>(&None, JWKS_TTL_SECS, 0).is_none());
+    }
+}
