@@ -1389,12 +1389,21 @@ async fn open_redirects_after_login_stay_on_the_origin() {
             .expect("IdP session cookie");
         format!("{}={}", c.name, c.value)
     };
-    let payloads: Vec<String> = OPEN_REDIRECTS
+    let mut payloads: Vec<String> = OPEN_REDIRECTS
         .lines()
         .filter(|l| !l.starts_with("# ") && !l.is_empty())
         .map(str::to_string)
         .collect();
     assert!(payloads.len() >= 100, "{} payloads", payloads.len());
+    // A published list we may not redistribute (oauth2-proxy's testdata/openredirects.txt) runs
+    // through the same flow when a developer points this variable at a local copy.
+    if let Some(path) = std::env::var_os("OIDC_GATE_EXTRA_OPENREDIRECTS") {
+        let extra = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("OIDC_GATE_EXTRA_OPENREDIRECTS={path:?}: {e}"));
+        let before = payloads.len();
+        payloads.extend(extra.lines().filter(|l| !l.is_empty()).map(str::to_string));
+        eprintln!("{} extra payloads from {path:?}", payloads.len() - before);
+    }
     // Each payload as written (escaped) and URL-unescaped; CR/LF would end the request line.
     let mut targets: Vec<Vec<u8>> = Vec::new();
     for p in &payloads {
