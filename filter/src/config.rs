@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::http::parse_url;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
@@ -345,7 +346,7 @@ impl Config {
             None => None,
             Some(u) => {
                 let url =
-                    Url::parse(&u).map_err(|e| ConfigError::new("redirect_uri", e.to_string()))?;
+                    parse_url(&u).map_err(|e| ConfigError::new("redirect_uri", e.to_string()))?;
                 if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
                     return Err(ConfigError::new(
                         "redirect_uri",
@@ -380,7 +381,7 @@ impl Config {
             ));
         }
         if let Some(u) = &raw.post_logout_redirect_uri {
-            let url = Url::parse(u)
+            let url = parse_url(u)
                 .map_err(|e| ConfigError::new("post_logout_redirect_uri", e.to_string()))?;
             if !matches!(url.scheme(), "https" | "http") {
                 return Err(ConfigError::new(
@@ -529,9 +530,15 @@ impl Config {
 
     /// Whether this policy applies to a request for `authority` (any case, port ignored).
     pub fn protects(&self, authority: &str) -> bool {
-        let host = strip_port(authority).to_ascii_lowercase();
-        let host = host.strip_suffix('.').unwrap_or(&host);
-        self.hosts.iter().any(|p| p.matches(host))
+        let host = strip_port(authority);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        // Runs twice per request: lowercase (what browsers send) needs no copy.
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower = host.to_ascii_lowercase();
+            self.hosts.iter().any(|p| p.matches(&lower))
+        } else {
+            self.hosts.iter().any(|p| p.matches(host))
+        }
     }
 
     /// Whether a path always answers 401 instead of redirecting to the login page.
@@ -556,7 +563,7 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 fn validate_issuer(raw: &str) -> Result<String, ConfigError> {
-    let url = Url::parse(raw).map_err(|e| ConfigError::new("issuer", e.to_string()))?;
+    let url = parse_url(raw).map_err(|e| ConfigError::new("issuer", e.to_string()))?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
         return Err(ConfigError::new(
             "issuer",

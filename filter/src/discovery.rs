@@ -1,5 +1,6 @@
 //! OpenID Provider metadata (OIDC Discovery 1.0 §3) and the checks before we trust it.
 
+use crate::http::parse_url;
 use serde::Deserialize;
 use url::Url;
 
@@ -79,9 +80,9 @@ impl ProviderMetadata {
             });
         }
         let issuer_url =
-            Url::parse(configured_issuer).map_err(|e| DiscoveryError::Malformed(e.to_string()))?;
+            parse_url(configured_issuer).map_err(|e| DiscoveryError::Malformed(e.to_string()))?;
         let browser_endpoint = |field: &'static str, v: &str| -> Result<Url, DiscoveryError> {
-            let u = Url::parse(v).map_err(|e| DiscoveryError::BadEndpoint {
+            let u = parse_url(v).map_err(|e| DiscoveryError::BadEndpoint {
                 field,
                 why: e.to_string(),
             })?;

@@ -6,6 +6,7 @@
 //! skip paths; valid session -> forward with the access token; otherwise login redirect for
 //! browser navigations and 401 for everything else.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -21,8 +22,8 @@ use crate::crypto::Keyring;
 use crate::discovery::ProviderMetadata;
 use crate::headers::claim_header_value;
 use crate::http::{
-    cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, QueryError,
-    StrictQuery,
+    cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, CookieList,
+    QueryError, StrictQuery,
 };
 use crate::reply::{Failure, Reply};
 use crate::session::{
@@ -513,10 +514,32 @@ fn cache_key(value: &str) -> &str {
         .unwrap_or(value)
 }
 
+/// `a == b` in 16-byte words. Inside wasm `==` on slices calls libc's `memcmp`, a byte loop
+/// that made comparing a 1.5 KB cookie the filter's costliest step per request. It also takes
+/// the same time wherever the first difference is.
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    const WORD: usize = 16;
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, a_rest) = a.split_at(a.len() - a.len() % WORD);
+    let (b_words, b_rest) = b.split_at(a_words.len());
+    let mut diff = 0u128;
+    for (x, y) in a_words.chunks_exact(WORD).zip(b_words.chunks_exact(WORD)) {
+        let x = u128::from_le_bytes(x.try_into().unwrap_or([0; WORD]));
+        let y = u128::from_le_bytes(y.try_into().unwrap_or([0; WORD]));
+        diff |= x ^ y;
+    }
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        diff |= u128::from(x ^ y);
+    }
+    diff == 0
+}
+
 impl<V> VerifiedCache<V> {
     fn get(&self, value: &str) -> Option<&V> {
         let (full, v) = self.entries.get(cache_key(value))?;
-        (full == value).then_some(v)
+        same_bytes(full.as_bytes(), value.as_bytes()).then_some(v)
     }
 
     fn insert(&mut self, value: &str, v: V) {
@@ -589,7 +612,7 @@ impl Gate {
             return (Decision::PassThrough, Note::none());
         }
         let (path, query) = split_path(req.path);
-        let cookies = parse_cookies(req.cookie_headers.iter().copied());
+        let cookies = CookieList::parse(req.cookie_headers.iter().copied());
         let host = req.host();
 
         if path == self.callback_path() {
@@ -822,14 +845,14 @@ impl Gate {
         &self,
         req: &Request<'_>,
         session: &Session,
-        cookies: &[(&str, &str)],
+        cookies: &CookieList<'_>,
         needs_reseal: bool,
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> Forward {
         let mut fwd = self.forward_session(
             session,
-            cookie_header_without(&req.cookie_headers, is_own_cookie),
+            cookies.header_without(&req.cookie_headers, is_own_cookie),
         );
         if needs_reseal {
             // Sealed with a previous key: reseal with the current one, so rotation logs nobody out.
@@ -849,13 +872,10 @@ impl Gate {
 
     fn forward_session(&self, session: &Session, cookie: Option<String>) -> Forward {
         let authorization = match self.config.upstream_authorization {
-            UpstreamAuthorization::AccessToken => {
-                Some(format!("Bearer {}", session.access_token.expose()))
+            UpstreamAuthorization::AccessToken => Some(bearer_value(session.access_token.expose())),
+            UpstreamAuthorization::IdToken => {
+                session.id_token.as_ref().map(|t| bearer_value(t.expose()))
             }
-            UpstreamAuthorization::IdToken => session
-                .id_token
-                .as_ref()
-                .map(|t| format!("Bearer {}", t.expose())),
             UpstreamAuthorization::None => None,
         };
         Forward {
@@ -902,7 +922,7 @@ impl Gate {
         };
         let forward = |set_headers: Vec<(String, String)>| {
             let fwd = Forward {
-                authorization: Some(format!("Bearer {token}")),
+                authorization: Some(bearer_value(token)),
                 cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
                 set_headers,
                 response_cookies: Vec::new(),
@@ -1252,7 +1272,7 @@ impl Gate {
 
     /// The discovery request for the configured issuer.
     pub fn discovery_request(&self) -> Option<Callout> {
-        Url::parse(&crate::discovery::discovery_url(&self.config.issuer))
+        crate::http::parse_url(&crate::discovery::discovery_url(&self.config.issuer))
             .ok()
             .map(|u| self.document_request(&u))
     }
@@ -1639,6 +1659,8 @@ pub const CHUNK_BYTES: usize = 3800;
 pub const MAX_CHUNKS: usize = 4;
 /// Separates the chunk count from the first chunk; never part of base64url.
 const CHUNK_MARK: char = '.';
+/// Digits of the chunk count before [`CHUNK_MARK`] (`MAX_CHUNKS` has one; two leave room).
+const MAX_CHUNK_COUNT_DIGITS: usize = 2;
 
 fn chunk_cookie_name(i: usize) -> String {
     format!("{SESSION_COOKIE}-{i}")
@@ -1660,8 +1682,12 @@ fn session_cookie_names(cookies: &[(&str, &str)]) -> Vec<String> {
 
 /// The sealed session value from the session cookie and its chunks. Duplicates are refused:
 /// two values under one name mean an injected cookie, and neither can be trusted.
-fn assemble_session_cookie(cookies: &[(&str, &str)]) -> Result<Option<String>, &'static str> {
-    let get = |name: &str| -> Result<Option<&str>, &'static str> {
+///
+/// Borrowed when unchunked: this runs on every request, and the value is 1-4 KB.
+fn assemble_session_cookie<'a>(
+    cookies: &[(&'a str, &'a str)],
+) -> Result<Option<Cow<'a, str>>, &'static str> {
+    let get = |name: &str| -> Result<Option<&'a str>, &'static str> {
         let mut values = cookies.iter().filter(|(n, _)| *n == name).map(|(_, v)| *v);
         match (values.next(), values.next()) {
             (Some(_), Some(_)) => Err("duplicate session cookie"),
@@ -1671,8 +1697,8 @@ fn assemble_session_cookie(cookies: &[(&str, &str)]) -> Result<Option<String>, &
     let Some(first) = get(SESSION_COOKIE)? else {
         return Ok(None);
     };
-    let Some((count, head)) = first.split_once(CHUNK_MARK) else {
-        return Ok(Some(first.to_string()));
+    let Some((count, head)) = split_chunk_count(first) else {
+        return Ok(Some(Cow::Borrowed(first)));
     };
     let count: usize = count.parse().map_err(|_| "bad chunk count")?;
     if !(2..=MAX_CHUNKS).contains(&count) {
@@ -1682,7 +1708,26 @@ fn assemble_session_cookie(cookies: &[(&str, &str)]) -> Result<Option<String>, &
     for i in 1..count {
         value.push_str(get(&chunk_cookie_name(i))?.ok_or("missing chunk")?);
     }
-    Ok(Some(value))
+    Ok(Some(Cow::Owned(value)))
+}
+
+/// `Bearer <token>` without the formatting machinery (this runs on every request).
+fn bearer_value(token: &str) -> String {
+    const SCHEME: &str = "Bearer ";
+    let mut v = String::with_capacity(SCHEME.len() + token.len());
+    v.push_str(SCHEME);
+    v.push_str(token);
+    v
+}
+
+/// `"<count>.<first chunk>"`: the mark can only follow a short count, so only the first bytes are
+/// searched (the sealed value itself is base64url and never contains it).
+fn split_chunk_count(first: &str) -> Option<(&str, &str)> {
+    let mark = first
+        .bytes()
+        .take(MAX_CHUNK_COUNT_DIGITS + 1)
+        .position(|b| b == CHUNK_MARK as u8)?;
+    Some((&first[..mark], &first[mark + 1..]))
 }
 
 /// A login cookie name this filter could have set: the prefix and a base64url flow id. Other

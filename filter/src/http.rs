@@ -7,13 +7,71 @@ use crate::config::path_has_prefix;
 /// Cookies from every `Cookie` header of a request, in order. HTTP/2 allows a client to split the
 /// cookie list over several headers (RFC 9113 §8.2.3), so they are joined, never rejected.
 pub fn parse_cookies<'a>(headers: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, &'a str)> {
-    headers
-        .into_iter()
-        .flat_map(cookie::Cookie::split_parse)
-        // A malformed pair (no `=`, empty name) is skipped, as browsers do.
-        .filter_map(Result::ok)
-        .filter_map(|c| Some((c.name_raw()?, c.value_raw()?.trim_matches('"'))))
-        .collect()
+    CookieList::parse(headers).pairs
+}
+
+/// The cookies of a request, parsed in one pass over each `Cookie` header.
+///
+/// A session cookie is 1-4 KB and every request carries it, so the header is scanned once: the
+/// `cookie` crate's parser (used before) walked each pair twice, and the forwarded header was
+/// rebuilt with a third walk.
+#[derive(Debug, Default)]
+pub struct CookieList<'a> {
+    /// `(name, value)` of each well-formed pair, value without surrounding quotes.
+    pub pairs: Vec<(&'a str, &'a str)>,
+    /// Non-blank pairs seen, well-formed or not.
+    pieces: usize,
+}
+
+impl<'a> CookieList<'a> {
+    /// Parses every header: pairs split on `;`, trimmed; a pair without `=` or with an empty name
+    /// is skipped, as browsers do.
+    pub fn parse(headers: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut list = CookieList::default();
+        for header in headers {
+            for piece in header.split(';') {
+                let piece = piece.trim();
+                if piece.is_empty() {
+                    continue;
+                }
+                list.pieces += 1;
+                let Some((name, value)) = piece.split_once('=') else {
+                    continue;
+                };
+                let name = name.trim_end();
+                if !name.is_empty() {
+                    list.pairs
+                        .push((name, value.trim_start().trim_matches('"')));
+                }
+            }
+        }
+        list
+    }
+
+    /// The `Cookie` header to forward once `drop` removed its cookies (as
+    /// [`cookie_header_without`]), without another pass when nothing or everything is dropped.
+    pub fn header_without(&self, headers: &[&str], drop: impl Fn(&str) -> bool) -> Option<String> {
+        let dropped = self.pairs.iter().filter(|(n, _)| drop(n)).count();
+        if dropped == 0 && self.pieces == self.pairs.len() {
+            return match headers {
+                [] => None,
+                [one] => Some(one.trim().to_string()).filter(|h| !h.is_empty()),
+                _ => cookie_header_without(headers, drop),
+            };
+        }
+        if dropped == self.pieces {
+            return None;
+        }
+        cookie_header_without(headers, drop)
+    }
+}
+
+impl<'a> std::ops::Deref for CookieList<'a> {
+    type Target = [(&'a str, &'a str)];
+
+    fn deref(&self) -> &Self::Target {
+        &self.pairs
+    }
 }
 
 /// Rebuilds a `Cookie` header without the cookies `drop` selects; `None` when nothing is left.
@@ -114,6 +172,18 @@ pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
     prefixes.iter().any(|p| path_has_prefix(path, p))
 }
 
+/// `Url::parse` for the filter: ASCII only. IdP and gateway URLs are ASCII (internationalised
+/// hosts in their punycode form), and refusing the rest up front keeps Unicode host processing
+/// (and its tables, half the module's data) out of the filter: Cargo.lock pins the ASCII-only
+/// `idna_adapter` 1.0, whose debug build asserts on hosts mixing capitals and non-ASCII.
+pub fn parse_url(raw: &str) -> Result<Url, url::ParseError> {
+    if raw.is_ascii() {
+        Url::parse(raw)
+    } else {
+        Err(url::ParseError::IdnaError)
+    }
+}
+
 /// The absolute URL to send the browser to after login, from the original request's path.
 ///
 /// Only same-origin targets are possible: the stored value is a path, and the result is checked to
@@ -122,7 +192,7 @@ pub fn same_origin_target(scheme: &str, authority: &str, path: &str) -> String {
     let origin = format!("{scheme}://{authority}");
     let safe_path = sanitize_return_path(path);
     let candidate = format!("{origin}{safe_path}");
-    match (Url::parse(&origin), Url::parse(&candidate)) {
+    match (parse_url(&origin), parse_url(&candidate)) {
         (Ok(o), Ok(c)) if o.origin() == c.origin() && c.username().is_empty() => c.to_string(),
         _ => format!("{origin}/"),
     }
@@ -179,6 +249,43 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_list_forwards_without_a_second_pass_when_it_can() {
+        let own = |n: &str| n.starts_with("__Host-oidc-gate");
+        // Only ours: nothing to forward.
+        let h = ["__Host-oidc-gate=abc; __Host-oidc-gate-1=def"];
+        assert_eq!(CookieList::parse(h).header_without(&h, own), None);
+        // None of ours: the client's header as sent.
+        let h = ["a=1;b=\"2\""];
+        assert_eq!(
+            CookieList::parse(h).header_without(&h, own).as_deref(),
+            Some("a=1;b=\"2\"")
+        );
+        // Mixed, or anything malformed: rebuilt without ours.
+        let h = ["a=1; __Host-oidc-gate=x; b=2"];
+        assert_eq!(
+            CookieList::parse(h).header_without(&h, own).as_deref(),
+            Some("a=1; b=2")
+        );
+        let h = ["__Host-oidc-gate=x; junk"];
+        assert_eq!(
+            CookieList::parse(h).header_without(&h, own).as_deref(),
+            Some("junk")
+        );
+        let h = ["a=1", "__Host-oidc-gate=x"];
+        assert_eq!(
+            CookieList::parse(h).header_without(&h, own).as_deref(),
+            Some("a=1")
+        );
+        assert_eq!(CookieList::parse([]).header_without(&[], own), None);
+    }
+
+    #[test]
+    fn cookie_list_parses_like_browsers_send() {
+        let list = CookieList::parse([" a = 1 ;; =x; noeq ; b=\"q\"", "c="]);
+        assert_eq!(&list[..], &[("a", "1"), ("b", "q"), ("c", "")]);
+    }
 
     #[test]
     fn parses_cookies_across_headers() {

@@ -21,7 +21,7 @@ use oidc_filter::discovery::ProviderMetadata;
 use oidc_filter::flow::{parse_token_response, Decision, Gate, Known};
 use oidc_filter::http::{
     cookie_header_without, parse_cookies, same_origin_target, sanitize_return_path,
-    skip_path_matches, split_path, QueryError, StrictQuery, MAX_QUERY_LEN,
+    skip_path_matches, split_path, CookieList, QueryError, StrictQuery, MAX_QUERY_LEN,
 };
 use oidc_filter::session::{
     cookie_context, is_own_cookie, login_cookie_name, LoginCookieError, LoginState, Session,
@@ -811,6 +811,19 @@ proptest! {
                 // Idempotent.
                 let again = cookie_header_without(&[h.as_str()], is_own_cookie);
                 prop_assert_eq!(again.as_ref(), Some(h));
+            }
+        }
+        // The one-pass list forwards the same cookies (it may keep the client's spelling when it
+        // drops nothing, which is the same header to any reader).
+        let list = CookieList::parse(refs.iter().copied());
+        prop_assert_eq!(&list.pairs, &parsed);
+        let fast = list.header_without(&refs, is_own_cookie);
+        prop_assert_eq!(fast.is_some(), stripped.is_some(), "{:?} vs {:?}", fast, stripped);
+        if let (Some(f), Some(s)) = (&fast, &stripped) {
+            prop_assert_eq!(parse_cookies([f.as_str()]), parse_cookies([s.as_str()]));
+            for pair in f.split(';') {
+                let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+                prop_assert!(!is_own_cookie(name), "own cookie `{}` kept in {:?}", name, f);
             }
         }
     }

@@ -36,6 +36,9 @@ pub const SHARED_RECHECK_SECS: u64 = 5;
 /// The per-VM view of the shared IdP documents.
 pub struct IdpCache {
     prefix: String,
+    /// Shared-data keys of the documents, made once: they are looked up on the request path.
+    discovery_key: String,
+    jwks_key: String,
     provider: Option<Parsed<ProviderMetadata>>,
     provider_checked: UnixSeconds,
     jwks: Option<Parsed<Jwks>>,
@@ -55,8 +58,11 @@ impl IdpCache {
     pub fn new(issuer: &str, cluster: &str) -> Self {
         let digest = Sha256::digest(format!("{issuer}\0{cluster}").as_bytes());
         let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let prefix = format!("oidc-gate/{tag}");
         Self {
-            prefix: format!("oidc-gate/{tag}"),
+            discovery_key: format!("{prefix}/discovery"),
+            jwks_key: format!("{prefix}/jwks"),
+            prefix,
             provider: None,
             provider_checked: 0,
             jwks: None,
@@ -73,8 +79,7 @@ impl IdpCache {
         if self.provider.is_none()
             || now >= self.provider_checked.saturating_add(SHARED_RECHECK_SECS)
         {
-            let key = self.key("discovery");
-            refresh(&key, &mut self.provider, |body| {
+            refresh(&self.discovery_key, &mut self.provider, |body| {
                 ProviderMetadata::parse(body, issuer).ok()
             });
             self.provider_checked = now;
@@ -85,8 +90,9 @@ impl IdpCache {
     /// The JWKS, if any VM fetched it within the staleness bound.
     pub fn jwks(&mut self, now: UnixSeconds) -> Option<Fresh<Jwks>> {
         if self.jwks.is_none() || now >= self.jwks_checked.saturating_add(SHARED_RECHECK_SECS) {
-            let key = self.key("jwks");
-            refresh(&key, &mut self.jwks, |body| Jwks::parse(body).ok());
+            refresh(&self.jwks_key, &mut self.jwks, |body| {
+                Jwks::parse(body).ok()
+            });
             self.jwks_checked = now;
         }
         fresh(&self.jwks, JWKS_TTL_SECS, now)
@@ -99,9 +105,8 @@ impl IdpCache {
         value: ProviderMetadata,
         now: UnixSeconds,
     ) -> Rc<ProviderMetadata> {
-        let key = self.key("discovery");
         let value = Rc::new(value);
-        let cas = store(&key, body, now);
+        let cas = store(&self.discovery_key, body, now);
         self.provider = Some(Parsed {
             value: value.clone(),
             fetched_at: now,
@@ -112,9 +117,8 @@ impl IdpCache {
 
     /// Stores a freshly fetched, already validated JWKS.
     pub fn store_jwks(&mut self, body: &[u8], value: Jwks, now: UnixSeconds) -> Rc<Jwks> {
-        let key = self.key("jwks");
         let value = Rc::new(value);
-        let cas = store(&key, body, now);
+        let cas = store(&self.jwks_key, body, now);
         self.jwks = Some(Parsed {
             value: value.clone(),
             fetched_at: now,

@@ -11,8 +11,8 @@ use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SEC
 use super::root::{Follower, Shared};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
-    Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin, PendingRefresh,
-    RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
+    same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin,
+    PendingRefresh, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
 };
 use crate::headers::is_identity_header;
 use crate::reply::{Failure, Reply};
@@ -80,6 +80,15 @@ impl Facts {
             })
             .collect();
         f
+    }
+}
+
+/// Whether the headers a client sent already are the one value (or absence) to forward.
+fn unchanged(sent: &[String], forward: Option<&str>) -> bool {
+    match (sent, forward) {
+        ([], None) => true,
+        ([one], Some(v)) => same_bytes(one.as_bytes(), v.as_bytes()),
+        _ => false,
     }
 }
 
@@ -255,22 +264,15 @@ impl Stream {
 
     fn apply_forward(&mut self, fwd: Forward) {
         // Unchanged headers (a verified bearer token, a Cookie without ours) cost no host call.
-        let sent_authorization: Vec<&str> = self
-            .facts
-            .authorization
-            .iter()
-            .map(String::as_str)
-            .collect();
-        if sent_authorization.as_slice() != fwd.authorization.as_slice() {
+        if !unchanged(&self.facts.authorization, fwd.authorization.as_deref()) {
             self.replace_header(
                 "authorization",
-                sent_authorization.len(),
+                self.facts.authorization.len(),
                 fwd.authorization.as_deref(),
             );
         }
-        let sent_cookies: Vec<&str> = self.facts.cookies.iter().map(String::as_str).collect();
-        if sent_cookies.as_slice() != fwd.cookie.as_slice() {
-            self.replace_header("cookie", sent_cookies.len(), fwd.cookie.as_deref());
+        if !unchanged(&self.facts.cookies, fwd.cookie.as_deref()) {
+            self.replace_header("cookie", self.facts.cookies.len(), fwd.cookie.as_deref());
         }
         for (name, value) in &fwd.set_headers {
             self.set_http_request_header(name, None);

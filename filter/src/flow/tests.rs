@@ -1500,3 +1500,36 @@ fn verified_bearer_tokens_are_cached_but_still_expire() {
         401
     );
 }
+
+#[test]
+fn same_bytes_is_equality_at_every_length_and_position() {
+    for len in 0..70usize {
+        let a: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        assert!(same_bytes(&a, &a.clone()), "len {len}");
+        for pos in 0..len {
+            let mut b = a.clone();
+            b[pos] ^= 0x40;
+            assert!(!same_bytes(&a, &b), "len {len}, difference at {pos}");
+        }
+        assert!(
+            !same_bytes(&a, &[a.as_slice(), b"x"].concat()),
+            "len {len} vs longer"
+        );
+    }
+}
+
+#[test]
+fn chunk_count_is_only_read_from_the_start_of_the_value() {
+    assert_eq!(split_chunk_count("2.abc"), Some(("2", "abc")));
+    assert_eq!(split_chunk_count("12.abc"), Some(("12", "abc")));
+    assert_eq!(split_chunk_count("abcdef"), None);
+    // A mark deep in the value is not a count: the value stays whole and fails to open.
+    assert_eq!(split_chunk_count("abc.def"), None);
+    let cookies = [(SESSION_COOKIE, "abc.def")];
+    assert_eq!(
+        assemble_session_cookie(&cookies).ok().flatten().as_deref(),
+        Some("abc.def")
+    );
+    let cookies = [(SESSION_COOKIE, "x.def")];
+    assert_eq!(assemble_session_cookie(&cookies), Err("bad chunk count"));
+}

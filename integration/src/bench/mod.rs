@@ -488,6 +488,9 @@ pub struct RoundResult {
     pub envoy_2xx: u64,
     /// Other responses (1xx/3xx/4xx/5xx) counted by Envoy during the run.
     pub envoy_other: u64,
+    /// Envoy's CPU time (all threads, user + system) per response during the run, µs; `None`
+    /// when /proc could not be read.
+    pub envoy_cpu_us_per_request: Option<f64>,
 }
 
 /// All runs of one scenario, and their medians.
@@ -520,6 +523,16 @@ impl ScenarioResult {
     /// Median p99 latency, µs.
     pub fn p99_us(&self) -> f64 {
         median(&self.values(|w| w.p99_us))
+    }
+    /// Median of Envoy's CPU time per request, µs: on a machine that wrk shares, a steadier
+    /// measure of the filter's cost than requests per second.
+    pub fn cpu_us_per_request(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|r| r.envoy_cpu_us_per_request)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
     }
     /// Lowest and highest rps over rounds.
     pub fn rps_range(&self) -> (f64, f64) {
@@ -562,21 +575,53 @@ async fn response_classes(envoy: &Envoy) -> (u64, u64) {
     (ok, other)
 }
 
-/// Run wrk on a scenario once, with Envoy's response counters around it.
+/// CPU time (user + system, all threads) a process used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on Linux).
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// One wrk run: wrk's numbers, Envoy's 2xx and other responses, Envoy's CPU µs per response.
+pub type RunOnce = (WrkResult, u64, u64, Option<f64>);
+
+/// Run wrk on a scenario once, with Envoy's response counters and CPU time around it.
 pub async fn run_once(
     lab: &Lab,
     s: Scenario,
     wrk_bin: &Path,
     script: &Path,
     settings: &WrkSettings,
-) -> Result<(WrkResult, u64, u64), String> {
+) -> Result<RunOnce, String> {
     let envoy = lab.envoys.get(&s).ok_or("no Envoy for scenario")?;
     let req = lab
         .requests
         .get(&s)
         .ok_or("no request for scenario")?
         .clone();
+    let pid = extras::envoy_pid(envoy.base_id());
     let (ok0, other0) = response_classes(envoy).await;
+    let cpu0 = pid.and_then(cpu_ticks);
     let (w, settings2, script2) = (
         wrk_bin.to_path_buf(),
         settings.clone(),
@@ -585,8 +630,16 @@ pub async fn run_once(
     let result = tokio::task::spawn_blocking(move || wrk::run(&w, &script2, &settings2, &req))
         .await
         .map_err(|e| e.to_string())??;
+    let cpu1 = pid.and_then(cpu_ticks);
     let (ok1, other1) = response_classes(envoy).await;
-    Ok((result, ok1 - ok0, other1 - other0))
+    let responses = (ok1 - ok0) + (other1 - other0);
+    let cpu_us = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if responses > 0 && b >= a => {
+            Some((b - a) as f64 / ticks_per_second() * 1e6 / responses as f64)
+        }
+        _ => None,
+    };
+    Ok((result, ok1 - ok0, other1 - other0, cpu_us))
 }
 
 /// Warm up, then the interleaved rounds. `progress` receives one line per run.
@@ -615,7 +668,7 @@ pub async fn measure(
         let mut warm = opts.wrk.clone();
         warm.duration = opts.warmup;
         for &s in &opts.scenarios {
-            let (w, _, other) = run_once(lab, s, &wrk_bin, &script, &warm).await?;
+            let (w, _, other, _) = run_once(lab, s, &wrk_bin, &script, &warm).await?;
             progress(&format!(
                 "warm-up {:<22} {:>9.0} rps{}",
                 s.id(),
@@ -629,15 +682,16 @@ pub async fn measure(
         for position in 0..n {
             let idx = (position + round) % n;
             let s = opts.scenarios[idx];
-            let (w, ok, other) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
+            let (w, ok, other, cpu) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
             progress(&format!(
-                "round {}/{} {:<22} {:>9.0} rps  p50 {:>7.2} ms  p99 {:>7.2} ms  2xx {:>7}  other {}",
+                "round {}/{} {:<22} {:>9.0} rps  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.1} us/req  2xx {:>7}  other {}",
                 round + 1,
                 opts.rounds,
                 s.id(),
                 w.rps,
                 w.p50_us / 1000.0,
                 w.p99_us / 1000.0,
+                cpu.unwrap_or(f64::NAN),
                 ok,
                 other + w.socket_errors
             ));
@@ -647,6 +701,7 @@ pub async fn measure(
                 wrk: w,
                 envoy_2xx: ok,
                 envoy_other: other,
+                envoy_cpu_us_per_request: cpu,
             });
         }
     }

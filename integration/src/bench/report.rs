@@ -216,7 +216,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<22} {:>9} {:>17} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>9}",
+            "{:<22} {:>9} {:>17} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9}",
             "scenario",
             "rps",
             "rps min-max",
@@ -225,6 +225,7 @@ impl Report {
             "p50 ms",
             "p99 ms",
             "p99/(2)",
+            "cpu us/rq",
             "cred B",
             "non-2xx"
         );
@@ -233,7 +234,7 @@ impl Report {
             let (lo, hi) = r.rps_range();
             let _ = writeln!(
                 s,
-                "{:<22} {:>9.0} {:>17} {:>6} {:>6} {:>8.2} {:>8.2} {:>8} {:>7} {:>9}",
+                "{:<22} {:>9.0} {:>17} {:>6} {:>6} {:>8.2} {:>8.2} {:>8} {:>9} {:>7} {:>9}",
                 r.scenario.id(),
                 r.rps(),
                 format!("{lo:.0}-{hi:.0}"),
@@ -242,6 +243,7 @@ impl Report {
                 r.p50_us() / 1000.0,
                 r.p99_us() / 1000.0,
                 fmt_ratio(p99_2.filter(|b| *b > 0.0).map(|b| r.p99_us() / b)),
+                fmt_cpu(r.cpu_us_per_request()),
                 r.credential_bytes,
                 r.bad_responses()
             );
@@ -289,6 +291,7 @@ impl Report {
                     "ratio_rps_to_1": self.ratio(r, Scenario::Bare),
                     "ratio_rps_to_2": self.ratio(r, Scenario::NoopWasm),
                     "ratio_p99_to_2": p99_2.filter(|b| *b > 0.0).map(|b| r.p99_us() / b),
+                    "envoy_cpu_us_per_request_median": r.cpu_us_per_request(),
                     "request_head_bytes": r.request_bytes,
                     "credential_bytes": r.credential_bytes,
                     "check": {
@@ -363,15 +366,15 @@ impl Report {
         let _ = writeln!(s, "## Requests per second and latency\n");
         let _ = writeln!(
             s,
-            "| scenario | rps (median) | min–max | ×(1) | ×(2) | p50 ms | p99 ms | p99 ÷ p99(2) | credential bytes | non-2xx |"
+            "| scenario | rps (median) | min–max | ×(1) | ×(2) | p50 ms | p99 ms | p99 ÷ p99(2) | Envoy CPU µs/request | credential bytes | non-2xx |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let p99_2 = self.get(Scenario::NoopWasm).map(|r| r.p99_us());
         for r in &self.throughput {
             let (lo, hi) = r.rps_range();
             let _ = writeln!(
                 s,
-                "| ({}) {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} |",
+                "| ({}) {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
                 r.scenario.id().split('-').next().unwrap_or(""),
                 r.scenario.label(),
                 r.rps(),
@@ -382,6 +385,7 @@ impl Report {
                 r.p50_us() / 1000.0,
                 r.p99_us() / 1000.0,
                 fmt_ratio(p99_2.filter(|b| *b > 0.0).map(|b| r.p99_us() / b)),
+                fmt_cpu(r.cpu_us_per_request()),
                 r.credential_bytes,
                 r.bad_responses()
             );
@@ -575,6 +579,10 @@ impl Report {
         }
         Ok(out)
     }
+}
+
+fn fmt_cpu(us: Option<f64>) -> String {
+    us.map_or_else(|| "-".into(), |u| format!("{u:.1}"))
 }
 
 fn fmt_ratio(r: Option<f64>) -> String {
