@@ -1608,3 +1608,51 @@ async fn huge_return_url_login_cookie_fits_a_browser() {
         assert!(size <= 4096, "login cookie of {size} bytes");
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// G77: header values that are not UTF-8 (HTTP allows obs-text bytes 0x80-0xFF)
+// ------------------------------------------------------------------------------------------------
+
+/// A raw GET to the app host with `extra` header lines given as bytes (not necessarily UTF-8).
+async fn raw_get_bytes(stack: &Stack, target: &[u8], extra: &[&[u8]]) -> RawResp {
+    let mut req = Vec::new();
+    req.extend_from_slice(b"GET ");
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    req.extend_from_slice(APP_HOST.as_bytes());
+    req.extend_from_slice(b"\r\nAccept: text/html\r\nSec-Fetch-Mode: navigate\r\n");
+    for h in extra {
+        req.extend_from_slice(h);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"Connection: close\r\n\r\n");
+    raw_request(stack, APP_HOST, req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_that_are_not_utf8_get_an_answer_not_a_crash() {
+    let stack = Stack::start_default().await;
+    let s = &stack;
+    let (b, _) = logged_in(s, "/g77").await;
+    let session = session_of(&b);
+    let cookie = format!("Cookie: {SESSION_COOKIE}={session}");
+    let latin1: &[u8] = b"X-Note: caf\xe9 cr\xe8me \xff";
+    let up = stack.upstream.count();
+    // With a session: served, the odd header passed through untouched.
+    let r = raw_get_bytes(s, b"/g77a", &[cookie.as_bytes(), latin1]).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(stack.upstream.count(), up + 1);
+    // In the Cookie header itself: no session is read from it; a login starts instead.
+    let bad_cookie: &[u8] = b"Cookie: a=\xff\xfe";
+    let r = raw_get_bytes(s, b"/g77b", &[bad_cookie]).await;
+    assert!(
+        r.status == 302 || r.status == 400,
+        "unexpected answer: {}",
+        r.describe()
+    );
+    assert_eq!(stack.upstream.count(), up + 1, "reached the upstream");
+    // The worker's VM is still alive and serving sessions.
+    let r = raw_get(s, b"/g77c", &[cookie.as_str()]).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_no_crash(&stack);
+}

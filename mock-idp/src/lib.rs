@@ -185,6 +185,9 @@ pub enum Fault {
     TokenHang,
     /// Token endpoint answers `302 Found` to `{issuer}/`.
     TokenRedirect,
+    /// Token endpoint answers normally, plus a header whose value is not UTF-8 (Latin-1 bytes,
+    /// which HTTP allows as obs-text).
+    TokenHeaderNotUtf8,
     /// Discovery answers this status.
     DiscoveryStatus(u16),
     /// Discovery document's `issuer` is this value.
@@ -275,6 +278,7 @@ impl Fault {
             )),
             "token_hang" => Fault::TokenHang,
             "token_redirect" => Fault::TokenRedirect,
+            "token_header_not_utf8" => Fault::TokenHeaderNotUtf8,
             "discovery_status" => Fault::DiscoveryStatus(status()?),
             "discovery_issuer" => Fault::DiscoveryIssuer(string("issuer")?),
             "jwks_status" => Fault::JwksStatus(status()?),

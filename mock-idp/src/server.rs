@@ -913,7 +913,16 @@ async fn token(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
     match result {
         Ok(v) => {
             st.lock().stats.token_ok += 1;
-            no_store(json_response(StatusCode::OK, &v))
+            let mut resp = no_store(json_response(StatusCode::OK, &v));
+            if faults
+                .iter()
+                .any(|f| matches!(f, Fault::TokenHeaderNotUtf8))
+            {
+                if let Ok(latin1) = HeaderValue::from_bytes(b"caf\xe9 cr\xe8me") {
+                    resp.headers_mut().insert("x-note", latin1);
+                }
+            }
+            resp
         }
         Err(e) => {
             {

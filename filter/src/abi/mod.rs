@@ -5,6 +5,7 @@
 //! documents that all VMs share through proxy-wasm shared data.
 
 mod cache;
+mod header_map;
 mod host;
 mod metrics;
 mod refresh;

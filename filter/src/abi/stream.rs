@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
+use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
 use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SECS};
 use super::root::{Follower, Shared};
@@ -26,7 +27,7 @@ const CALLOUT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default, Clone)]
 pub struct Facts {
     method: String,
-    scheme: String,
+    scheme: &'static str,
     authority: String,
     path: String,
     cookies: Vec<String>,
@@ -45,7 +46,7 @@ impl Facts {
     pub(crate) fn request(&self) -> Request<'_> {
         Request {
             method: &self.method,
-            scheme: &self.scheme,
+            scheme: self.scheme,
             authority: &self.authority,
             path: &self.path,
             cookie_headers: self.cookies.iter().map(String::as_str).collect(),
@@ -172,38 +173,52 @@ impl Stream {
     }
 
     fn gather(&self, gate: Option<&Gate>) -> Facts {
+        let map = HeaderMapBytes::request();
         let mut f = Facts::default();
-        let mut scheme = None;
-        let mut forwarded_proto = None;
-        for (name, value) in self.get_http_request_headers() {
-            match name.as_str() {
-                ":method" => f.method = value,
-                ":scheme" => scheme = Some(value),
-                ":authority" => f.authority = value,
-                ":path" => f.path = value,
-                "cookie" => f.cookies.push(value),
-                "authorization" => f.authorization.push(value),
+        let mut scheme_is_http = None;
+        let mut forwarded_proto_is_http = None;
+        for (name, value) in map.pairs() {
+            // Names are lowercase tokens (Envoy validates them); anything else is no header of ours.
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            // HTTP allows bytes that are not UTF-8 in values: they become U+FFFD, so such a value
+            // can never match a session, a token or a path of ours.
+            let text = || match std::str::from_utf8(value) {
+                Ok(v) => v.to_owned(),
+                Err(_) => String::from_utf8_lossy(value).into_owned(),
+            };
+            match name {
+                ":method" => f.method = text(),
+                ":scheme" => scheme_is_http = Some(value.eq_ignore_ascii_case(b"http")),
+                ":authority" => f.authority = text(),
+                ":path" => f.path = text(),
+                "cookie" => f.cookies.push(text()),
+                "authorization" => f.authorization.push(text()),
                 "sec-fetch-mode" => {
                     f.has_sec_fetch = true;
-                    f.sec_fetch_mode = Some(value);
+                    f.sec_fetch_mode = Some(text());
                 }
                 n if n.starts_with("sec-fetch-") => f.has_sec_fetch = true,
-                "accept" => f.accept = Some(value),
-                "origin" => f.origin = Some(value),
-                "access-control-request-method" => f.access_control_request_method = Some(value),
-                "x-request-id" => f.request_id = Some(value),
+                "accept" => f.accept = Some(text()),
+                "origin" => f.origin = Some(text()),
+                "access-control-request-method" => f.access_control_request_method = Some(text()),
+                "x-request-id" => f.request_id = Some(text()),
                 // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this from
                 // the downstream connection; behind a trusted proxy it is the browser's scheme.
-                "x-forwarded-proto" => forwarded_proto = Some(value),
+                "x-forwarded-proto" => {
+                    forwarded_proto_is_http = Some(value.eq_ignore_ascii_case(b"http"));
+                }
                 _ => {}
             }
-            if gate.is_some_and(|g| is_identity_header(g.config(), &name)) {
-                f.identity_headers.push(name);
+            if gate.is_some_and(|g| is_identity_header(g.config(), name)) {
+                f.identity_headers.push(name.to_string());
             }
         }
-        f.scheme = match forwarded_proto.or(scheme) {
-            Some(s) if s.eq_ignore_ascii_case("http") => "http".into(),
-            _ => "https".into(),
+        f.scheme = if forwarded_proto_is_http.or(scheme_is_http) == Some(true) {
+            "http"
+        } else {
+            "https"
         };
         f
     }
@@ -681,11 +696,12 @@ impl Stream {
                 u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             );
         }
-        let status = self
-            .get_http_call_response_headers()
-            .into_iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
+        // Read in place: the SDK's reader panics on a header value that is not UTF-8, and the
+        // IdP's answer is untrusted input.
+        let status = HeaderMapBytes::call_response()
+            .pairs()
+            .find(|(k, _)| *k == b":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
         let Some(status) = status else {
             if let Some(s) = &self.shared {
                 s.metrics.count("callout_errors");
