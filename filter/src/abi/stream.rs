@@ -9,7 +9,7 @@ use proxy_wasm::types::Action;
 use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
 use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SECS};
-use super::root::{Follower, Shared};
+use super::root::{Follower, Shared, REMOTE_POLL_TICK};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
     same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin,
@@ -516,7 +516,16 @@ impl Stream {
         }
         let locked_elsewhere = !shared.cache.borrow().try_lock_refresh(&key, now);
         if locked_elsewhere {
-            // Another worker is refreshing this session: wait for its answer (root tick).
+            // Another worker is refreshing this session: wait for its answer. The root tick
+            // polls for it; the host ties a stream's tick to its root context, and the root stops
+            // the tick once no stream waits.
+            if let Err(status) = proxy_wasm::hostcalls::set_tick_period(REMOTE_POLL_TICK) {
+                log::error!(
+                    "oidc-gate #{}: cannot start the tick that waits for another worker's refresh ({status:?})",
+                    self.id
+                );
+                return self.fail(Failure::IdpUnavailable);
+            }
             shared.remote_waiters.borrow_mut().push(RemoteWaiter {
                 follower: Follower {
                     context_id: self.id,
