@@ -612,7 +612,7 @@ impl Gate {
             return (Decision::PassThrough, Note::none());
         }
         let (path, query) = split_path(req.path);
-        let cookies = CookieList::parse(req.cookie_headers.iter().copied());
+        let cookies = CookieList::parse(&req.cookie_headers);
         let host = req.host();
 
         if path == self.callback_path() {
@@ -850,10 +850,7 @@ impl Gate {
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> Forward {
-        let mut fwd = self.forward_session(
-            session,
-            cookies.header_without(&req.cookie_headers, is_own_cookie),
-        );
+        let mut fwd = self.forward_session(session, cookies.header_without(is_own_cookie));
         if needs_reseal {
             // Sealed with a previous key: reseal with the current one, so rotation logs nobody out.
             let mut s = session.clone();

@@ -7,7 +7,31 @@ use crate::config::path_has_prefix;
 /// Cookies from every `Cookie` header of a request, in order. HTTP/2 allows a client to split the
 /// cookie list over several headers (RFC 9113 §8.2.3), so they are joined, never rejected.
 pub fn parse_cookies<'a>(headers: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, &'a str)> {
-    CookieList::parse(headers).pairs
+    parse_pairs(headers).0
+}
+
+/// The well-formed `(name, value)` pairs and the number of non-blank pieces: pairs split on `;`,
+/// trimmed; a pair without `=` or with an empty name is skipped, as browsers do.
+fn parse_pairs<'a>(headers: impl IntoIterator<Item = &'a str>) -> (Vec<(&'a str, &'a str)>, usize) {
+    let mut pairs = Vec::new();
+    let mut pieces = 0;
+    for header in headers {
+        for piece in header.split(';') {
+            let piece = piece.trim();
+            if piece.is_empty() {
+                continue;
+            }
+            pieces += 1;
+            let Some((name, value)) = piece.split_once('=') else {
+                continue;
+            };
+            let name = name.trim_end();
+            if !name.is_empty() {
+                pairs.push((name, value.trim_start().trim_matches('"')));
+            }
+        }
+    }
+    (pairs, pieces)
 }
 
 /// The cookies of a request, parsed in one pass over each `Cookie` header.
@@ -17,6 +41,8 @@ pub fn parse_cookies<'a>(headers: impl IntoIterator<Item = &'a str>) -> Vec<(&'a
 /// rebuilt with a third walk.
 #[derive(Debug, Default)]
 pub struct CookieList<'a> {
+    /// The headers parsed (what [`CookieList::header_without`] forwards or rebuilds).
+    headers: &'a [&'a str],
     /// `(name, value)` of each well-formed pair, value without surrounding quotes.
     pub pairs: Vec<(&'a str, &'a str)>,
     /// Non-blank pairs seen, well-formed or not.
@@ -24,45 +50,31 @@ pub struct CookieList<'a> {
 }
 
 impl<'a> CookieList<'a> {
-    /// Parses every header: pairs split on `;`, trimmed; a pair without `=` or with an empty name
-    /// is skipped, as browsers do.
-    pub fn parse(headers: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut list = CookieList::default();
-        for header in headers {
-            for piece in header.split(';') {
-                let piece = piece.trim();
-                if piece.is_empty() {
-                    continue;
-                }
-                list.pieces += 1;
-                let Some((name, value)) = piece.split_once('=') else {
-                    continue;
-                };
-                let name = name.trim_end();
-                if !name.is_empty() {
-                    list.pairs
-                        .push((name, value.trim_start().trim_matches('"')));
-                }
-            }
+    /// Parses every header (see [`parse_cookies`]).
+    pub fn parse(headers: &'a [&'a str]) -> Self {
+        let (pairs, pieces) = parse_pairs(headers.iter().copied());
+        CookieList {
+            headers,
+            pairs,
+            pieces,
         }
-        list
     }
 
     /// The `Cookie` header to forward once `drop` removed its cookies (as
     /// [`cookie_header_without`]), without another pass when nothing or everything is dropped.
-    pub fn header_without(&self, headers: &[&str], drop: impl Fn(&str) -> bool) -> Option<String> {
+    pub fn header_without(&self, drop: impl Fn(&str) -> bool) -> Option<String> {
         let dropped = self.pairs.iter().filter(|(n, _)| drop(n)).count();
         if dropped == 0 && self.pieces == self.pairs.len() {
-            return match headers {
+            return match self.headers {
                 [] => None,
                 [one] => Some(one.trim().to_string()).filter(|h| !h.is_empty()),
-                _ => cookie_header_without(headers, drop),
+                _ => cookie_header_without(self.headers, drop),
             };
         }
         if dropped == self.pieces {
             return None;
         }
-        cookie_header_without(headers, drop)
+        cookie_header_without(self.headers, drop)
     }
 }
 
@@ -255,35 +267,35 @@ mod tests {
         let own = |n: &str| n.starts_with("__Host-oidc-gate");
         // Only ours: nothing to forward.
         let h = ["__Host-oidc-gate=abc; __Host-oidc-gate-1=def"];
-        assert_eq!(CookieList::parse(h).header_without(&h, own), None);
+        assert_eq!(CookieList::parse(&h).header_without(own), None);
         // None of ours: the client's header as sent.
         let h = ["a=1;b=\"2\""];
         assert_eq!(
-            CookieList::parse(h).header_without(&h, own).as_deref(),
+            CookieList::parse(&h).header_without(own).as_deref(),
             Some("a=1;b=\"2\"")
         );
         // Mixed, or anything malformed: rebuilt without ours.
         let h = ["a=1; __Host-oidc-gate=x; b=2"];
         assert_eq!(
-            CookieList::parse(h).header_without(&h, own).as_deref(),
+            CookieList::parse(&h).header_without(own).as_deref(),
             Some("a=1; b=2")
         );
         let h = ["__Host-oidc-gate=x; junk"];
         assert_eq!(
-            CookieList::parse(h).header_without(&h, own).as_deref(),
+            CookieList::parse(&h).header_without(own).as_deref(),
             Some("junk")
         );
         let h = ["a=1", "__Host-oidc-gate=x"];
         assert_eq!(
-            CookieList::parse(h).header_without(&h, own).as_deref(),
+            CookieList::parse(&h).header_without(own).as_deref(),
             Some("a=1")
         );
-        assert_eq!(CookieList::parse([]).header_without(&[], own), None);
+        assert_eq!(CookieList::parse(&[]).header_without(own), None);
     }
 
     #[test]
     fn cookie_list_parses_like_browsers_send() {
-        let list = CookieList::parse([" a = 1 ;; =x; noeq ; b=\"q\"", "c="]);
+        let list = CookieList::parse(&[" a = 1 ;; =x; noeq ; b=\"q\"", "c="]);
         assert_eq!(&list[..], &[("a", "1"), ("b", "q"), ("c", "")]);
     }
 

@@ -32,19 +32,19 @@ const CALL_RESPONSE_HEADERS: u32 = 6;
 const STATUS_OK: u32 = 0;
 
 impl HeaderMapBytes {
-    /// The current request's headers; empty when the host has none to give (the caller then
-    /// sees a request without headers, which fails closed).
-    pub fn request() -> Self {
+    /// The current request's headers; `None` when the host refuses (the caller fails closed).
+    pub fn request() -> Option<Self> {
         Self::get(REQUEST_HEADERS)
     }
 
-    /// The headers of the IdP's answer to a callout (in `on_http_call_response`).
-    pub fn call_response() -> Self {
+    /// The headers of the IdP's answer to a callout (in `on_http_call_response`); `None` when the
+    /// host refuses.
+    pub fn call_response() -> Option<Self> {
         Self::get(CALL_RESPONSE_HEADERS)
     }
 
     #[allow(unsafe_code)]
-    fn get(map_type: u32) -> Self {
+    fn get(map_type: u32) -> Option<Self> {
         let mut data: *mut u8 = std::ptr::null_mut();
         let mut size: usize = 0;
         // SAFETY: the host writes a pointer and a length into the two locals. The buffer was
@@ -52,12 +52,15 @@ impl HeaderMapBytes {
         // of exactly `size` bytes) and is handed over: taking it back as a `Vec` of that length
         // and capacity is how the SDK itself frees it.
         let status = unsafe { ffi::proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
-        if status != STATUS_OK || data.is_null() {
-            return Self::from_bytes(Vec::new());
+        if status != STATUS_OK {
+            return None;
+        }
+        if data.is_null() {
+            return Some(Self::from_bytes(Vec::new()));
         }
         // SAFETY: see above.
         let buf = unsafe { Vec::from_raw_parts(data, size, size) };
-        Self::from_bytes(buf)
+        Some(Self::from_bytes(buf))
     }
 
     /// A map from serialised bytes (tests; the host's buffer in [`HeaderMapBytes::request`]).

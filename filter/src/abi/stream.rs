@@ -172,8 +172,9 @@ impl Stream {
         unix_seconds(self.get_current_time())
     }
 
-    fn gather(&self, gate: Option<&Gate>) -> Facts {
-        let map = HeaderMapBytes::request();
+    /// The request facts; `None` when the host would not give the headers.
+    fn gather(&self, gate: Option<&Gate>) -> Option<Facts> {
+        let map = HeaderMapBytes::request()?;
         let mut f = Facts::default();
         let mut scheme_is_http = None;
         let mut forwarded_proto_is_http = None;
@@ -220,7 +221,7 @@ impl Stream {
         } else {
             "https"
         };
-        f
+        Some(f)
     }
 
     fn note(&self, note: Note) {
@@ -519,11 +520,19 @@ impl Stream {
             // Another worker is refreshing this session: wait for its answer. The root tick
             // polls for it; the host ties a stream's tick to its root context, and the root stops
             // the tick once no stream waits.
-            if let Err(status) = proxy_wasm::hostcalls::set_tick_period(REMOTE_POLL_TICK) {
-                log::error!(
-                    "oidc-gate #{}: cannot start the tick that waits for another worker's refresh ({status:?})",
-                    self.id
-                );
+            // Only the first waiter starts it: setting the period again re-arms the timer, so
+            // waiters arriving faster than the period would keep the poll from ever running.
+            let tick_running = !shared.remote_waiters.borrow().is_empty();
+            let started = tick_running
+                || proxy_wasm::hostcalls::set_tick_period(REMOTE_POLL_TICK)
+                    .map_err(|status| {
+                        log::error!(
+                            "oidc-gate #{}: cannot start the tick that waits for another worker's refresh ({status:?})",
+                            self.id
+                        );
+                    })
+                    .is_ok();
+            if !started {
                 return self.fail(Failure::IdpUnavailable);
             }
             shared.remote_waiters.borrow_mut().push(RemoteWaiter {
@@ -707,10 +716,11 @@ impl Stream {
         }
         // Read in place: the SDK's reader panics on a header value that is not UTF-8, and the
         // IdP's answer is untrusted input.
-        let status = HeaderMapBytes::call_response()
-            .pairs()
-            .find(|(k, _)| *k == b":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        let status = HeaderMapBytes::call_response().and_then(|m| {
+            m.pairs()
+                .find(|(k, _)| *k == b":status")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+        });
         let Some(status) = status else {
             if let Some(s) = &self.shared {
                 s.metrics.count("callout_errors");
@@ -966,7 +976,14 @@ impl HttpContext for Stream {
         let gate = self.shared.as_ref().map(|s| s.gate.clone());
         // One read of the header map serves every decision (each host call costs more than the
         // work the filter does per request).
-        self.facts = self.gather(gate.as_deref());
+        let Some(facts) = self.gather(gate.as_deref()) else {
+            log::error!(
+                "oidc-gate #{}: the host did not give the request headers; refusing the request",
+                self.id
+            );
+            return self.fail(Failure::Internal);
+        };
+        self.facts = facts;
         if gate
             .as_ref()
             .is_some_and(|g| !g.config().protects(&self.facts.authority))
