@@ -1613,22 +1613,6 @@ async fn huge_return_url_login_cookie_fits_a_browser() {
 // G77: header values that are not UTF-8 (HTTP allows obs-text bytes 0x80-0xFF)
 // ------------------------------------------------------------------------------------------------
 
-/// A raw GET to the app host with `extra` header lines given as bytes (not necessarily UTF-8).
-async fn raw_get_bytes(stack: &Stack, target: &[u8], extra: &[&[u8]]) -> RawResp {
-    let mut req = Vec::new();
-    req.extend_from_slice(b"GET ");
-    req.extend_from_slice(target);
-    req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    req.extend_from_slice(APP_HOST.as_bytes());
-    req.extend_from_slice(b"\r\nAccept: text/html\r\nSec-Fetch-Mode: navigate\r\n");
-    for h in extra {
-        req.extend_from_slice(h);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"Connection: close\r\n\r\n");
-    raw_request(stack, APP_HOST, req).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_values_that_are_not_utf8_get_an_answer_not_a_crash() {
     let stack = Stack::start_default().await;

@@ -212,13 +212,24 @@ pub async fn raw_request(stack: &Stack, sni: &str, request: Vec<u8>) -> RawResp 
 }
 
 /// `GET <target> HTTP/1.1` to the gateway with `Host: app.example.com`, browser navigation
-/// headers, `extra` header lines (already formatted `Name: value`) and `Connection: close`.
+/// headers, `extra` header lines (already formatted `Name: value`, any bytes) and
+/// `Connection: close`.
 pub async fn raw_get(stack: &Stack, target: &[u8], extra: &[&str]) -> RawResp {
     raw_get_host(stack, APP_HOST, target, extra).await
 }
 
+/// Like [`raw_get`] with header lines that need not be UTF-8.
+pub async fn raw_get_bytes(stack: &Stack, target: &[u8], extra: &[&[u8]]) -> RawResp {
+    raw_get_host_bytes(stack, APP_HOST, target, extra).await
+}
+
 /// Like [`raw_get`] with another `Host`.
 pub async fn raw_get_host(stack: &Stack, host: &str, target: &[u8], extra: &[&str]) -> RawResp {
+    let extra: Vec<&[u8]> = extra.iter().map(|h| h.as_bytes()).collect();
+    raw_get_host_bytes(stack, host, target, &extra).await
+}
+
+async fn raw_get_host_bytes(stack: &Stack, host: &str, target: &[u8], extra: &[&[u8]]) -> RawResp {
     let mut req = Vec::new();
     req.extend_from_slice(b"GET ");
     req.extend_from_slice(target);
@@ -228,7 +239,7 @@ pub async fn raw_get_host(stack: &Stack, host: &str, target: &[u8], extra: &[&st
         b"\r\nAccept: text/html,application/xhtml+xml\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Dest: document\r\n",
     );
     for h in extra {
-        req.extend_from_slice(h.as_bytes());
+        req.extend_from_slice(h);
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"Connection: close\r\n\r\n");
