@@ -529,6 +529,65 @@ async fn failed_refresh_ends_the_session() {
     assert_eq!(counter(&stack, "refreshes_failed_refused").await, 4);
 }
 
+/// Logout ends the login at the IdP, which revokes its refresh tokens. A copy of the session
+/// cookie taken before logout (stateless sessions cannot be recalled) still passes until its
+/// refresh is due, then is refused on every request: the per-worker cache of verified sessions
+/// does not keep it alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
+    let stack = Stack::start(short_ttl()).await;
+    let b = stack.browser();
+    let t_login = login(&stack, &b).await;
+    let copy = stack.api_client();
+    copy_session(&b, &copy);
+    let saved: Vec<(String, String)> = copy
+        .jar()
+        .for_host(APP_HOST)
+        .into_iter()
+        .map(|c| (c.name, c.value))
+        .collect();
+    let r = copy.get(&stack.url("/private?copy-before-logout")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    let out = b.get(&stack.url("/oauth2/sign_out")).await;
+    assert_eq!(out.status, 302, "{}", out.describe());
+    let idp = b.follow_one(&out).await;
+    assert!(idp.status < 400, "{}", idp.describe());
+    let st = stack.idp.stats();
+    assert_eq!(st.end_session, 1, "{st:?}");
+    assert!(st.refresh_revoked_at_logout >= 1, "{st:?}");
+
+    // The documented window (SECURITY.md, Revocation): valid until the refresh is due.
+    let r = copy.get(&stack.url("/private?copy-after-logout")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    wait_refresh_due(t_login).await;
+    let upstream_before = stack.upstream.count();
+    stack.idp.reset_stats();
+    for i in 0..4 {
+        // The thief keeps sending the copy, whatever the gateway answered last time.
+        for (name, value) in &saved {
+            copy.set_cookie_raw(APP_HOST, name, value);
+        }
+        let r = copy.get(&stack.url(&format!("/private?copy-{i}"))).await;
+        assert_unauthenticated(&r, "session cookie copied before logout");
+        assert!(deletes(&r, SESSION_COOKIE), "{:?}", r.set_cookies());
+    }
+    let st = stack.idp.stats();
+    assert!(st.refresh >= 1, "the IdP was asked: {st:?}");
+    assert_eq!(st.token_ok, 0, "{st:?}");
+    assert_eq!(
+        st.last_token_error.as_deref(),
+        Some("invalid_grant"),
+        "{st:?}"
+    );
+    assert_eq!(
+        stack.upstream.count(),
+        upstream_before,
+        "the upstream saw nothing"
+    );
+}
+
 /// One session on one worker, refresh due, and an IdP that answers the refresh slowly with 400:
 /// 10 requests at once (even: navigations, odd: API calls), all waiting for one leader.
 /// Returns the answers and `logins_started` before the burst.

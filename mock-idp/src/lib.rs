@@ -326,6 +326,8 @@ pub struct Stats {
     pub refresh: u64,
     pub userinfo: u64,
     pub end_session: u64,
+    /// Refresh tokens revoked at end_session (the login named by a known `id_token_hint`).
+    pub refresh_revoked_at_logout: u64,
     /// Form fields of the last token request (as sent, including any client_secret).
     pub last_token_form: BTreeMap<String, String>,
     /// `client_secret_basic`, `client_secret_post`, `none` or `both` (both is rejected).
@@ -374,6 +376,9 @@ struct Inner {
     access: HashMap<String, AccessGrant>,
     /// Login session id -> (username, auth_time).
     sessions: HashMap<String, (String, u64)>,
+    /// SHA-256 of each ID token issued -> its token family: an `id_token_hint` at end_session
+    /// names the login whose refresh tokens are revoked (as Keycloak does).
+    id_tokens: HashMap<[u8; 32], String>,
     fault: Fault,
     stats: Stats,
 }
@@ -412,6 +417,7 @@ impl IdpState {
                 refresh: HashMap::new(),
                 access: HashMap::new(),
                 sessions: HashMap::new(),
+                id_tokens: HashMap::new(),
                 fault: Fault::None,
                 stats: Stats::default(),
             }),

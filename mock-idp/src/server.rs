@@ -815,6 +815,12 @@ impl IdpState {
             .unwrap_or_else(|| keys::random_token(32));
         {
             let mut inner = self.lock();
+            if inner.id_tokens.len() >= MAX_REMEMBERED_ID_TOKENS {
+                inner.id_tokens.clear();
+            }
+            inner
+                .id_tokens
+                .insert(id_token_digest(&id_token), issue.family.clone());
             inner.access.insert(
                 access_token.clone(),
                 AccessGrant {
@@ -855,6 +861,14 @@ impl IdpState {
         }
         Value::Object(resp)
     }
+}
+
+/// Issued ID tokens remembered for `id_token_hint` (a dev IdP's memory stays bounded).
+const MAX_REMEMBERED_ID_TOKENS: usize = 100_000;
+
+fn id_token_digest(id_token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(id_token.as_bytes()).into()
 }
 
 async fn token(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
@@ -1057,8 +1071,22 @@ async fn logout(
             Some(uri.clone())
         }
     };
-    if let Some(sid) = cookie_value(&headers, SESSION_COOKIE) {
-        st.lock().sessions.remove(&sid);
+    {
+        let mut inner = st.lock();
+        if let Some(sid) = cookie_value(&headers, SESSION_COOKIE) {
+            inner.sessions.remove(&sid);
+        }
+        // Only a hint this IdP issued (byte for byte) ends a login's refresh tokens: a forged
+        // hint revokes nothing.
+        if let Some(family) = hint
+            .as_deref()
+            .and_then(|h| inner.id_tokens.get(&id_token_digest(h)).cloned())
+        {
+            let before = inner.refresh.len();
+            inner.refresh.retain(|_, r| r.family != family);
+            let revoked = (before - inner.refresh.len()) as u64;
+            inner.stats.refresh_revoked_at_logout += revoked;
+        }
     }
     let mut resp = match target {
         Some(uri) => match &state {
