@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -215,21 +215,26 @@ impl std::fmt::Debug for PendingRefresh {
     }
 }
 
+/// A digest of a session's refresh token: the token itself never becomes a map key or a log line.
+fn refresh_token_key(session: &Session) -> [u8; 16] {
+    let digest = Sha256::digest(
+        session
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose())
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
 impl PendingRefresh {
     /// A key identifying the refresh token, for coalescing concurrent refreshes of one session
     /// (a digest: the token itself never becomes a map key or a log line).
     pub fn coalescing_key(&self) -> [u8; 16] {
-        let digest = Sha256::digest(
-            self.session
-                .refresh_token
-                .as_ref()
-                .map(|t| t.expose())
-                .unwrap_or("")
-                .as_bytes(),
-        );
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&digest[..16]);
-        key
+        refresh_token_key(&self.session)
     }
 
     /// The same refresh for another request of the same session (its own cookie header).
@@ -471,6 +476,7 @@ pub struct Gate {
     keys: Keyring,
     sessions: RefCell<VerifiedCache<CachedSession>>,
     bearers: RefCell<VerifiedCache<CachedBearer>>,
+    refused_refresh_tokens: RefCell<RefusedRefreshTokens>,
 }
 
 /// A session read from the request's cookies.
@@ -563,6 +569,38 @@ impl<V> VerifiedCache<V> {
     }
 }
 
+/// Refresh tokens the IdP refused with `invalid_grant` (revoked at logout, expired, reused),
+/// by digest. A session cookie carrying one is ended without asking the IdP again: a copied or
+/// stale cookie sent over and over must not become one token request per request.
+#[derive(Default)]
+struct RefusedRefreshTokens {
+    keys: HashSet<[u8; 16]>,
+}
+
+impl std::fmt::Debug for RefusedRefreshTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RefusedRefreshTokens({} entries)", self.keys.len())
+    }
+}
+
+impl RefusedRefreshTokens {
+    fn insert(&mut self, key: [u8; 16]) {
+        if self.keys.len() >= SESSION_CACHE_CAPACITY {
+            // Forgetting one only costs the IdP one more refusal.
+            let mut keep = false;
+            self.keys.retain(|_| {
+                keep = !keep;
+                keep
+            });
+        }
+        self.keys.insert(key);
+    }
+
+    fn contains(&self, key: &[u8; 16]) -> bool {
+        self.keys.contains(key)
+    }
+}
+
 /// A verified session; the host is part of the AEAD context, so it must match too.
 struct CachedSession {
     host: String,
@@ -587,6 +625,7 @@ impl Gate {
             keys,
             sessions: RefCell::new(VerifiedCache::default()),
             bearers: RefCell::new(VerifiedCache::default()),
+            refused_refresh_tokens: RefCell::new(RefusedRefreshTokens::default()),
         }
     }
 
@@ -640,10 +679,24 @@ impl Gate {
         }
 
         let (found, mut note) = self.session_from(&host, &cookies, now);
+        let mut refresh_refused = false;
         if let Some(found) = found {
             let session = found.session;
             let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
-            if wants_refresh && session.refresh_token.is_some() {
+            refresh_refused = wants_refresh
+                && session.refresh_token.is_some()
+                && self
+                    .refused_refresh_tokens
+                    .borrow()
+                    .contains(&refresh_token_key(&session));
+            if refresh_refused {
+                // The IdP already refused this refresh token: the session ended, as it did for
+                // the request that asked.
+                note = Note::event(
+                    Event::SessionRejected("refresh_refused"),
+                    "session ended: the IdP refused its refresh token earlier",
+                );
+            } else if wants_refresh && session.refresh_token.is_some() {
                 let Some(provider) = known.provider else {
                     // Still valid: serve now rather than wait for discovery; refresh next time.
                     if session.is_usable(now) {
@@ -687,13 +740,43 @@ impl Gate {
                     note,
                 );
             }
-            if session.is_usable(now) {
-                let fwd = self.forward_with(req, &session, &cookies, found.needs_reseal, now, rng);
-                return (Decision::Forward(fwd), note);
+            if !refresh_refused {
+                if session.is_usable(now) {
+                    let fwd =
+                        self.forward_with(req, &session, &cookies, found.needs_reseal, now, rng);
+                    return (Decision::Forward(fwd), note);
+                }
+                note = Note::event(Event::SessionRejected("expired"), "session expired");
             }
-            note = Note::event(Event::SessionRejected("expired"), "session expired");
         }
 
+        let (decision, note) = self.without_session(req, &host, &cookies, known, now, rng, note);
+        match decision {
+            Decision::Reply(mut reply) if refresh_refused => {
+                // As the request whose refresh was refused: the browser drops the cookie.
+                for name in session_cookie_names(&cookies) {
+                    reply
+                        .headers
+                        .push(("set-cookie".to_string(), delete_cookie(&name)));
+                }
+                (Decision::Reply(reply), note)
+            }
+            decision => (decision, note),
+        }
+    }
+
+    /// A request without a usable session: a bearer token, a 401 or a login.
+    #[allow(clippy::too_many_arguments)]
+    fn without_session(
+        &self,
+        req: &Request<'_>,
+        host: &str,
+        cookies: &CookieList<'_>,
+        known: Known<'_>,
+        now: UnixSeconds,
+        rng: &mut dyn Random,
+        note: Note,
+    ) -> (Decision, Note) {
         if let Some(bearer) = &self.config.bearer_tokens {
             if !req.authorization.is_empty() {
                 return self.bearer(req, &bearer.audiences, known, now);
@@ -708,7 +791,7 @@ impl Gate {
         let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);
         };
-        match self.start_login(req, &host, &cookies, provider, now, rng) {
+        match self.start_login(req, host, cookies, provider, now, rng) {
             Ok(reply) => {
                 let log = note.log.unwrap_or_else(|| "login started".into());
                 (
@@ -1442,7 +1525,13 @@ impl Gate {
         let tokens = match parse_token_response(status, body, false) {
             Ok(t) => t,
             Err(e @ TokenResponseError::Status { .. }) => {
-                return end("refused", format!("refresh failed: {e}"))
+                if matches!(&e, TokenResponseError::Status { error, .. } if error == "invalid_grant")
+                {
+                    self.refused_refresh_tokens
+                        .borrow_mut()
+                        .insert(refresh_token_key(&pending.session));
+                }
+                return end("refused", format!("refresh failed: {e}"));
             }
             Err(e) => return end("invalid response", format!("refresh failed: {e}")),
         };

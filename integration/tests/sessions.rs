@@ -520,13 +520,23 @@ async fn failed_refresh_ends_the_session() {
     assert!(deletes(&r, SESSION_COOKIE), "{:?}", r.set_cookies());
     assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_none());
 
-    assert_eq!(stack.idp.stats().refresh, 4, "one refresh attempt each");
+    // Session A's refresh token was refused with invalid_grant: a worker that saw that does not
+    // send it again (the API client may land on the same worker as the browser).
+    let refreshes = stack.idp.stats().refresh;
+    assert!(
+        (3..=4).contains(&refreshes),
+        "one attempt per request, A's API client skipped on the browser's worker: {refreshes}"
+    );
     assert_eq!(
         stack.upstream.count(),
         upstream_before,
         "the upstream saw nothing"
     );
-    assert_eq!(counter(&stack, "refreshes_failed_refused").await, 4);
+    assert_eq!(counter(&stack, "refreshes_failed_refused").await, refreshes);
+    assert_eq!(
+        counter(&stack, "sessions_rejected_refresh_refused").await,
+        4 - refreshes
+    );
 }
 
 /// Logout ends the login at the IdP, which revokes its refresh tokens. A copy of the session
@@ -564,7 +574,7 @@ async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
     wait_refresh_due(t_login).await;
     let upstream_before = stack.upstream.count();
     stack.idp.reset_stats();
-    for i in 0..4 {
+    for i in 0..8 {
         // The thief keeps sending the copy, whatever the gateway answered last time.
         for (name, value) in &saved {
             copy.set_cookie_raw(APP_HOST, name, value);
@@ -574,7 +584,12 @@ async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
         assert!(deletes(&r, SESSION_COOKIE), "{:?}", r.set_cookies());
     }
     let st = stack.idp.stats();
-    assert!(st.refresh >= 1, "the IdP was asked: {st:?}");
+    // Once refused, a worker does not ask again for that refresh token.
+    let workers = u64::from(StackOptions::default().concurrency);
+    assert!(
+        (1..=workers).contains(&st.refresh),
+        "at most one refresh per worker: {st:?}"
+    );
     assert_eq!(st.token_ok, 0, "{st:?}");
     assert_eq!(
         st.last_token_error.as_deref(),

@@ -1019,6 +1019,77 @@ fn failed_refresh_ends_the_session() {
 }
 
 #[test]
+fn a_refresh_token_the_idp_refused_is_not_sent_again() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(27);
+    let session = logged_in(&g, &idp, &mut rng);
+    let jwks = idp.jwks();
+    let keys = Keys {
+        jwks: Some(&jwks),
+        may_refetch: false,
+    };
+    // Refresh due, access token still valid (expires at NOW + 300, skew 60).
+    let due = NOW + 270;
+    // A failure that says nothing about the token (503) leaves it usable for the next attempt.
+    let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
+    let (step, _) = g.complete_refresh(&pending, 503, b"", keys, due, &mut rng);
+    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
+    let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
+    let refused = json!({"error": "invalid_grant"}).to_string();
+    let (step, _) = g.complete_refresh(&pending, 400, refused.as_bytes(), keys, due, &mut rng);
+    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
+
+    // The same cookie again: no token request, not forwarded although the access token has not
+    // expired yet; a browser is sent to log in, an API client gets 401.
+    for now in [due, due + 20, NOW + 400] {
+        let (decision, note) = g.decide(
+            &browser("/x", vec![&session]),
+            with_provider(&provider()),
+            now,
+            &mut rng,
+        );
+        let Decision::Reply(r) = decision else {
+            panic!("{decision:?}")
+        };
+        assert_eq!(r.status, 302);
+        assert!(header(&r, "location")[0].starts_with("https://idp.example.com/authorize?"));
+        assert!(
+            header(&r, "set-cookie")
+                .iter()
+                .any(|c| c.starts_with("__Host-oidc-gate=;")),
+            "the browser drops the ended session: {:?}",
+            r.headers
+        );
+        assert!(note
+            .log
+            .unwrap_or_default()
+            .contains("refused its refresh token"));
+        let mut api = browser("/x", vec![&session]);
+        api.sec_fetch_mode = Some("cors");
+        let (decision, note) = g.decide(&api, with_provider(&provider()), now, &mut rng);
+        let r = expect_reply((decision, note.clone()));
+        assert_eq!(r.status, 401);
+        assert!(header(&r, "set-cookie")
+            .iter()
+            .any(|c| c.starts_with("__Host-oidc-gate=;")));
+        assert_eq!(note.event, Some(Event::SessionRejected("refresh_refused")));
+    }
+    // Before the refresh is due the session is served as before (stateless: the window a
+    // cookie copied before logout keeps).
+    assert!(matches!(
+        g.decide(
+            &browser("/x", vec![&session]),
+            with_provider(&provider()),
+            NOW + 10,
+            &mut rng
+        )
+        .0,
+        Decision::Forward(_)
+    ));
+}
+
+#[test]
 fn session_without_refresh_token_ends_with_the_access_token_and_max_age_is_absolute() {
     let g = gate_with(json!({"session_max_age": 3600.0}));
     let idp = Idp::new();
