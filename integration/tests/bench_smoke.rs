@@ -80,3 +80,26 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
         );
     }
 }
+
+/// `--noop-extra` reaches the no-op filter as its plugin configuration: calibration work is
+/// accepted and the scenario still answers 200; a configuration the filter does not understand
+/// keeps the lab from starting (a calibration run can never silently measure the plain filter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noop_extra_work_reaches_the_noop_filter() {
+    let mut wasm = WasmModules::locate().expect("wasm modules");
+    wasm.noop_extra = Some("clock_reads=2 header_writes=3 cookie_byte_passes=1".into());
+    let lab = Lab::start(&wasm, &[Scenario::NoopWasm], 1, false)
+        .await
+        .expect("bench lab with calibration work");
+    let v = &lab.verified[&Scenario::NoopWasm];
+    assert_eq!(v.status, 200, "{v:?}");
+    drop(lab);
+
+    wasm.noop_extra = Some("sleep_ms=5".into());
+    assert!(
+        Lab::start(&wasm, &[Scenario::NoopWasm], 1, false)
+            .await
+            .is_err(),
+        "an unknown calibration word must fail the lab"
+    );
+}

@@ -2,48 +2,166 @@
 //! (`cookie`, the one an authentication filter must read) and sets one (`x-noop-cookie-bytes`).
 //! Everything a real filter pays for on top of this (the VM, the host calls, the header copies)
 //! is already paid here.
+//!
+//! For calibration (`oidc-gate-bench --noop-extra`), a plugin configuration such as
+//! `clock_reads=100 header_writes=100 cookie_byte_passes=10` adds that much work per request, so
+//! the cost of one host call or of one byte of wasm loop inside this Envoy can be measured.
 
 /// The header set on every request: the length of the `cookie` header (0 without one).
 pub const SET_HEADER: &str = "x-noop-cookie-bytes";
+
+/// Extra work per request (all zero by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExtraWork {
+    /// Reads of the host clock.
+    pub clock_reads: u32,
+    /// Header writes (alternately adding and removing `x-noop-extra`).
+    pub header_writes: u32,
+    /// Byte-at-a-time passes over the `cookie` header value.
+    pub cookie_byte_passes: u32,
+}
+
+impl ExtraWork {
+    /// Parses `name=count` words separated by spaces; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut work = ExtraWork::default();
+        for word in text.split_whitespace() {
+            let (name, count) = word.split_once('=')?;
+            let count: u32 = count.parse().ok()?;
+            match name {
+                "clock_reads" => work.clock_reads = count,
+                "header_writes" => work.header_writes = count,
+                "cookie_byte_passes" => work.cookie_byte_passes = count,
+                _ => return None,
+            }
+        }
+        Some(work)
+    }
+}
+
+/// One byte-at-a-time pass: the shape of a naive parser's loop.
+pub fn byte_pass(bytes: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    for b in std::hint::black_box(bytes) {
+        sum = sum.wrapping_add(u64::from(*b));
+    }
+    sum
+}
 
 // `proxy_wasm::main!` exports `_initialize` with `#[no_mangle]`, which the `unsafe_code` lint
 // flags; it is the module's entry point and only built for wasm.
 #[cfg(target_arch = "wasm32")]
 #[allow(unsafe_code)]
 mod entry {
+    use super::{byte_pass, ExtraWork};
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel};
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Warn);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(NoopRoot) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+            Box::new(NoopRoot { work: ExtraWork::default() })
+        });
     }}
 
-    struct NoopRoot;
+    struct NoopRoot {
+        work: ExtraWork,
+    }
 
     impl Context for NoopRoot {}
 
     impl RootContext for NoopRoot {
+        fn on_configure(&mut self, _size: usize) -> bool {
+            let config = self.get_plugin_configuration().unwrap_or_default();
+            let text = String::from_utf8_lossy(&config);
+            // Istio and the bench hand the configuration over as a JSON string.
+            match ExtraWork::parse(text.trim().trim_matches('"')) {
+                Some(work) => {
+                    self.work = work;
+                    true
+                }
+                None => {
+                    log::error!("noop-filter: configuration is not `name=count ...`: {text}");
+                    false
+                }
+            }
+        }
+
         fn get_type(&self) -> Option<ContextType> {
             Some(ContextType::HttpContext)
         }
 
         fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-            Some(Box::new(Noop))
+            Some(Box::new(Noop { work: self.work }))
         }
     }
 
-    struct Noop;
+    struct Noop {
+        work: ExtraWork,
+    }
 
     impl Context for Noop {}
 
     impl HttpContext for Noop {
         fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-            let n = self
-                .get_http_request_header("cookie")
-                .map_or(0, |c| c.len());
+            let cookie = self.get_http_request_header("cookie").unwrap_or_default();
+            let mut n = cookie.len();
+            if self.work != ExtraWork::default() {
+                n = n.wrapping_add(self.extra(&cookie));
+            }
             self.set_http_request_header(super::SET_HEADER, Some(&n.to_string()));
             Action::Continue
         }
+    }
+
+    impl Noop {
+        /// The calibration work; returns 0 (folded into the header so it cannot be skipped).
+        fn extra(&self, cookie: &str) -> usize {
+            let mut sum = 0u64;
+            for _ in 0..self.work.clock_reads {
+                // One host call: comparing with the epoch is arithmetic (elapsed() would ask
+                // WASI's clock as well).
+                let t = self.get_current_time();
+                let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                sum = sum.wrapping_add(since.as_secs());
+            }
+            for i in 0..self.work.header_writes {
+                if i % 2 == 0 {
+                    self.add_http_request_header("x-noop-extra", "1");
+                } else {
+                    self.set_http_request_header("x-noop-extra", None);
+                }
+            }
+            for _ in 0..self.work.cookie_byte_passes {
+                sum = sum.wrapping_add(byte_pass(cookie.as_bytes()));
+            }
+            usize::from(sum == u64::MAX)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_work_parses_counts_and_refuses_the_rest() {
+        assert_eq!(ExtraWork::parse(""), Some(ExtraWork::default()));
+        assert_eq!(
+            ExtraWork::parse("clock_reads=100 header_writes=3  cookie_byte_passes=10"),
+            Some(ExtraWork {
+                clock_reads: 100,
+                header_writes: 3,
+                cookie_byte_passes: 10
+            })
+        );
+        assert_eq!(ExtraWork::parse("clock_reads"), None);
+        assert_eq!(ExtraWork::parse("clock_reads=-1"), None);
+        assert_eq!(ExtraWork::parse("sleep=1"), None);
+    }
+
+    #[test]
+    fn byte_pass_sums_every_byte() {
+        assert_eq!(byte_pass(b"\x01\x02\xff"), 258);
     }
 }

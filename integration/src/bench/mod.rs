@@ -49,6 +49,8 @@ pub struct WasmModules {
     pub oidc: PathBuf,
     /// The no-op filter (`integration/noop-filter`).
     pub noop: PathBuf,
+    /// The no-op filter's configuration: extra work per request for calibration (`--noop-extra`).
+    pub noop_extra: Option<String>,
 }
 
 impl WasmModules {
@@ -65,6 +67,7 @@ impl WasmModules {
         Ok(WasmModules {
             oidc,
             noop: ensure_noop_wasm()?,
+            noop_extra: None,
         })
     }
 }
@@ -135,6 +138,9 @@ pub struct BenchOptions {
     /// The IdP issues JWT access tokens (session cookie about 2.6 KB) instead of opaque ones
     /// (about 1.5 KB, the default).
     pub jwt_access_tokens: bool,
+    /// Extra work per request for the no-op filter, e.g. `clock_reads=100` (calibration of host
+    /// call and wasm loop costs; see integration/README.md).
+    pub noop_extra: Option<String>,
 }
 
 impl BenchOptions {
@@ -159,6 +165,7 @@ impl BenchOptions {
                 ready_repeats: 5,
             }),
             jwt_access_tokens: false,
+            noop_extra: None,
         }
     }
 
@@ -263,6 +270,7 @@ impl Fixture {
         let inputs = ConfigInputs {
             oidc_wasm: &self.wasm.oidc,
             noop_wasm: &self.wasm.noop,
+            noop_extra: self.wasm.noop_extra.as_deref(),
             cert: &self.cert,
             issuer: &issuer,
             idp_port: self.idp.addr().port(),
@@ -750,7 +758,8 @@ pub fn environment() -> Value {
 
 /// The whole benchmark: the lab, the rounds, then the extras. `progress` gets one line per step.
 pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
-    let wasm = WasmModules::locate()?;
+    let mut wasm = WasmModules::locate()?;
+    wasm.noop_extra = opts.noop_extra.clone();
     let env_start = environment();
     progress(&format!(
         "starting {} Envoys (--concurrency {}), logging in",

@@ -271,6 +271,7 @@ impl Report {
                 "envoy_concurrency": self.options.concurrency,
                 "wrk": self.options.wrk.to_json(),
                 "route": "direct_response 200 (all scenarios)",
+                "noop_extra_work": self.options.noop_extra,
             },
             "credentials": {
                 "session_cookie_bytes": self.credentials.session_cookie.len(),
@@ -363,6 +364,12 @@ impl Report {
             if self.options.jwt_access_tokens { "JWT" } else { "opaque" },
             self.credentials.bearer.len() + "Bearer ".len()
         );
+        if let Some(extra) = &self.options.noop_extra {
+            let _ = writeln!(
+                s,
+                "- **Calibration run**: the no-op filter (2) does extra work per request: `{extra}`\n"
+            );
+        }
         let _ = writeln!(s, "## Requests per second and latency\n");
         let _ = writeln!(
             s,

@@ -135,6 +135,8 @@ pub struct ConfigInputs<'a> {
     pub oidc_wasm: &'a Path,
     /// The no-op module.
     pub noop_wasm: &'a Path,
+    /// Its extra work per request (calibration), if any.
+    pub noop_extra: Option<&'a str>,
     /// Serving certificate.
     pub cert: &'a CertFiles,
     /// Mock IdP issuer (`http://127.0.0.1:<port>`).
@@ -176,7 +178,7 @@ pub fn bootstrap(s: Scenario, inp: &ConfigInputs<'_>, dir: &Path) -> Value {
     match s {
         Scenario::NoopWasm => {
             gw.wasm = inp.noop_wasm.to_path_buf();
-            gw.plugin_config = None;
+            gw.plugin_config = inp.noop_extra.map(|w| config::istio_plugin_json(&json!(w)));
         }
         Scenario::OidcSession | Scenario::OidcBearer => {
             gw.env

@@ -25,6 +25,9 @@ usage: oidc-gate-bench [options]
   --no-extras          only requests/s and latency
   --jwt-access-tokens  the IdP issues JWT access tokens (session cookie ~2.6 KB) instead of
                        opaque ones (~1.5 KB, default)
+  --noop-extra WORK    extra work per request for the no-op filter (2), to calibrate host-call
+                       and wasm costs against plain (2): `clock_reads=N header_writes=N
+                       cookie_byte_passes=N` (integration/README.md)
   --out DIR            where to write results (default <repo>/target/bench)
 
 Needs: make build (target/wasm32-wasip1/release/oidc_filter.wasm), an Envoy (see
@@ -61,6 +64,9 @@ fn parse_args() -> Result<(BenchOptions, PathBuf), String> {
             "--threads" => opts.wrk.threads = num(it.next(), "--threads")?,
             "--no-extras" => opts.extras = None,
             "--jwt-access-tokens" => opts.jwt_access_tokens = true,
+            "--noop-extra" => {
+                opts.noop_extra = Some(it.next().ok_or("--noop-extra needs `name=count ...`")?)
+            }
             "--out" => out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "--scenarios" => {
                 let list = it.next().ok_or("--scenarios needs a list")?;
