@@ -79,8 +79,8 @@ pub struct Shared {
 }
 
 /// How often the root context looks for refreshes finished by other VMs, while a stream waits
-/// for one. The tick runs only then: a VM with a tick running served about 7% fewer requests
-/// per second in `make bench` than one without.
+/// for one. The tick runs only then: nothing else needs it, and an idle worker is not woken ten
+/// times a second for nothing.
 pub const REMOTE_POLL_TICK: Duration = Duration::from_millis(100);
 
 /// The per-VM root context.
