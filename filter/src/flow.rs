@@ -215,6 +215,23 @@ impl std::fmt::Debug for PendingRefresh {
     }
 }
 
+/// The end of a session whose refresh failed: its cookies deleted, the failure counted.
+fn ended_refresh(
+    pending: &PendingRefresh,
+    reason: &'static str,
+    detail: String,
+) -> (RefreshStep, Note) {
+    let clear = pending
+        .present_session_cookies
+        .iter()
+        .map(|n| delete_cookie(n))
+        .collect();
+    (
+        RefreshStep::Ended(clear),
+        Note::event(Event::RefreshFailed(reason), detail),
+    )
+}
+
 /// A digest of a session's refresh token: the token itself never becomes a map key or a log line.
 fn refresh_token_key(session: &Session) -> [u8; 16] {
     let digest = Sha256::digest(
@@ -570,8 +587,9 @@ impl<V> VerifiedCache<V> {
 }
 
 /// Refresh tokens the IdP refused with `invalid_grant` (revoked at logout, expired, reused),
-/// by digest. A session cookie carrying one is ended without asking the IdP again: a copied or
-/// stale cookie sent over and over must not become one token request per request.
+/// by digest. A session cookie carrying one is ended without asking the IdP again (unless
+/// another worker's answer for it is at hand): a copied or stale cookie sent over and over must
+/// not become one token request per request.
 #[derive(Default)]
 struct RefusedRefreshTokens {
     keys: HashSet<[u8; 16]>,
@@ -585,7 +603,7 @@ impl std::fmt::Debug for RefusedRefreshTokens {
 
 impl RefusedRefreshTokens {
     fn insert(&mut self, key: [u8; 16]) {
-        if self.keys.len() >= SESSION_CACHE_CAPACITY {
+        if self.keys.len() >= SESSION_CACHE_CAPACITY && !self.keys.contains(&key) {
             // Forgetting one only costs the IdP one more refusal.
             let mut keep = false;
             self.keys.retain(|_| {
@@ -627,6 +645,25 @@ impl Gate {
             bearers: RefCell::new(VerifiedCache::default()),
             refused_refresh_tokens: RefCell::new(RefusedRefreshTokens::default()),
         }
+    }
+
+    /// Ends the session as a refusal would when the IdP refused this refresh's token with
+    /// `invalid_grant` before (as seen by this VM), without presenting the token again; `None`
+    /// when it did not. The glue asks after looking for another worker's answer for the token.
+    pub fn end_if_refused_earlier(&self, pending: &PendingRefresh) -> Option<(RefreshStep, Note)> {
+        let refused = pending.session.refresh_token.is_some()
+            && self
+                .refused_refresh_tokens
+                .borrow()
+                .contains(&refresh_token_key(&pending.session));
+        refused.then(|| {
+            ended_refresh(
+                pending,
+                "refused",
+                "refresh token refused by the IdP earlier; session ended without asking again"
+                    .to_string(),
+            )
+        })
     }
 
     /// Number of verified sessions cached in this VM.
@@ -679,24 +716,10 @@ impl Gate {
         }
 
         let (found, mut note) = self.session_from(&host, &cookies, now);
-        let mut refresh_refused = false;
         if let Some(found) = found {
             let session = found.session;
             let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
-            refresh_refused = wants_refresh
-                && session.refresh_token.is_some()
-                && self
-                    .refused_refresh_tokens
-                    .borrow()
-                    .contains(&refresh_token_key(&session));
-            if refresh_refused {
-                // The IdP already refused this refresh token: the session ended, as it did for
-                // the request that asked.
-                note = Note::event(
-                    Event::SessionRejected("refresh_refused"),
-                    "session ended: the IdP refused its refresh token earlier",
-                );
-            } else if wants_refresh && session.refresh_token.is_some() {
+            if wants_refresh && session.refresh_token.is_some() {
                 let Some(provider) = known.provider else {
                     // Still valid: serve now rather than wait for discovery; refresh next time.
                     if session.is_usable(now) {
@@ -740,43 +763,13 @@ impl Gate {
                     note,
                 );
             }
-            if !refresh_refused {
-                if session.is_usable(now) {
-                    let fwd =
-                        self.forward_with(req, &session, &cookies, found.needs_reseal, now, rng);
-                    return (Decision::Forward(fwd), note);
-                }
-                note = Note::event(Event::SessionRejected("expired"), "session expired");
+            if session.is_usable(now) {
+                let fwd = self.forward_with(req, &session, &cookies, found.needs_reseal, now, rng);
+                return (Decision::Forward(fwd), note);
             }
+            note = Note::event(Event::SessionRejected("expired"), "session expired");
         }
 
-        let (decision, note) = self.without_session(req, &host, &cookies, known, now, rng, note);
-        match decision {
-            Decision::Reply(mut reply) if refresh_refused => {
-                // As the request whose refresh was refused: the browser drops the cookie.
-                for name in session_cookie_names(&cookies) {
-                    reply
-                        .headers
-                        .push(("set-cookie".to_string(), delete_cookie(&name)));
-                }
-                (Decision::Reply(reply), note)
-            }
-            decision => (decision, note),
-        }
-    }
-
-    /// A request without a usable session: a bearer token, a 401 or a login.
-    #[allow(clippy::too_many_arguments)]
-    fn without_session(
-        &self,
-        req: &Request<'_>,
-        host: &str,
-        cookies: &CookieList<'_>,
-        known: Known<'_>,
-        now: UnixSeconds,
-        rng: &mut dyn Random,
-        note: Note,
-    ) -> (Decision, Note) {
         if let Some(bearer) = &self.config.bearer_tokens {
             if !req.authorization.is_empty() {
                 return self.bearer(req, &bearer.audiences, known, now);
@@ -791,7 +784,7 @@ impl Gate {
         let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);
         };
-        match self.start_login(req, host, cookies, provider, now, rng) {
+        match self.start_login(req, &host, &cookies, provider, now, rng) {
             Ok(reply) => {
                 let log = note.log.unwrap_or_else(|| "login started".into());
                 (
@@ -1511,21 +1504,11 @@ impl Gate {
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (RefreshStep, Note) {
-        let end = |reason: &'static str, detail: String| {
-            let clear = pending
-                .present_session_cookies
-                .iter()
-                .map(|n| delete_cookie(n))
-                .collect();
-            (
-                RefreshStep::Ended(clear),
-                Note::event(Event::RefreshFailed(reason), detail),
-            )
-        };
+        let end = |reason: &'static str, detail: String| ended_refresh(pending, reason, detail);
         let tokens = match parse_token_response(status, body, false) {
             Ok(t) => t,
             Err(e @ TokenResponseError::Status { .. }) => {
-                if matches!(&e, TokenResponseError::Status { error, .. } if error == "invalid_grant")
+                if matches!(&e, TokenResponseError::Status { status: 400, error } if error == "invalid_grant")
                 {
                     self.refused_refresh_tokens
                         .borrow_mut()

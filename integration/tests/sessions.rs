@@ -532,11 +532,8 @@ async fn failed_refresh_ends_the_session() {
         upstream_before,
         "the upstream saw nothing"
     );
-    assert_eq!(counter(&stack, "refreshes_failed_refused").await, refreshes);
-    assert_eq!(
-        counter(&stack, "sessions_rejected_refresh_refused").await,
-        4 - refreshes
-    );
+    // Every ended refresh counts, whether the IdP or the worker's memory of it refused.
+    assert_eq!(counter(&stack, "refreshes_failed_refused").await, 4);
 }
 
 /// Logout ends the login at the IdP, which revokes its refresh tokens. A copy of the session
@@ -545,7 +542,20 @@ async fn failed_refresh_ends_the_session() {
 /// does not keep it alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
-    let stack = Stack::start(short_ttl()).await;
+    // Longer than short_ttl(): a request, the logout and another request must all fit before
+    // the refresh is due, on a slow machine too.
+    const LONGER_TTL: u64 = 6;
+    let stack = Stack::start(
+        StackOptions {
+            idp: MockIdpConfig {
+                access_token_ttl: Duration::from_secs(LONGER_TTL),
+                ..MockIdpConfig::default()
+            },
+            ..StackOptions::default()
+        }
+        .with_config(json!({ "refresh_skew": SKEW })),
+    )
+    .await;
     let b = stack.browser();
     let t_login = login(&stack, &b).await;
     let copy = stack.api_client();
@@ -570,8 +580,12 @@ async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
     // The documented window (SECURITY.md, Revocation): valid until the refresh is due.
     let r = copy.get(&stack.url("/private?copy-after-logout")).await;
     assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        unix_now() < t_login + (LONGER_TTL - SKEW) as f64,
+        "the requests before the refresh took too long to test the window"
+    );
 
-    wait_refresh_due(t_login).await;
+    wait_until(t_login + (LONGER_TTL - SKEW) as f64 + 0.05).await;
     let upstream_before = stack.upstream.count();
     stack.idp.reset_stats();
     for i in 0..8 {

@@ -816,7 +816,12 @@ impl IdpState {
         {
             let mut inner = self.lock();
             if inner.id_tokens.len() >= MAX_REMEMBERED_ID_TOKENS {
-                inner.id_tokens.clear();
+                // Forget about half (in hash order): a long-running IdP keeps honouring most hints.
+                let mut keep = false;
+                inner.id_tokens.retain(|_, _| {
+                    keep = !keep;
+                    keep
+                });
             }
             inner
                 .id_tokens

@@ -503,6 +503,15 @@ impl Stream {
             self.finish_refresh(pending, key, 200, body, paused);
             return Action::Pause;
         }
+        if let Some((RefreshStep::Ended(clear), note)) =
+            shared.gate.end_if_refused_earlier(&pending)
+        {
+            // A revoked cookie replayed over and over costs the IdP one refusal per worker.
+            self.note(note);
+            self.extra_reply_cookies = clear;
+            self.facts = self.facts.without_session();
+            return self.run(paused);
+        }
         if !shared.refreshes.borrow_mut().lead(key) {
             shared.refreshes.borrow_mut().follow(
                 key,

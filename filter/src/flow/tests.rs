@@ -1031,50 +1031,35 @@ fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     };
     // Refresh due, access token still valid (expires at NOW + 300, skew 60).
     let due = NOW + 270;
-    // A failure that says nothing about the token (503) leaves it usable for the next attempt.
     let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
-    let (step, _) = g.complete_refresh(&pending, 503, b"", keys, due, &mut rng);
-    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
-    let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
+    assert!(g.end_if_refused_earlier(&pending).is_none());
+    // Answers that say nothing about the token itself are not remembered.
     let refused = json!({"error": "invalid_grant"}).to_string();
+    for (status, body) in [
+        (503, String::new()),
+        (401, refused.clone()),
+        (400, json!({"error": "invalid_request"}).to_string()),
+        (200, "<html>".to_string()),
+    ] {
+        let (step, _) = g.complete_refresh(&pending, status, body.as_bytes(), keys, due, &mut rng);
+        assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
+        assert!(
+            g.end_if_refused_earlier(&pending).is_none(),
+            "{status} {body}"
+        );
+    }
     let (step, _) = g.complete_refresh(&pending, 400, refused.as_bytes(), keys, due, &mut rng);
     assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
 
-    // The same cookie again: no token request, not forwarded although the access token has not
-    // expired yet; a browser is sent to log in, an API client gets 401.
-    for now in [due, due + 20, NOW + 400] {
-        let (decision, note) = g.decide(
-            &browser("/x", vec![&session]),
-            with_provider(&provider()),
-            now,
-            &mut rng,
-        );
-        let Decision::Reply(r) = decision else {
-            panic!("{decision:?}")
-        };
-        assert_eq!(r.status, 302);
-        assert!(header(&r, "location")[0].starts_with("https://idp.example.com/authorize?"));
-        assert!(
-            header(&r, "set-cookie")
-                .iter()
-                .any(|c| c.starts_with("__Host-oidc-gate=;")),
-            "the browser drops the ended session: {:?}",
-            r.headers
-        );
-        assert!(note
-            .log
-            .unwrap_or_default()
-            .contains("refused its refresh token"));
-        let mut api = browser("/x", vec![&session]);
-        api.sec_fetch_mode = Some("cors");
-        let (decision, note) = g.decide(&api, with_provider(&provider()), now, &mut rng);
-        let r = expect_reply((decision, note.clone()));
-        assert_eq!(r.status, 401);
-        assert!(header(&r, "set-cookie")
-            .iter()
-            .any(|c| c.starts_with("__Host-oidc-gate=;")));
-        assert_eq!(note.event, Some(Event::SessionRejected("refresh_refused")));
-    }
+    // The same cookie later: still a refresh for the engine (the glue first looks for another
+    // worker's answer), then ended as the refusal ended it, without a token request.
+    let (_, again) = refresh_pending(&g, &session, due + 20, &mut rng);
+    let Some((RefreshStep::Ended(clear), note)) = g.end_if_refused_earlier(&again) else {
+        panic!("a refused token must end the session")
+    };
+    assert!(clear.iter().any(|c| c.starts_with("__Host-oidc-gate=;")));
+    assert_eq!(note.event, Some(Event::RefreshFailed("refused")));
+    assert!(note.log.unwrap_or_default().contains("earlier"));
     // Before the refresh is due the session is served as before (stateless: the window a
     // cookie copied before logout keeps).
     assert!(matches!(
