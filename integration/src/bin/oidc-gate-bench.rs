@@ -126,6 +126,10 @@ async fn main() -> ExitCode {
             for f in files {
                 println!("wrote {}", f.display());
             }
+            match report.write_png(&out) {
+                Ok(png) => println!("wrote {}", png.display()),
+                Err(why) => println!("rps.png not written: {why}"),
+            }
         }
         Err(e) => {
             eprintln!("oidc-gate-bench: writing {}: {e}", out.display());
