@@ -197,20 +197,31 @@ fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fres
     })
 }
 
-/// Slots of the process-wide refresh result ring (bounded: shared data has no delete).
-const REFRESH_SLOTS: u8 = 32;
+/// Slots of the process-wide refresh lock and result rings, one per value of a refresh-token
+/// digest's first byte (bounded: shared data has no delete). Two sessions refreshing within the
+/// same minute share a slot with a chance of 1 in 256, and the later one takes it over: its
+/// stale cookies on other workers may then present the old token and lose the session.
+const REFRESH_SLOTS: usize = 256;
+// Slot names are the digest's first byte.
+const _: () = assert!(REFRESH_SLOTS == u8::MAX as usize + 1);
+/// Refresh answers longer than this are not shared, so the result ring stays within
+/// 256 × 32 KB; sessions fit a few KB of cookie, so real answers are far smaller.
+const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
 /// How long a refresh result may be reused by another worker holding the same old refresh token.
 pub const REFRESH_RESULT_TTL_SECS: u64 = 60;
 
 impl IdpCache {
     fn refresh_slot(&self, key: &[u8; 16]) -> String {
-        self.key(&format!("refreshed/{}", key[0] % REFRESH_SLOTS))
+        self.key(&format!("refreshed/{}", key[0]))
     }
 
     /// Remembers the token answer of a refresh for [`REFRESH_RESULT_TTL_SECS`], so a request of
     /// the same session on another worker reuses it instead of presenting the old (rotated)
     /// refresh token again and losing the session.
     pub fn store_refresh_result(&self, key: &[u8; 16], body: &[u8], now: UnixSeconds) {
+        if body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
+            return;
+        }
         let mut value = Vec::with_capacity(24 + body.len());
         value.extend_from_slice(key);
         value.extend_from_slice(&now.to_be_bytes());
@@ -239,7 +250,7 @@ pub const REFRESH_LOCK_SECS: u64 = 10;
 
 impl IdpCache {
     fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
-        self.key(&format!("refreshing/{}", key[0] % REFRESH_SLOTS))
+        self.key(&format!("refreshing/{}", key[0]))
     }
 
     /// Creates the lock slots, so that taking a lock is always a compare-and-swap.
