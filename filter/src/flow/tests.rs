@@ -1589,3 +1589,26 @@ fn chunk_count_is_only_read_from_the_start_of_the_value() {
     let cookies = [(SESSION_COOKIE, "x.def")];
     assert_eq!(assemble_session_cookie(&cookies), Err("bad chunk count"));
 }
+
+#[test]
+fn refused_refresh_tokens_stay_bounded_and_keep_the_newest() {
+    let mut set = RefusedRefreshTokens::default();
+    for i in 0..5 * SESSION_CACHE_CAPACITY as u32 {
+        let mut key = [0u8; 16];
+        key[..4].copy_from_slice(&i.to_le_bytes());
+        set.insert(key);
+        assert!(set.contains(&key), "the token just refused is remembered");
+        assert!(set.keys.len() <= SESSION_CACHE_CAPACITY);
+    }
+    // Full: refusing a remembered token again does not make the set forget others.
+    let mut i = u32::MAX;
+    while set.keys.len() < SESSION_CACHE_CAPACITY {
+        let mut key = [0u8; 16];
+        key[..4].copy_from_slice(&i.to_le_bytes());
+        set.insert(key);
+        i -= 1;
+    }
+    let known = *set.keys.iter().next().unwrap();
+    set.insert(known);
+    assert_eq!(set.keys.len(), SESSION_CACHE_CAPACITY);
+}
