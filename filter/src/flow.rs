@@ -567,13 +567,9 @@ impl<V> VerifiedCache<V> {
 
     fn insert(&mut self, value: &str, v: V) {
         if self.entries.len() >= SESSION_CACHE_CAPACITY {
-            // Drop about half, in hash order (arbitrary, not attacker-chosen): bounded memory with
-            // no bookkeeping on the hot path.
-            let mut keep = false;
-            self.entries.retain(|_, _| {
-                keep = !keep;
-                keep
-            });
+            // Bounded memory with no bookkeeping on the hot path.
+            let mut keep = every_other();
+            self.entries.retain(|_, _| keep());
         }
         self.entries
             .insert(cache_key(value).to_string(), (value.to_string(), v));
@@ -583,6 +579,16 @@ impl<V> VerifiedCache<V> {
         if self.get(value).is_some() {
             self.entries.remove(cache_key(value));
         }
+    }
+}
+
+/// A `retain` predicate keeping about half of a full cache, in hash order (arbitrary, not
+/// attacker-chosen).
+fn every_other() -> impl FnMut() -> bool {
+    let mut keep = false;
+    move || {
+        keep = !keep;
+        keep
     }
 }
 
@@ -605,11 +611,8 @@ impl RefusedRefreshTokens {
     fn insert(&mut self, key: [u8; 16]) {
         if self.keys.len() >= SESSION_CACHE_CAPACITY && !self.keys.contains(&key) {
             // Forgetting one only costs the IdP one more refusal.
-            let mut keep = false;
-            self.keys.retain(|_| {
-                keep = !keep;
-                keep
-            });
+            let mut keep = every_other();
+            self.keys.retain(|_| keep());
         }
         self.keys.insert(key);
     }

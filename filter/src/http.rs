@@ -186,8 +186,9 @@ pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
 
 /// `Url::parse` for the filter: ASCII only. IdP and gateway URLs are ASCII (internationalised
 /// hosts in their punycode form), and refusing the rest up front keeps Unicode host processing
-/// (and its tables, half the module's data) out of the filter: Cargo.lock pins the ASCII-only
-/// `idna_adapter` 1.0, whose debug build asserts on hosts mixing capitals and non-ASCII.
+/// (and its tables, half the module's data) out of the filter: filter/Cargo.toml pins the
+/// ASCII-only `idna_adapter` 1.0, whose debug build asserts on hosts mixing capitals and
+/// non-ASCII.
 pub fn parse_url(raw: &str) -> Result<Url, url::ParseError> {
     if raw.is_ascii() {
         Url::parse(raw)
