@@ -91,6 +91,14 @@ impl UserConfig {
 }
 
 /// The stable `sub` for a username (UUID-shaped, derived from SHA-256 of the username).
+/// The `sid` claim of an IdP login session: derived from the session cookie, which it must not
+/// reveal.
+pub fn public_sid(session_cookie: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(format!("mock-idp-sid:{session_cookie}").as_bytes());
+    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn subject_for(username: &str) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(format!("mock-idp-user:{username}").as_bytes());
@@ -350,6 +358,8 @@ struct CodeGrant {
     used: bool,
     /// Tokens issued from this code share this family id (revoked together on code reuse).
     family: String,
+    /// The IdP session's public id (`sid` claim).
+    sid: String,
 }
 
 struct RefreshGrant {
@@ -359,6 +369,7 @@ struct RefreshGrant {
     auth_time: u64,
     expires: Instant,
     family: String,
+    sid: String,
 }
 
 struct AccessGrant {

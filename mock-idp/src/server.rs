@@ -233,7 +233,7 @@ async fn discovery(State(st): St) -> Response {
         "code_challenge_methods_supported": ["S256"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
         "claims_supported": [
-            "iss", "sub", "aud", "azp", "exp", "iat", "auth_time", "nonce", "at_hash",
+            "iss", "sub", "aud", "azp", "exp", "iat", "auth_time", "nonce", "at_hash", "sid",
             "email", "email_verified", "name", "preferred_username", "groups"
         ],
         "authorization_response_iss_parameter_supported": true,
@@ -401,7 +401,13 @@ impl IdpState {
     }
 
     /// Issue a code and build the redirect back to the client.
-    fn code_redirect(&self, req: &AuthzRequest, username: &str, auth_time: u64) -> String {
+    fn code_redirect(
+        &self,
+        req: &AuthzRequest,
+        username: &str,
+        auth_time: u64,
+        session_cookie: &str,
+    ) -> String {
         let code = keys::random_token(32);
         self.lock().codes.insert(
             code.clone(),
@@ -416,6 +422,7 @@ impl IdpState {
                 expires: Instant::now() + self.cfg.code_ttl,
                 used: false,
                 family: keys::random_token(12),
+                sid: crate::public_sid(session_cookie),
             },
         );
         let mut q: Vec<(&str, &str)> = vec![("code", &code)];
@@ -471,11 +478,13 @@ async fn authorize_get(State(st): St, RawQuery(q): RawQuery, headers: HeaderMap)
         Err(e) => return authz_error_response(e, &st.issuer),
     };
     let prompts: Vec<&str> = req.prompt.as_deref().unwrap_or("").split(' ').collect();
-    let session = cookie_value(&headers, SESSION_COOKIE)
-        .and_then(|sid| st.lock().sessions.get(&sid).cloned());
-    if let Some((username, auth_time)) = &session {
+    let session = cookie_value(&headers, SESSION_COOKIE).and_then(|sid| {
+        let found = st.lock().sessions.get(&sid).cloned();
+        found.map(|s| (sid, s))
+    });
+    if let Some((sid, (username, auth_time))) = &session {
         if !prompts.contains(&"login") {
-            return redirect(&st.code_redirect(&req, username, *auth_time));
+            return redirect(&st.code_redirect(&req, username, *auth_time, sid));
         }
     }
     if prompts.contains(&"none") {
@@ -531,7 +540,7 @@ async fn authorize_post(State(st): St, body: Bytes) -> Response {
     st.lock()
         .sessions
         .insert(sid.clone(), (user.username.clone(), auth_time));
-    let mut resp = redirect(&st.code_redirect(&req, &user.username, auth_time));
+    let mut resp = redirect(&st.code_redirect(&req, &user.username, auth_time, &sid));
     resp.headers_mut()
         .append(header::SET_COOKIE, session_cookie(&sid, false));
     resp
@@ -567,6 +576,8 @@ struct Issue {
     auth_time: u64,
     nonce: Option<String>,
     family: String,
+    /// The IdP session's public id.
+    sid: String,
     /// Refresh token to hand back unchanged (no rotation).
     keep_refresh: Option<String>,
 }
@@ -697,6 +708,7 @@ impl IdpState {
                 auth_time: grant.auth_time,
                 nonce: grant.nonce.clone(),
                 family: grant.family.clone(),
+                sid: grant.sid.clone(),
                 keep_refresh: None,
             }
         } else {
@@ -735,6 +747,7 @@ impl IdpState {
                 auth_time: grant.auth_time,
                 nonce: None,
                 family: grant.family.clone(),
+                sid: grant.sid.clone(),
                 keep_refresh: (!self.cfg.rotate_refresh_tokens).then(|| rt.clone()),
             };
             if self.cfg.rotate_refresh_tokens {
@@ -776,6 +789,7 @@ impl IdpState {
         c.insert("iat".into(), json!(now));
         c.insert("exp".into(), json!(now + self.cfg.id_token_ttl.as_secs()));
         c.insert("auth_time".into(), json!(issue.auth_time));
+        c.insert("sid".into(), json!(issue.sid));
         if let Some(n) = &issue.nonce {
             c.insert("nonce".into(), json!(n));
         }
@@ -845,6 +859,7 @@ impl IdpState {
                         auth_time: issue.auth_time,
                         expires: Instant::now() + self.cfg.refresh_token_ttl,
                         family: issue.family.clone(),
+                        sid: issue.sid.clone(),
                     },
                 );
             }
@@ -1079,7 +1094,14 @@ async fn logout(
     {
         let mut inner = st.lock();
         if let Some(sid) = cookie_value(&headers, SESSION_COOKIE) {
-            inner.sessions.remove(&sid);
+            if inner.sessions.remove(&sid).is_some() {
+                // Ending the IdP session ends every login made in it, as Keycloak does.
+                let public = crate::public_sid(&sid);
+                let before = inner.refresh.len();
+                inner.refresh.retain(|_, r| r.sid != public);
+                let revoked = (before - inner.refresh.len()) as u64;
+                inner.stats.refresh_revoked_at_logout += revoked;
+            }
         }
         // Only a hint this IdP issued (byte for byte) ends a login's refresh tokens: a forged
         // hint revokes nothing.
