@@ -20,6 +20,7 @@ use url::Url;
 use crate::config::{strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization};
 use crate::crypto::Keyring;
 use crate::discovery::ProviderMetadata;
+use crate::ended::{login_digest, EndedLogins, Ending, SessionIds};
 use crate::headers::claim_header_value;
 use crate::http::{
     cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, CookieList,
@@ -229,6 +230,13 @@ fn ended_refresh(
     (
         RefreshStep::Ended(clear),
         Note::event(Event::RefreshFailed(reason), detail),
+    )
+}
+
+fn ended_note() -> Note {
+    Note::event(
+        Event::SessionRejected("ended"),
+        "session rejected: its login ended (logout)",
     )
 }
 
@@ -494,6 +502,10 @@ pub struct Gate {
     sessions: RefCell<VerifiedCache<CachedSession>>,
     bearers: RefCell<VerifiedCache<CachedBearer>>,
     refused_refresh_tokens: RefCell<RefusedRefreshTokens>,
+    /// Logins ended before their cookies expire (this VM's view; the glue shares it).
+    ended: RefCell<EndedLogins>,
+    /// Endings decided here that the glue has not shared with the other VMs yet.
+    unpublished_endings: RefCell<Vec<Ending>>,
 }
 
 /// A session read from the request's cookies.
@@ -627,6 +639,8 @@ struct CachedSession {
     host: String,
     session: Rc<Session>,
     needs_reseal: bool,
+    /// Looked up in the ended logins on every hit.
+    ids: SessionIds,
 }
 
 /// A verified bearer token and the identity headers it yields.
@@ -647,7 +661,34 @@ impl Gate {
             sessions: RefCell::new(VerifiedCache::default()),
             bearers: RefCell::new(VerifiedCache::default()),
             refused_refresh_tokens: RefCell::new(RefusedRefreshTokens::default()),
+            ended: RefCell::new(EndedLogins::default()),
+            unpublished_endings: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Records an ending in this VM's set and queues it for the other VMs.
+    fn end(&self, ending: Ending, now: UnixSeconds) {
+        if self.ended.borrow_mut().insert(ending, now) {
+            self.unpublished_endings.borrow_mut().push(ending);
+        }
+    }
+
+    /// Endings decided in this VM since the last call, for the glue to share.
+    pub fn take_unpublished_endings(&self) -> Vec<Ending> {
+        std::mem::take(&mut *self.unpublished_endings.borrow_mut())
+    }
+
+    /// Adds the endings other VMs shared (a value [`EndedLogins::encode`] wrote); a value that
+    /// does not decode changes nothing.
+    pub fn learn_endings(&self, shared: &[u8], now: UnixSeconds) {
+        if let Some(other) = EndedLogins::decode(shared, now) {
+            self.ended.borrow_mut().merge(&other, now);
+        }
+    }
+
+    /// How many ended logins this VM knows of.
+    pub fn ended_logins(&self) -> usize {
+        self.ended.borrow().len()
     }
 
     /// Ends the session as a refusal would when the IdP refused this refresh's token with
@@ -705,7 +746,7 @@ impl Gate {
                 return (Decision::NeedProvider, Note::none());
             };
             return (
-                Decision::Reply(self.logout(&host, &cookies, provider)),
+                Decision::Reply(self.logout(&host, &cookies, provider, now)),
                 Note::log("logout"),
             );
         }
@@ -779,10 +820,17 @@ impl Gate {
             }
         }
         if !req.is_navigation() || self.config.is_api_path(req.path) {
-            return (
-                Decision::Reply(Failure::Unauthenticated.reply(false, req.request_id)),
-                note,
-            );
+            let mut reply = Failure::Unauthenticated.reply(false, req.request_id);
+            if matches!(note.event, Some(Event::SessionRejected(_))) {
+                // A session that will never be accepted again is not worth sending again.
+                reply = reply.with_cookies(
+                    session_cookie_names(&cookies)
+                        .iter()
+                        .map(|n| delete_cookie(n))
+                        .collect(),
+                );
+            }
+            return (Decision::Reply(reply), note);
         }
         let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);
@@ -837,13 +885,23 @@ impl Gate {
                 )
             }
         };
+        let ended = self.ended.borrow();
         let hit = self
             .sessions
             .borrow()
             .get(&value)
             .filter(|c| c.host == host)
-            .map(|c| (c.session.clone(), c.needs_reseal));
-        if let Some((session, needs_reseal)) = hit {
+            .map(|c| {
+                (
+                    c.session.clone(),
+                    c.needs_reseal,
+                    !ended.is_empty() && ended.ends(&c.ids),
+                )
+            });
+        if let Some((session, needs_reseal, has_ended)) = hit {
+            if has_ended {
+                return (None, ended_note());
+            }
             if now >= session.max_expires_at {
                 return (
                     None,
@@ -870,6 +928,10 @@ impl Gate {
                 ),
             ),
             Ok((session, needs_reseal)) => {
+                let ids = SessionIds::of(&session);
+                if ended.ends(&ids) {
+                    return (None, ended_note());
+                }
                 let session = Rc::new(session);
                 self.sessions.borrow_mut().insert(
                     &value,
@@ -877,6 +939,7 @@ impl Gate {
                         host: host.to_string(),
                         session: session.clone(),
                         needs_reseal,
+                        ids,
                     },
                 );
                 (
@@ -1446,6 +1509,13 @@ impl Gate {
                 )
             }
         };
+        let Ok(login_id) = random_token(rng, 16) else {
+            return fail(
+                Failure::Internal,
+                "no randomness",
+                "no randomness from the host".into(),
+            );
+        };
         let mut session = Session {
             access_token: tokens.access_token,
             id_token: tokens.id_token,
@@ -1454,6 +1524,7 @@ impl Gate {
             subject: verified.subject.unwrap_or_default(),
             created_at: now,
             max_expires_at: now.saturating_add(self.config.session_max_age),
+            login_id: Some(login_id),
             claims: self.kept_claims(&verified.claims),
         };
         if session.refresh_token.is_none() {
@@ -1572,6 +1643,7 @@ impl Gate {
             subject: old.subject.clone(),
             created_at: old.created_at,
             max_expires_at: old.max_expires_at,
+            login_id: old.login_id.clone(),
             claims,
         };
         match self.session_cookies(
@@ -1680,15 +1752,31 @@ impl Gate {
         Ok((out, dropped))
     }
 
-    fn logout(&self, host: &str, cookies: &[(&str, &str)], provider: &ProviderMetadata) -> Reply {
+    fn logout(
+        &self,
+        host: &str,
+        cookies: &[(&str, &str)],
+        provider: &ProviderMetadata,
+        now: UnixSeconds,
+    ) -> Reply {
         let value = assemble_session_cookie(cookies).ok().flatten();
         if let Some(v) = &value {
             // This worker must not serve the session again from its cache.
             self.sessions.borrow_mut().remove(v);
         }
-        let id_token_hint = value
-            .and_then(|v| Session::open(&self.keys, host, &v).ok())
-            .and_then(|(s, _)| s.id_token);
+        let session = value.and_then(|v| Session::open(&self.keys, host, &v).ok());
+        if let Some((s, _)) = &session {
+            // A copy of the cookie (another tab, a stolen copy) must not outlive the logout.
+            self.end(
+                Ending {
+                    id: login_digest(s),
+                    ended_at: now,
+                    keep_until: s.max_expires_at,
+                },
+                now,
+            );
+        }
+        let id_token_hint = session.and_then(|(s, _)| s.id_token);
         let mut set_cookies = vec![delete_cookie(SESSION_COOKIE)];
         set_cookies.extend(
             session_cookie_names(cookies)

@@ -10,6 +10,7 @@
 //! - [`session`]: what the session and per-login cookies hold, their names and attributes.
 //! - [`discovery`]: provider metadata and the checks before trusting it.
 //! - [`token`]: JWKS parsing and JWT verification (ID tokens, bearer tokens).
+//! - [`ended`]: logins ended before their cookies expire (logout, back-channel logout).
 //! - [`flow`]: the decision engine: request in, [`flow::Decision`] out.
 //! - [`http`]: cookies, strict query parsing, skip-path and return-URL rules.
 //! - [`reply`]: every answer the filter gives itself, in one place.
@@ -21,6 +22,7 @@ pub mod abi;
 pub mod config;
 pub mod crypto;
 pub mod discovery;
+pub mod ended;
 pub mod flow;
 pub mod headers;
 pub mod http;

@@ -38,6 +38,9 @@ pub struct Session {
     pub created_at: UnixSeconds,
     /// Absolute end of the session, whatever refreshes happen.
     pub max_expires_at: UnixSeconds,
+    /// Random id of this login, kept through refreshes: what a logout ends (`None` in cookies
+    /// sealed before it existed).
+    pub login_id: Option<String>,
     /// ID-token claims kept for identity headers (small subset).
     pub claims: serde_json::Map<String, serde_json::Value>,
 }
@@ -70,6 +73,8 @@ struct SessionWire {
     created_at: u64,
     #[serde(rename = "m")]
     max_expires_at: u64,
+    #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
+    login_id: Option<String>,
     #[serde(
         rename = "k",
         default,
@@ -117,6 +122,7 @@ impl Session {
             subject: self.subject.clone(),
             created_at: self.created_at,
             max_expires_at: self.max_expires_at,
+            login_id: self.login_id.clone(),
             claims: self.claims.clone(),
         };
         let json = serde_json::to_vec(&wire).map_err(|_| SealError::Encrypt)?;
@@ -146,6 +152,7 @@ impl Session {
                 subject: wire.subject,
                 created_at: wire.created_at,
                 max_expires_at: wire.max_expires_at,
+                login_id: wire.login_id,
                 claims: wire.claims,
             },
             opened.needs_reseal,
@@ -288,6 +295,7 @@ mod tests {
             subject: "u1".into(),
             created_at: 1000,
             max_expires_at: 5000,
+            login_id: Some("login-1".into()),
             claims: Default::default(),
         }
     }

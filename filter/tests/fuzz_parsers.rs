@@ -630,6 +630,7 @@ proptest! {
         created_at in u64_edge(),
         max_expires_at in u64_edge(),
         claims in prop::collection::btree_map(text(), claim_value(), 0..4),
+        login_id in prop::option::of(text()),
         seed in any::<u64>(),
     ) {
         let ring = shared_ring();
@@ -641,6 +642,7 @@ proptest! {
             subject,
             created_at,
             max_expires_at,
+            login_id,
             claims: claims.into_iter().collect(),
         };
         let sealed = s.seal(ring, &host, &mut Xorshift::new(seed)).unwrap();
@@ -1879,6 +1881,7 @@ fn known_float_claims_change_in_a_session_round_trip() {
         subject: "s".into(),
         created_at: 0,
         max_expires_at: 1,
+        login_id: None,
         claims,
     };
     let sealed = s.seal(ring, "h", &mut Xorshift::new(1)).unwrap();
@@ -2306,6 +2309,7 @@ fn plant(sc: &mut Scenario) -> Planted {
             subject: "user-1".into(),
             created_at: offset(sc.now, -100),
             max_expires_at: offset(sc.now, p.max_delta),
+            login_id: Some("login-1".into()),
             claims: p.claims.clone(),
         };
         let host = if p.right_host {

@@ -536,12 +536,12 @@ async fn failed_refresh_ends_the_session() {
     assert_eq!(counter(&stack, "refreshes_failed_refused").await, 4);
 }
 
-/// Logout ends the login at the IdP, which revokes its refresh tokens. A copy of the session
-/// cookie taken before logout (stateless sessions cannot be recalled) still passes until its
-/// refresh is due, then is refused on every request: the per-worker cache of verified sessions
-/// does not keep it alive.
+/// A logout this gateway never saw (at the IdP itself, or through another gateway replica), and
+/// no back-channel logout: the IdP revokes the login's refresh tokens. A copy of the session
+/// cookie still passes until its refresh is due, then is refused on every request: the
+/// per-worker cache of verified sessions does not keep it alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
+async fn cookie_copied_before_an_idp_logout_ends_at_its_next_refresh() {
     // Longer than short_ttl(): a request, the logout and another request must all fit before
     // the refresh is due, on a slow machine too.
     const LONGER_TTL: u64 = 6;
@@ -569,15 +569,14 @@ async fn cookie_copied_before_logout_ends_at_its_next_refresh() {
     let r = copy.get(&stack.url("/private?copy-before-logout")).await;
     assert_eq!(r.status, 200, "{}", r.describe());
 
-    let out = b.get(&stack.url("/oauth2/sign_out")).await;
-    assert_eq!(out.status, 302, "{}", out.describe());
-    let idp = b.follow_one(&out).await;
+    // The user signs out at the IdP (its session cookie ends the IdP session and its logins).
+    let idp = b.get(&stack.logout_endpoint()).await;
     assert!(idp.status < 400, "{}", idp.describe());
     let st = stack.idp.stats();
     assert_eq!(st.end_session, 1, "{st:?}");
     assert!(st.refresh_revoked_at_logout >= 1, "{st:?}");
 
-    // The documented window (SECURITY.md, Revocation): valid until the refresh is due.
+    // The documented window (SECURITY.md, I86b): valid until the refresh is due.
     let r = copy.get(&stack.url("/private?copy-after-logout")).await;
     assert_eq!(r.status, 200, "{}", r.describe());
     assert!(
@@ -1508,4 +1507,92 @@ async fn metrics_follow_logins_refreshes_and_rejections() {
         .unwrap_or(0);
     // At least discovery, the login's token call, JWKS and the refresh.
     assert!(samples >= 4, "{count_line}");
+}
+
+/// Connections the gateway accepted per worker.
+async fn per_worker_connections(stack: &Stack) -> BTreeMap<String, u64> {
+    stack
+        .envoy
+        .stats(r"^listener\.127\.0\.0\.1_[0-9]+\.worker_[0-9]+\.downstream_cx_total$")
+        .await
+}
+
+/// Sends `saved` session cookies from fresh clients (one connection each) until every worker
+/// answered at least once; every answer must be a 401 that deletes the session cookie, and the
+/// upstream must see none of them.
+async fn refused_on_every_worker(stack: &Stack, saved: &[(String, String)], what: &str) {
+    let upstream_before = stack.upstream.count();
+    let before = per_worker_connections(stack).await;
+    let workers = StackOptions::default().concurrency as usize;
+    for i in 0..40 {
+        let thief = stack.api_client();
+        for (name, value) in saved {
+            thief.set_cookie_raw(APP_HOST, name, value);
+        }
+        let r = thief.get(&stack.url(&format!("/private?{what}-{i}"))).await;
+        assert_unauthenticated(&r, what);
+        assert!(deletes(&r, SESSION_COOKIE), "{what}: {:?}", r.set_cookies());
+        let after = per_worker_connections(stack).await;
+        let served = after
+            .iter()
+            .filter(|(k, v)| **v > before.get(*k).copied().unwrap_or(0))
+            .count();
+        if i >= 3 && served >= workers {
+            assert_eq!(
+                stack.upstream.count(),
+                upstream_before,
+                "{what}: upstream saw nothing"
+            );
+            return;
+        }
+    }
+    panic!("{what}: 40 connections did not reach all {workers} workers");
+}
+
+fn saved_session(b: &Browser) -> Vec<(String, String)> {
+    b.jar()
+        .for_host(APP_HOST)
+        .into_iter()
+        .filter(|c| c.name.starts_with(SESSION_COOKIE) && !c.name.starts_with(LOGIN_COOKIE_PREFIX))
+        .map(|c| (c.name, c.value))
+        .collect()
+}
+
+/// Logout through the gateway ends the login in every worker within a second: a copy of the
+/// session cookie taken before logout is refused at once, long before any refresh, without
+/// asking the IdP. Logging in again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_copied_before_logout_is_refused_by_every_worker() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let b = stack.browser();
+    login(&stack, &b).await;
+    let saved = saved_session(&b);
+    let copy = stack.api_client();
+    copy_session(&b, &copy);
+    let r = copy.get(&stack.url("/private?copy-before-logout")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    let out = b.get(&stack.url("/oauth2/sign_out")).await;
+    assert_eq!(out.status, 302, "{}", out.describe());
+    assert!(deletes(&out, SESSION_COOKIE), "{:?}", out.set_cookies());
+    // Other workers read the shared set once a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    stack.idp.reset_stats();
+    refused_on_every_worker(&stack, &saved, "copy-after-logout").await;
+    assert_eq!(
+        stack.idp.stats().refresh,
+        0,
+        "no refresh was needed to refuse it"
+    );
+    assert!(
+        counter(&stack, "sessions_rejected_ended").await >= 4,
+        "refusals counted"
+    );
+
+    // The same user logs in again (a later login is not an ended one).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let again = stack.browser();
+    login(&stack, &again).await;
+    let r = again.get(&stack.url("/private?logged-in-again")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
 }

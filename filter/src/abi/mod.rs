@@ -5,6 +5,7 @@
 //! documents that all VMs share through proxy-wasm shared data.
 
 mod cache;
+mod ended;
 mod header_map;
 mod host;
 mod metrics;

@@ -10,6 +10,7 @@ use proxy_wasm::types::ContextType;
 use std::time::Duration;
 
 use super::cache::IdpCache;
+use super::ended::SharedEndings;
 use super::metrics::Metrics;
 use super::refresh::{poll_remote, RemoteWaiter};
 use super::stream::{Facts, Stream};
@@ -76,6 +77,8 @@ pub struct Shared {
     pub refreshes: RefCell<RefreshRegistry>,
     /// Streams waiting for another VM's refresh.
     pub remote_waiters: RefCell<Vec<RemoteWaiter>>,
+    /// Ended logins shared with the other VMs.
+    pub endings: SharedEndings,
 }
 
 /// How often the root context looks for refreshes finished by other VMs, while a stream waits
@@ -110,6 +113,7 @@ impl RootContext for Root {
                     config.hosts.len()
                 );
                 self.shared = Some(Rc::new(Shared {
+                    endings: SharedEndings::new(&config.issuer, &config.client_id),
                     cache: RefCell::new(IdpCache::new(&config.issuer, &config.idp_cluster)),
                     gate: Rc::new(Gate::new(config)),
                     metrics: Metrics::default(),
@@ -118,6 +122,7 @@ impl RootContext for Root {
                 }));
                 if let Some(shared) = &self.shared {
                     shared.cache.borrow().init_refresh_locks();
+                    shared.endings.init();
                 }
                 true
             }

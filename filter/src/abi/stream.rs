@@ -358,6 +358,7 @@ impl Stream {
         };
         let gate = shared.gate.clone();
         let now = self.now();
+        shared.endings.learn(&gate, now);
         let provider = self.known_provider(&shared, now);
         let jwks = shared
             .cache
@@ -384,6 +385,7 @@ impl Stream {
             (decision, note) = gate.decide(&self.facts.request(), known, now, &mut HostRandom);
         }
         self.note(note);
+        shared.endings.publish(&gate, now);
         match decision {
             Decision::PassThrough => self.continue_or_resume(paused),
             Decision::Forward(fwd) => {

@@ -416,6 +416,11 @@ fn pending_for(g: &Gate, login: &Login, rng: &mut SeededRandom) -> PendingLogin 
 }
 
 fn logged_in(g: &Gate, idp: &Idp, rng: &mut SeededRandom) -> String {
+    logged_in_at(g, idp, rng, NOW)
+}
+
+/// A login completed at `at`.
+fn logged_in_at(g: &Gate, idp: &Idp, rng: &mut SeededRandom, at: u64) -> String {
     let login = start_login(g, "/start?x=1", rng);
     let pending = pending_for(g, &login, rng);
     let (step, _) = g.complete_login(
@@ -426,7 +431,7 @@ fn logged_in(g: &Gate, idp: &Idp, rng: &mut SeededRandom) -> String {
             jwks: Some(&idp.jwks()),
             may_refetch: true,
         },
-        NOW,
+        at,
         rng,
     );
     let LoginStep::Done(r) = step else {
@@ -1611,4 +1616,93 @@ fn refused_refresh_tokens_stay_bounded_and_keep_the_newest() {
     let known = *set.keys.iter().next().unwrap();
     set.insert(known);
     assert_eq!(set.keys.len(), SESSION_CACHE_CAPACITY);
+}
+
+fn serves(g: &Gate, session: &str, at: u64, rng: &mut SeededRandom) -> bool {
+    matches!(
+        g.decide(&api_request_with_cookie(session), Known::default(), at, rng)
+            .0,
+        Decision::Forward(_)
+    )
+}
+
+fn api_request_with_cookie(cookie: &str) -> Request<'_> {
+    Request {
+        method: "GET",
+        scheme: "https",
+        authority: "app.example.com",
+        path: "/api/orders",
+        cookie_headers: vec![cookie],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn logout_ends_every_copy_of_the_session_cookie_in_every_vm() {
+    let g = gate();
+    let other_vm = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(41);
+    let session = logged_in(&g, &idp, &mut rng);
+    assert!(serves(&g, &session, NOW + 1, &mut rng));
+    assert!(serves(&other_vm, &session, NOW + 1, &mut rng));
+    expect_reply(g.decide(
+        &browser("/oauth2/sign_out", vec![&session]),
+        with_provider(&provider()),
+        NOW + 2,
+        &mut rng,
+    ));
+    // The copy (another tab, a stolen cookie) is refused here at once...
+    let (d, note) = g.decide(
+        &api_request_with_cookie(&session),
+        Known::default(),
+        NOW + 3,
+        &mut rng,
+    );
+    let Decision::Reply(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(r.status, 401);
+    assert!(header(&r, "set-cookie")
+        .iter()
+        .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
+    assert_eq!(note.event, Some(Event::SessionRejected("ended")));
+    // ...and in another VM once it learns what this one shares, cached there or not.
+    let shared = g.take_unpublished_endings();
+    assert_eq!(shared.len(), 1);
+    assert!(g.take_unpublished_endings().is_empty());
+    let mut set = EndedLogins::default();
+    for e in shared {
+        set.insert(e, NOW + 3);
+    }
+    other_vm.learn_endings(&set.encode(), NOW + 3);
+    assert!(!serves(&other_vm, &session, NOW + 3, &mut rng));
+    assert!(!serves(&gate_learning(&set), &session, NOW + 3, &mut rng));
+    // The same user logging in again, even within the second of the logout, is not affected.
+    let again = logged_in_at(&g, &idp, &mut rng, NOW + 2);
+    assert!(serves(&g, &again, NOW + 2, &mut rng));
+}
+
+fn gate_learning(set: &EndedLogins) -> Gate {
+    let g = gate();
+    g.learn_endings(&set.encode(), NOW);
+    g
+}
+
+#[test]
+fn garbage_in_shared_data_forgets_nothing() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(42);
+    let session = logged_in(&g, &idp, &mut rng);
+    expect_reply(g.decide(
+        &browser("/oauth2/sign_out", vec![&session]),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    ));
+    g.learn_endings(b"\x07not a set", NOW);
+    g.learn_endings(&EndedLogins::default().encode(), NOW);
+    assert!(!serves(&g, &session, NOW + 1, &mut rng));
+    assert_eq!(g.ended_logins(), 1);
 }

@@ -265,6 +265,7 @@ mod tests {
                 subject: "s".into(),
                 created_at: 1,
                 max_expires_at: 20,
+                login_id: None,
                 claims: Default::default(),
             };
             let h = sealer.cookie_header(&s).unwrap();
