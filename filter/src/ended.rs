@@ -18,12 +18,11 @@ use crate::types::UnixSeconds;
 /// Digest naming one login.
 pub type EndedId = [u8; 16];
 
-/// Ended logins kept at most (32 bytes each in shared data: 128 KiB).
-pub const MAX_ENDED: usize = 4096;
+/// Ended logins kept at most: 8,192 logouts per `session_max_age` in one Envoy (24 bytes each
+/// in shared data: 192 KiB).
+pub const MAX_ENDED: usize = 8192;
 
-/// First byte of the shared encoding; another value is a format this build does not read.
-const FORMAT: u8 = 1;
-const RECORD_BYTES: usize = 32;
+const RECORD_BYTES: usize = 24;
 
 fn digest(kind: &[u8], parts: &[&[u8]]) -> EndedId {
     let mut h = Sha256::new();
@@ -39,13 +38,25 @@ fn digest(kind: &[u8], parts: &[&[u8]]) -> EndedId {
     id
 }
 
-/// One login: its random id, subject and creation time (all kept through refreshes). Cookies
-/// sealed before logins had an id are named by subject and creation second alone.
-pub fn login_digest(session: &Session) -> EndedId {
+/// A login by its random id (sealed in the session, kept through refreshes), subject and
+/// creation time.
+fn login_digest(login_id: &str, session: &Session) -> EndedId {
     digest(
         b"oidc-gate ended login",
         &[
-            session.login_id.as_deref().unwrap_or("").as_bytes(),
+            login_id.as_bytes(),
+            session.subject.as_bytes(),
+            &session.created_at.to_be_bytes(),
+        ],
+    )
+}
+
+/// A login sealed before sessions had an id (or refreshed by such a build during a rollout):
+/// named by subject and creation second alone.
+fn legacy_digest(session: &Session) -> EndedId {
+    digest(
+        b"oidc-gate ended legacy login",
+        &[
             session.subject.as_bytes(),
             &session.created_at.to_be_bytes(),
         ],
@@ -55,18 +66,37 @@ pub fn login_digest(session: &Session) -> EndedId {
 /// What a session is looked up by; computed once per verified session and cached with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionIds {
-    login: EndedId,
-    created_at: UnixSeconds,
+    id: EndedId,
 }
 
 impl SessionIds {
-    /// The ids of `session`.
+    /// The id of `session`: by its login id, or the legacy name when it has none. A session with
+    /// an id is never looked up by the legacy name, so logging in again within the second of a
+    /// logout is a new login.
     pub fn of(session: &Session) -> Self {
         Self {
-            login: login_digest(session),
-            created_at: session.created_at,
+            id: match &session.login_id {
+                Some(l) => login_digest(l, session),
+                None => legacy_digest(session),
+            },
         }
     }
+}
+
+/// What a logout of `session` ends: its login, and copies of it that lost the login id (a
+/// refresh by an older build during a rollout).
+pub fn endings_of(session: &Session, keep_until: UnixSeconds) -> Vec<Ending> {
+    let mut out = vec![Ending {
+        id: legacy_digest(session),
+        keep_until,
+    }];
+    if let Some(l) = &session.login_id {
+        out.push(Ending {
+            id: login_digest(l, session),
+            keep_until,
+        });
+    }
+    out
 }
 
 /// One ended login.
@@ -74,115 +104,114 @@ impl SessionIds {
 pub struct Ending {
     /// What ended.
     pub id: EndedId,
-    /// When: sessions created later are not affected.
-    pub ended_at: UnixSeconds,
-    /// Until when the record matters: no session it matches can live longer.
+    /// Until when the record matters: no session it names can live longer.
     pub keep_until: UnixSeconds,
+}
+
+/// What [`EndedLogins::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The record is new or lasts longer now.
+    Changed,
+    /// It was known already.
+    Unchanged,
+    /// The set was full of live records: the one expiring first (maybe the new one) was dropped.
+    Evicted,
 }
 
 /// The ended logins a VM knows of.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EndedLogins {
-    by_id: HashMap<EndedId, Ending>,
+    keep_until: HashMap<EndedId, UnixSeconds>,
 }
 
 impl EndedLogins {
     /// Whether nothing ended (the request path then does no lookup).
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.keep_until.is_empty()
     }
 
     /// How many records are kept.
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.keep_until.len()
     }
 
     /// Whether a session with these ids ended.
     pub fn ends(&self, ids: &SessionIds) -> bool {
-        self.by_id
-            .get(&ids.login)
-            .is_some_and(|e| ids.created_at <= e.ended_at)
+        self.keep_until.contains_key(&ids.id)
     }
 
-    /// Adds a record; false when it changed nothing. When full, records past `keep_until` go
-    /// first, then the one that expires first: memory stays bounded (SECURITY.md, I86c).
-    pub fn insert(&mut self, e: Ending, now: UnixSeconds) -> bool {
+    /// Adds a record. Records past `keep_until` make room first; when the set is still full, the
+    /// record that expires first goes, so memory stays bounded (SECURITY.md, I86c).
+    pub fn insert(&mut self, e: Ending, now: UnixSeconds) -> Inserted {
         if e.keep_until <= now {
-            return false;
+            return Inserted::Unchanged;
         }
-        if let Some(old) = self.by_id.get_mut(&e.id) {
-            let merged = Ending {
-                id: e.id,
-                ended_at: old.ended_at.max(e.ended_at),
-                keep_until: old.keep_until.max(e.keep_until),
-            };
-            let changed = merged != *old;
-            *old = merged;
-            return changed;
-        }
-        if self.by_id.len() >= MAX_ENDED {
-            self.by_id.retain(|_, r| r.keep_until > now);
-        }
-        if self.by_id.len() >= MAX_ENDED {
-            if let Some(first) = self
-                .by_id
-                .values()
-                .min_by_key(|r| r.keep_until)
-                .map(|r| r.id)
-            {
-                if self
-                    .by_id
-                    .get(&first)
-                    .is_some_and(|r| r.keep_until >= e.keep_until)
-                {
-                    // The new record would be the first to go.
-                    return false;
-                }
-                self.by_id.remove(&first);
+        if let Some(old) = self.keep_until.get_mut(&e.id) {
+            if e.keep_until <= *old {
+                return Inserted::Unchanged;
             }
+            *old = e.keep_until;
+            return Inserted::Changed;
         }
-        self.by_id.insert(e.id, e);
-        true
+        if self.keep_until.len() >= MAX_ENDED {
+            self.keep_until.retain(|_, until| *until > now);
+        }
+        if self.keep_until.len() >= MAX_ENDED {
+            let first = self
+                .keep_until
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(id, until)| (*id, *until));
+            if let Some((id, until)) = first {
+                if until >= e.keep_until {
+                    return Inserted::Evicted;
+                }
+                self.keep_until.remove(&id);
+            }
+            self.keep_until.insert(e.id, e.keep_until);
+            return Inserted::Evicted;
+        }
+        self.keep_until.insert(e.id, e.keep_until);
+        Inserted::Changed
     }
 
-    /// Adds every record of `other`; true when anything changed.
-    pub fn merge(&mut self, other: &EndedLogins, now: UnixSeconds) -> bool {
-        let mut changed = false;
-        for e in other.by_id.values() {
-            changed |= self.insert(*e, now);
+    /// Adds every record of `other`.
+    pub fn merge(&mut self, other: &EndedLogins, now: UnixSeconds) {
+        for (id, until) in &other.keep_until {
+            self.insert(
+                Ending {
+                    id: *id,
+                    keep_until: *until,
+                },
+                now,
+            );
         }
-        changed
     }
 
-    /// The shared-data encoding: a format byte, then 16-byte id, `ended_at` and `keep_until`
-    /// (big-endian) per record.
+    /// The shared-data encoding: per record, the 16-byte id and `keep_until` (big-endian).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + self.by_id.len() * RECORD_BYTES);
-        out.push(FORMAT);
-        for e in self.by_id.values() {
-            out.extend_from_slice(&e.id);
-            out.extend_from_slice(&e.ended_at.to_be_bytes());
-            out.extend_from_slice(&e.keep_until.to_be_bytes());
+        let mut out = Vec::with_capacity(self.keep_until.len() * RECORD_BYTES);
+        for (id, until) in &self.keep_until {
+            out.extend_from_slice(id);
+            out.extend_from_slice(&until.to_be_bytes());
         }
         out
     }
 
-    /// Reads [`EndedLogins::encode`]'s output; `None` for anything else (the caller keeps what it
-    /// had, so a bad shared value never forgets an ending).
+    /// Reads [`EndedLogins::encode`]'s output, dropping records past their use; `None` for
+    /// anything else.
     pub fn decode(bytes: &[u8], now: UnixSeconds) -> Option<Self> {
-        let (&format, records) = bytes.split_first()?;
-        if format != FORMAT || records.len() % RECORD_BYTES != 0 {
+        if bytes.len() % RECORD_BYTES != 0 {
             return None;
         }
         let mut out = Self::default();
-        for r in records.chunks_exact(RECORD_BYTES) {
-            let (id, times) = r.split_at(16);
-            let (ended_at, keep_until) = times.split_at(8);
+        for r in bytes.chunks_exact(RECORD_BYTES) {
+            let (id, until) = r.split_at(16);
             out.insert(
                 Ending {
                     id: id.try_into().ok()?,
-                    ended_at: u64::from_be_bytes(ended_at.try_into().ok()?),
-                    keep_until: u64::from_be_bytes(keep_until.try_into().ok()?),
+                    keep_until: u64::from_be_bytes(until.try_into().ok()?),
                 },
                 now,
             );
@@ -210,44 +239,27 @@ mod tests {
         }
     }
 
-    /// A login sealed before logins had a random id.
-    fn session(sub: &str, created_at: u64) -> Session {
-        login(sub, created_at, None)
-    }
-
-    fn login_id(sub: &str, created_at: u64) -> EndedId {
-        login_digest(&session(sub, created_at))
-    }
-
-    fn ending(id: EndedId, ended_at: u64) -> Ending {
-        Ending {
-            id,
-            ended_at,
-            keep_until: ended_at + 3600,
+    fn ended_by_logout_of(s: &Session, now: u64) -> EndedLogins {
+        let mut ended = EndedLogins::default();
+        for e in endings_of(s, now + 3600) {
+            ended.insert(e, now);
         }
+        ended
+    }
+
+    fn ends(ended: &EndedLogins, s: &Session) -> bool {
+        ended.ends(&SessionIds::of(s))
     }
 
     #[test]
     fn a_logged_out_login_ends_and_only_that_login() {
-        let mut ended = EndedLogins::default();
-        let out = session("alice", 100);
-        ended.insert(ending(login_id("alice", 100), 150), 150);
-        assert!(ended.ends(&SessionIds::of(&out)));
-        // Alice's other login (another browser) and Bob are untouched.
-        assert!(!ended.ends(&SessionIds::of(&session("alice", 101))));
-        assert!(!ended.ends(&SessionIds::of(&session("bob", 100))));
-    }
-
-    #[test]
-    fn ids_of_different_logins_never_collide() {
-        assert_ne!(login_id("a", 1), login_id("a", 256));
-        assert_ne!(login_id("a1", 0), login_id("a", 1));
-        // Logging out and in again within the same second is another login.
-        assert_ne!(
-            login_digest(&login("a", 1, Some("x"))),
-            login_digest(&login("a", 1, Some("y")))
-        );
-        assert_ne!(login_digest(&login("a", 1, Some("x"))), login_id("a", 1));
+        let out = login("alice", 100, Some("l1"));
+        let ended = ended_by_logout_of(&out, 150);
+        assert!(ends(&ended, &out));
+        // Alice's other logins, even one made in the same second, and Bob are untouched.
+        assert!(!ends(&ended, &login("alice", 100, Some("l2"))));
+        assert!(!ends(&ended, &login("alice", 101, Some("l1"))));
+        assert!(!ends(&ended, &login("bob", 100, Some("l1"))));
     }
 
     #[test]
@@ -262,68 +274,108 @@ mod tests {
     }
 
     #[test]
+    fn copies_without_a_login_id_end_with_the_login() {
+        // A copy refreshed by an older build during a rollout lost the id: still ended.
+        let with_id = login("a", 1, Some("x"));
+        let without = login("a", 1, None);
+        assert!(ends(&ended_by_logout_of(&with_id, 5), &without));
+        // Logging out with an id-less copy ends id-less copies; sessions with an id are named
+        // by it alone.
+        let ended = ended_by_logout_of(&without, 5);
+        assert!(ends(&ended, &without));
+        assert!(!ends(&ended, &with_id));
+        assert_eq!(endings_of(&without, 9).len(), 1);
+        assert_eq!(endings_of(&with_id, 9).len(), 2);
+    }
+
+    #[test]
     fn encoding_round_trips_and_refuses_other_bytes() {
-        let mut ended = EndedLogins::default();
-        ended.insert(ending(login_id("a", 1), 10), 10);
-        ended.insert(ending(login_id("b", 1), 11), 10);
+        let ended = ended_by_logout_of(&login("a", 1, Some("x")), 10);
         let bytes = ended.encode();
-        assert_eq!(bytes.len(), 1 + 2 * RECORD_BYTES);
+        assert_eq!(bytes.len(), 2 * RECORD_BYTES);
         assert_eq!(EndedLogins::decode(&bytes, 10), Some(ended));
         assert_eq!(EndedLogins::decode(&bytes[..bytes.len() - 1], 10), None);
-        assert_eq!(EndedLogins::decode(&[], 10), None);
-        let mut other_format = bytes.clone();
-        other_format[0] = 2;
-        assert_eq!(EndedLogins::decode(&other_format, 10), None);
+        assert_eq!(EndedLogins::decode(&[], 10), Some(EndedLogins::default()));
     }
 
     #[test]
     fn records_past_their_use_are_dropped() {
+        let id = [7u8; 16];
         let mut ended = EndedLogins::default();
-        assert!(!ended.insert(ending(login_id("a", 1), 10), 10 + 3600));
-        ended.insert(ending(login_id("a", 1), 10), 10);
-        let decoded = EndedLogins::decode(&ended.encode(), 10 + 3600);
+        let e = Ending {
+            id,
+            keep_until: 100,
+        };
+        assert_eq!(ended.insert(e, 100), Inserted::Unchanged);
+        assert_eq!(ended.insert(e, 99), Inserted::Changed);
+        assert_eq!(ended.insert(e, 99), Inserted::Unchanged);
+        let decoded = EndedLogins::decode(&ended.encode(), 100);
         assert_eq!(decoded.map(|d| d.len()), Some(0));
     }
 
     #[test]
-    fn merging_keeps_the_latest_end_and_reports_change() {
+    fn merging_keeps_the_longest_lasting_record() {
+        let id = [1u8; 16];
         let mut a = EndedLogins::default();
-        a.insert(ending(login_id("a", 1), 10), 10);
+        a.insert(Ending { id, keep_until: 50 }, 10);
         let mut b = EndedLogins::default();
-        b.insert(ending(login_id("a", 1), 20), 10);
-        assert!(a.merge(&b, 20));
-        assert!(!a.merge(&b, 20));
-        assert!(a.ends(&SessionIds::of(&session("a", 1))));
+        b.insert(Ending { id, keep_until: 80 }, 10);
+        b.insert(
+            Ending {
+                id: [2u8; 16],
+                keep_until: 60,
+            },
+            10,
+        );
+        a.merge(&b, 10);
+        assert_eq!(a.len(), 2);
+        // The merged record lasts until 80: at 70 it is still there.
+        let at_70 = EndedLogins::decode(&a.encode(), 70).unwrap();
+        assert_eq!(at_70.len(), 1);
+        assert_eq!(at_70.keep_until.get(&id), Some(&80));
     }
 
     #[test]
     fn a_full_set_stays_bounded_and_drops_what_expires_first() {
+        let id = |i: u64| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            id
+        };
         let mut ended = EndedLogins::default();
         for i in 0..MAX_ENDED as u64 {
             ended.insert(
                 Ending {
-                    id: login_id(&i.to_string(), 1),
-                    ended_at: 1,
+                    id: id(i),
                     keep_until: 1000 + i,
                 },
                 1,
             );
         }
         assert_eq!(ended.len(), MAX_ENDED);
-        assert!(ended.insert(ending(login_id("new", 1), 1), 1));
+        let new = Ending {
+            id: id(u64::MAX),
+            keep_until: 5000,
+        };
+        assert_eq!(ended.insert(new, 1), Inserted::Evicted);
         assert_eq!(ended.len(), MAX_ENDED);
-        assert!(ended.ends(&SessionIds::of(&session("new", 1))));
+        assert!(ended.keep_until.contains_key(&new.id));
         // The record that expired first (keep_until 1000) made room.
-        assert!(!ended.ends(&SessionIds::of(&session("0", 1))));
-        assert!(ended.ends(&SessionIds::of(&session("1", 1))));
-        // A record that would expire before all others is not worth an eviction.
-        assert!(!ended.insert(
-            Ending {
-                id: login_id("short", 1),
-                ended_at: 1,
-                keep_until: 2,
-            },
-            1
-        ));
+        assert!(!ended.keep_until.contains_key(&id(0)));
+        assert!(ended.keep_until.contains_key(&id(1)));
+        // A record that would expire before all others is the one dropped.
+        let short = Ending {
+            id: id(u64::MAX - 1),
+            keep_until: 2,
+        };
+        assert_eq!(ended.insert(short, 1), Inserted::Evicted);
+        assert!(!ended.keep_until.contains_key(&short.id));
+        // Once records expire they make room without evicting anything live.
+        let later = Ending {
+            id: id(u64::MAX - 2),
+            keep_until: 9000,
+        };
+        assert_eq!(ended.insert(later, 1500), Inserted::Changed);
+        assert!(ended.len() < MAX_ENDED);
     }
 }

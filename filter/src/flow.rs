@@ -20,7 +20,7 @@ use url::Url;
 use crate::config::{strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization};
 use crate::crypto::Keyring;
 use crate::discovery::ProviderMetadata;
-use crate::ended::{login_digest, EndedLogins, Ending, SessionIds};
+use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::claim_header_value;
 use crate::http::{
     cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, CookieList,
@@ -666,24 +666,49 @@ impl Gate {
         }
     }
 
-    /// Records an ending in this VM's set and queues it for the other VMs.
-    fn end(&self, ending: Ending, now: UnixSeconds) {
-        if self.ended.borrow_mut().insert(ending, now) {
-            self.unpublished_endings.borrow_mut().push(ending);
+    /// Records endings in this VM's set and queues them for the other VMs; true when the set
+    /// was full of live records and one was dropped.
+    fn end(&self, endings: Vec<Ending>, now: UnixSeconds) -> bool {
+        let mut ended = self.ended.borrow_mut();
+        let mut list_full = false;
+        for e in endings {
+            match ended.insert(e, now) {
+                Inserted::Unchanged => continue,
+                Inserted::Changed => {}
+                Inserted::Evicted => list_full = true,
+            }
+            self.requeue_endings(vec![e]);
         }
+        list_full
     }
 
-    /// Endings decided in this VM since the last call, for the glue to share.
+    /// Endings decided in this VM and not shared yet, for the glue to share.
     pub fn take_unpublished_endings(&self) -> Vec<Ending> {
         std::mem::take(&mut *self.unpublished_endings.borrow_mut())
+    }
+
+    /// Gives back endings the glue could not share, to try again with the next request.
+    pub fn requeue_endings(&self, endings: Vec<Ending>) {
+        let mut queue = self.unpublished_endings.borrow_mut();
+        queue.extend(endings);
+        if queue.len() > MAX_ENDED {
+            // This VM refuses them anyway; only the oldest lose their chance to be shared.
+            let excess = queue.len() - MAX_ENDED;
+            queue.drain(..excess);
+        }
     }
 
     /// Adds the endings other VMs shared (a value [`EndedLogins::encode`] wrote); a value that
     /// does not decode changes nothing.
     pub fn learn_endings(&self, shared: &[u8], now: UnixSeconds) {
         if let Some(other) = EndedLogins::decode(shared, now) {
-            self.ended.borrow_mut().merge(&other, now);
+            self.learn_ended(&other, now);
         }
+    }
+
+    /// Adds the endings of `other` (the shared set this VM just wrote).
+    pub fn learn_ended(&self, other: &EndedLogins, now: UnixSeconds) {
+        self.ended.borrow_mut().merge(other, now);
     }
 
     /// How many ended logins this VM knows of.
@@ -745,10 +770,16 @@ impl Gate {
             let Some(provider) = known.provider else {
                 return (Decision::NeedProvider, Note::none());
             };
-            return (
-                Decision::Reply(self.logout(&host, &cookies, provider, now)),
-                Note::log("logout"),
-            );
+            let (reply, list_full) = self.logout(&host, &cookies, provider, now);
+            let note = if list_full {
+                Note::log(format!(
+                    "logout; the list of ended logins is full ({MAX_ENDED}): the one expiring \
+                     first was dropped, and copies of its cookie pass again until they expire"
+                ))
+            } else {
+                Note::log("logout")
+            };
+            return (Decision::Reply(reply), note);
         }
         if self.config.is_skipped(req.path)
             || (self.config.pass_cors_preflight && is_cors_preflight(req))
@@ -821,8 +852,12 @@ impl Gate {
         }
         if !req.is_navigation() || self.config.is_api_path(req.path) {
             let mut reply = Failure::Unauthenticated.reply(false, req.request_id);
-            if matches!(note.event, Some(Event::SessionRejected(_))) {
-                // A session that will never be accepted again is not worth sending again.
+            if matches!(
+                note.event,
+                Some(Event::SessionRejected("ended" | "expired" | "max_age"))
+            ) {
+                // A session that will never be accepted again is not worth sending again (an
+                // unreadable one may be from a key or chunk this replica does not know yet).
                 reply = reply.with_cookies(
                     session_cookie_names(&cookies)
                         .iter()
@@ -1752,29 +1787,30 @@ impl Gate {
         Ok((out, dropped))
     }
 
+    /// The logout reply, and whether the list of ended logins was full.
     fn logout(
         &self,
         host: &str,
         cookies: &[(&str, &str)],
         provider: &ProviderMetadata,
         now: UnixSeconds,
-    ) -> Reply {
+    ) -> (Reply, bool) {
         let value = assemble_session_cookie(cookies).ok().flatten();
         if let Some(v) = &value {
             // This worker must not serve the session again from its cache.
             self.sessions.borrow_mut().remove(v);
         }
         let session = value.and_then(|v| Session::open(&self.keys, host, &v).ok());
+        let mut list_full = false;
         if let Some((s, _)) = &session {
-            // A copy of the cookie (another tab, a stolen copy) must not outlive the logout.
-            self.end(
-                Ending {
-                    id: login_digest(s),
-                    ended_at: now,
-                    keep_until: s.max_expires_at,
-                },
-                now,
-            );
+            // A copy of the cookie (another tab, a stolen copy) must not outlive the logout. A
+            // copy may outlive this one (which may have dropped its refresh token for size), but
+            // not the session's absolute end.
+            let keep_until = s
+                .max_expires_at
+                .max(s.created_at.saturating_add(self.config.session_max_age))
+                .saturating_add(DEFAULT_CLOCK_SKEW_SECS);
+            list_full = self.end(endings_of(s, keep_until), now);
         }
         let id_token_hint = session.and_then(|(s, _)| s.id_token);
         let mut set_cookies = vec![delete_cookie(SESSION_COOKIE)];
@@ -1807,7 +1843,7 @@ impl Gate {
             }
             None => "/".to_string(),
         };
-        Reply::redirect(location, set_cookies)
+        (Reply::redirect(location, set_cookies), list_full)
     }
 }
 

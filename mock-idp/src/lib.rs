@@ -90,7 +90,6 @@ impl UserConfig {
     }
 }
 
-/// The stable `sub` for a username (UUID-shaped, derived from SHA-256 of the username).
 /// The `sid` claim of an IdP login session: derived from the session cookie, which it must not
 /// reveal.
 pub fn public_sid(session_cookie: &str) -> String {
@@ -99,6 +98,7 @@ pub fn public_sid(session_cookie: &str) -> String {
     d[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The stable `sub` for a username (UUID-shaped, derived from SHA-256 of the username).
 pub fn subject_for(username: &str) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(format!("mock-idp-user:{username}").as_bytes());

@@ -1,8 +1,9 @@
 //! Ended logins shared between the VMs of one Envoy (one per worker thread), through shared data.
 //!
-//! A logout is recorded in the VM that saw it at once; the other VMs read the shared set at most
-//! once a second on their request path, so a copy of a logged-out cookie is refused everywhere
-//! in this Envoy within a second. Other gateway replicas do not see it (SECURITY.md, I86c).
+//! A logout is recorded in the VM that saw it at once; the other VMs look at the shared set at
+//! most once a second on their request path, so a copy of a logged-out cookie is refused
+//! everywhere in this Envoy within a second. Other gateway replicas do not see it (SECURITY.md,
+//! I86c).
 
 use std::cell::Cell;
 
@@ -14,16 +15,22 @@ use crate::ended::EndedLogins;
 use crate::flow::Gate;
 use crate::types::UnixSeconds;
 
-/// Attempts at a compare-and-swap update before giving up (another VM keeps winning).
+/// Attempts at a compare-and-swap update before leaving the endings for the next request.
 const PUBLISH_ATTEMPTS: usize = 8;
 
 /// The shared set of one client of one issuer, and this VM's view of it.
 pub struct SharedEndings {
+    /// The set (up to 192 KiB).
     key: String,
-    /// The second the shared set was last read (the request path reads it once a second).
+    /// Written after every change of the set: its version (the host's compare-and-swap counter)
+    /// is all a VM reads each second, so the set is copied only when it changed.
+    version_key: String,
+    /// The second the version was last read.
     read_at: Cell<UnixSeconds>,
-    /// The version of the shared set last merged.
-    cas: Cell<Option<u32>>,
+    /// The version of the set last merged.
+    version: Cell<Option<u32>>,
+    /// The second a failed write was last logged (at most one line a second).
+    warned_at: Cell<UnixSeconds>,
 }
 
 impl SharedEndings {
@@ -32,19 +39,22 @@ impl SharedEndings {
     pub fn new(issuer: &str, client_id: &str) -> Self {
         let digest = Sha256::digest(format!("{issuer}\0{client_id}").as_bytes());
         let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let key = format!("oidc-gate/{tag}/ended-logins/v1");
         Self {
-            key: format!("oidc-gate/{tag}/ended-logins/v1"),
+            version_key: format!("{key}/version"),
+            key,
             read_at: Cell::new(0),
-            cas: Cell::new(None),
+            version: Cell::new(None),
+            warned_at: Cell::new(0),
         }
     }
 
-    /// Creates the shared value when no VM did yet: every later write is then a compare-and-swap
-    /// (writing over a missing key cannot be one, and two first writers would lose an ending).
+    /// Creates the shared set when no VM did yet, so that later writes are compare-and-swaps.
+    /// (Envoy has no create-if-absent: VMs configuring at the same moment may each create it,
+    /// which is harmless while it is empty.)
     pub fn init(&self) {
         if let Ok((None, _)) = hostcalls::get_shared_data(&self.key) {
-            let _ =
-                hostcalls::set_shared_data(&self.key, Some(&EndedLogins::default().encode()), None);
+            let _ = hostcalls::set_shared_data(&self.key, Some(&[]), None);
         }
     }
 
@@ -54,49 +64,57 @@ impl SharedEndings {
             return;
         }
         self.read_at.set(now);
-        if let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&self.key) {
-            if cas.is_none() || cas != self.cas.get() {
-                gate.learn_endings(&bytes, now);
-                self.cas.set(cas);
-            }
+        let Ok((_, version)) = hostcalls::get_shared_data(&self.version_key) else {
+            return;
+        };
+        if version.is_none() || version == self.version.get() {
+            return;
+        }
+        // Read after the version: a write between the two reads is merged now and merged again
+        // (idempotently) at the next second.
+        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.key) {
+            gate.learn_endings(&bytes, now);
+            self.version.set(version);
         }
     }
 
-    /// Adds the endings `gate` decided to the shared set. On failure this VM still refuses
-    /// them; the others do not, which is logged.
+    /// Adds the endings `gate` decided to the shared set. What cannot be written now is given
+    /// back to `gate` for the next request; this VM refuses those logins meanwhile.
     pub fn publish(&self, gate: &Gate, now: UnixSeconds) {
         let endings = gate.take_unpublished_endings();
         if endings.is_empty() {
             return;
         }
         for _ in 0..PUBLISH_ATTEMPTS {
-            let (mut set, cas) = match hostcalls::get_shared_data(&self.key) {
-                Ok((bytes, cas)) => (
-                    bytes
-                        .and_then(|b| EndedLogins::decode(&b, now))
-                        .unwrap_or_default(),
-                    cas,
-                ),
-                Err(_) => (EndedLogins::default(), None),
+            let Ok((bytes, cas)) = hostcalls::get_shared_data(&self.key) else {
+                break;
             };
+            // Only garbage fails to decode (the key names the format): replacing it loses
+            // nothing that was readable.
+            let mut set = bytes
+                .and_then(|b| EndedLogins::decode(&b, now))
+                .unwrap_or_default();
             for e in &endings {
                 set.insert(*e, now);
             }
-            let encoded = set.encode();
-            match hostcalls::set_shared_data(&self.key, Some(&encoded), cas) {
+            match hostcalls::set_shared_data(&self.key, Some(&set.encode()), cas) {
                 Ok(()) => {
-                    // Take the others' endings now rather than at the next second.
-                    gate.learn_endings(&encoded, now);
+                    let _ = hostcalls::set_shared_data(&self.version_key, Some(&[]), None);
+                    gate.learn_ended(&set, now);
                     return;
                 }
                 Err(Status::CasMismatch) => continue,
                 Err(_) => break,
             }
         }
-        log::error!(
-            "oidc-gate: could not share {} ended login(s) with the other workers; only this \
-             worker refuses them",
-            endings.len()
-        );
+        if self.warned_at.get() != now {
+            self.warned_at.set(now);
+            log::warn!(
+                "oidc-gate: could not share {} ended login(s) with the other workers yet; \
+                 retrying with the next request",
+                endings.len()
+            );
+        }
+        gate.requeue_endings(endings);
     }
 }
