@@ -16,6 +16,7 @@ use crate::flow::{
     PendingRefresh, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
 };
 use crate::headers::is_identity_header;
+use crate::http::split_path;
 use crate::reply::{Failure, Reply};
 use crate::session::is_own_cookie;
 use crate::token::Jwks;
@@ -253,6 +254,16 @@ impl Stream {
     fn fail(&mut self, f: Failure) -> Action {
         let r = f.reply(self.facts.browser(), self.facts.request_id.as_deref());
         self.reply(r)
+    }
+
+    /// The callback's query holds the authorization code, and Envoy's access log prints
+    /// `:path`: the request keeps only the path. The filter answers the callback itself, from
+    /// the facts, which keep the query.
+    fn hide_callback_query(&self, gate: &Gate) {
+        let (path, _) = split_path(&self.facts.path);
+        if path == gate.callback_path() && self.facts.path.len() > path.len() {
+            self.set_http_request_header(":path", Some(path));
+        }
     }
 
     /// Removes every identity header the client sent, in every spelling, before anything else.
@@ -1003,6 +1014,9 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         self.strip_identity_headers();
+        if let Some(g) = &gate {
+            self.hide_callback_query(g);
+        }
         self.run(false)
     }
 
