@@ -63,6 +63,10 @@ impl<'a> CookieList<'a> {
     /// The `Cookie` header to forward once `drop` removed its cookies (as
     /// [`cookie_header_without`]), without another pass when nothing or everything is dropped.
     pub fn header_without(&self, drop: impl Fn(&str) -> bool) -> Option<String> {
+        if self.pieces == 0 {
+            // Only separators and blanks: no cookie to forward (as the rebuild would find).
+            return None;
+        }
         let dropped = self.pairs.iter().filter(|(n, _)| drop(n)).count();
         if dropped == 0 && self.pieces == self.pairs.len() {
             return match self.headers {
@@ -292,6 +296,9 @@ mod tests {
             Some("a=1")
         );
         assert_eq!(CookieList::parse(&[]).header_without(own), None);
+        // Separators only (found by `make fuzz`): no cookie, as the rebuild says.
+        assert_eq!(CookieList::parse(&[";"]).header_without(own), None);
+        assert_eq!(CookieList::parse(&[" ; ;"]).header_without(own), None);
     }
 
     #[test]
