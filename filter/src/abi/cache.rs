@@ -53,12 +53,18 @@ pub struct Fresh<T> {
     pub stale: bool,
 }
 
+/// `oidc-gate/<8 bytes of sha256(a, b)>`: Istio leaves `vm_id` empty, so every plugin on a
+/// gateway shares one shared-data namespace, and keys name what they belong to.
+pub fn shared_key_prefix(a: &str, b: &str) -> String {
+    let digest = Sha256::digest(format!("{a}\0{b}").as_bytes());
+    let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("oidc-gate/{tag}")
+}
+
 impl IdpCache {
     /// A cache for one issuer behind one cluster.
     pub fn new(issuer: &str, cluster: &str) -> Self {
-        let digest = Sha256::digest(format!("{issuer}\0{cluster}").as_bytes());
-        let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let prefix = format!("oidc-gate/{tag}");
+        let prefix = shared_key_prefix(issuer, cluster);
         Self {
             discovery_key: format!("{prefix}/discovery"),
             jwks_key: format!("{prefix}/jwks"),

@@ -7,13 +7,12 @@
 
 use std::cell::Cell;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
-use sha2::{Digest, Sha256};
-
+use super::cache::shared_key_prefix;
 use crate::ended::EndedLogins;
 use crate::flow::Gate;
 use crate::types::UnixSeconds;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
 
 /// Attempts at a compare-and-swap update before leaving the endings for the next request.
 const PUBLISH_ATTEMPTS: usize = 8;
@@ -37,9 +36,7 @@ impl SharedEndings {
     /// The set of `client_id` at `issuer`: two policies for different clients of one IdP
     /// never end each other's sessions.
     pub fn new(issuer: &str, client_id: &str) -> Self {
-        let digest = Sha256::digest(format!("{issuer}\0{client_id}").as_bytes());
-        let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let key = format!("oidc-gate/{tag}/ended-logins/v1");
+        let key = format!("{}/ended-logins/v1", shared_key_prefix(issuer, client_id));
         Self {
             version_key: format!("{key}/version"),
             key,

@@ -935,6 +935,28 @@ fn refresh_pending(
     }
 }
 
+/// The IdP's answer to `pending`: a new access token `access-2` and a rotated refresh token.
+fn complete_rotating_refresh(
+    g: &Gate,
+    idp: &Idp,
+    pending: &PendingRefresh,
+    now: u64,
+    rng: &mut SeededRandom,
+) -> (RefreshStep, Note) {
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
+    g.complete_refresh(
+        pending,
+        200,
+        answer.as_bytes(),
+        Keys {
+            jwks: Some(&idp.jwks()),
+            may_refetch: false,
+        },
+        now,
+        rng,
+    )
+}
+
 #[test]
 fn session_near_expiry_refreshes_and_forwards_the_new_token() {
     let g = gate();
@@ -945,19 +967,7 @@ fn session_near_expiry_refreshes_and_forwards_the_new_token() {
     let (call, pending) = refresh_pending(&g, &session, now, &mut rng);
     let body = String::from_utf8(call.body.clone()).unwrap();
     assert!(body.contains("grant_type=refresh_token") && body.contains("refresh_token=r1"));
-    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
-    let jwks = idp.jwks();
-    let (step, note) = g.complete_refresh(
-        &pending,
-        200,
-        answer.as_bytes(),
-        Keys {
-            jwks: Some(&jwks),
-            may_refetch: false,
-        },
-        now,
-        &mut rng,
-    );
+    let (step, note) = complete_rotating_refresh(&g, &idp, &pending, now, &mut rng);
     assert_eq!(note.event, Some(Event::RefreshCompleted));
     let RefreshStep::Forward(f) = step else {
         panic!("{step:?}")
@@ -1729,19 +1739,7 @@ fn logout_with_a_refreshed_cookie_ends_copies_taken_before_the_refresh() {
     let stolen = logged_in(&g, &idp, &mut rng);
     let now = NOW + 300 - 30;
     let (_, pending) = refresh_pending(&g, &stolen, now, &mut rng);
-    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
-    let jwks = idp.jwks();
-    let (step, _) = g.complete_refresh(
-        &pending,
-        200,
-        answer.as_bytes(),
-        Keys {
-            jwks: Some(&jwks),
-            may_refetch: false,
-        },
-        now,
-        &mut rng,
-    );
+    let (step, _) = complete_rotating_refresh(&g, &idp, &pending, now, &mut rng);
     let RefreshStep::Forward(f) = step else {
         panic!("{step:?}")
     };
