@@ -1663,20 +1663,7 @@ fn logout_ends_every_copy_of_the_session_cookie_in_every_vm() {
         &mut rng,
     ));
     // The copy (another tab, a stolen cookie) is refused here at once...
-    let (d, note) = g.decide(
-        &api_request_with_cookie(&session),
-        Known::default(),
-        NOW + 3,
-        &mut rng,
-    );
-    let Decision::Reply(r) = d else {
-        panic!("{d:?}")
-    };
-    assert_eq!(r.status, 401);
-    assert!(header(&r, "set-cookie")
-        .iter()
-        .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
-    assert_eq!(note.event, Some(Event::SessionRejected("ended")));
+    refused_as_ended(&g, &session, NOW + 3, &mut rng);
     // ...and in another VM once it learns what this one shares, cached there or not.
     let shared = g.take_unpublished_endings();
     assert!(!shared.is_empty());
@@ -1687,21 +1674,24 @@ fn logout_ends_every_copy_of_the_session_cookie_in_every_vm() {
     }
     other_vm.learn_endings(&set.encode(), NOW + 3);
     for vm in [&other_vm, &gate_learning(&set)] {
-        let (d, note) = vm.decide(
-            &api_request_with_cookie(&session),
-            Known::default(),
-            NOW + 3,
-            &mut rng,
-        );
-        assert!(
-            matches!(d, Decision::Reply(ref r) if r.status == 401),
-            "{d:?}"
-        );
-        assert_eq!(note.event, Some(Event::SessionRejected("ended")));
+        refused_as_ended(vm, &session, NOW + 3, &mut rng);
     }
     // The same user logging in again, even within the second of the logout, is not affected.
     let again = logged_in_at(&g, &idp, &mut rng, NOW + 2);
     assert!(serves(&g, &again, NOW + 2, &mut rng));
+}
+
+/// An API request with `cookie` gets a 401 that deletes it, for an ended login.
+fn refused_as_ended(g: &Gate, cookie: &str, at: u64, rng: &mut SeededRandom) {
+    let (d, note) = g.decide(&api_request_with_cookie(cookie), Known::default(), at, rng);
+    let Decision::Reply(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(r.status, 401);
+    assert!(header(&r, "set-cookie")
+        .iter()
+        .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
+    assert_eq!(note.event, Some(Event::SessionRejected("ended")));
 }
 
 fn gate_learning(set: &EndedLogins) -> Gate {
@@ -1759,17 +1749,7 @@ fn logout_with_a_refreshed_cookie_ends_copies_taken_before_the_refresh() {
     ));
     // The copy from before the refresh still has a valid access token for a while, yet it is
     // the same login.
-    let (d, note) = g.decide(
-        &api_request_with_cookie(&stolen),
-        Known::default(),
-        now + 2,
-        &mut rng,
-    );
-    assert!(
-        matches!(d, Decision::Reply(ref r) if r.status == 401),
-        "{d:?}"
-    );
-    assert_eq!(note.event, Some(Event::SessionRejected("ended")));
+    refused_as_ended(&g, &stolen, now + 2, &mut rng);
 }
 
 #[test]
