@@ -306,6 +306,11 @@ pub enum Event {
     BearerRejected(&'static str),
     /// A session cookie was present but not accepted.
     SessionRejected(&'static str),
+    /// A user logged out; the list of ended logins may have been full.
+    Logout {
+        /// Whether a live ended login had to be dropped to make room.
+        dropped_an_ended_login: bool,
+    },
 }
 
 /// A secret-free log line and an event for the metrics, reported with each decision.
@@ -771,13 +776,20 @@ impl Gate {
                 return (Decision::NeedProvider, Note::none());
             };
             let (reply, list_full) = self.logout(&host, &cookies, provider, now);
+            let event = Event::Logout {
+                dropped_an_ended_login: list_full,
+            };
             let note = if list_full {
-                Note::log(format!(
-                    "logout; the list of ended logins is full ({MAX_ENDED}): the one expiring \
-                     first was dropped, and copies of its cookie pass again until they expire"
-                ))
+                Note::event(
+                    event,
+                    format!(
+                        "logout; the list of ended logins is full ({MAX_ENDED}): the one \
+                         expiring first was dropped, and copies of its cookie pass again until \
+                         their refresh or expiry"
+                    ),
+                )
             } else {
-                Note::log("logout")
+                Note::event(event, "logout")
             };
             return (Decision::Reply(reply), note);
         }

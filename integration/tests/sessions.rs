@@ -1588,6 +1588,8 @@ async fn cookie_copied_before_logout_is_refused_by_every_worker() {
         counter(&stack, "sessions_rejected_ended").await >= 4,
         "refusals counted"
     );
+    assert_eq!(counter(&stack, "logouts").await, 1);
+    assert_eq!(counter(&stack, "ended_logins_dropped").await, 0);
 
     // The same user logs in again (a later login is not an ended one).
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -67,6 +67,14 @@ impl Metrics {
             Event::BearerAccepted => self.count("bearer_accepted"),
             Event::BearerRejected(r) => self.count(&format!("bearer_rejected_{}", slug(r))),
             Event::SessionRejected(r) => self.count(&format!("sessions_rejected_{}", slug(r))),
+            Event::Logout {
+                dropped_an_ended_login,
+            } => {
+                self.count("logouts");
+                if dropped_an_ended_login {
+                    self.count("ended_logins_dropped");
+                }
+            }
         }
     }
 }

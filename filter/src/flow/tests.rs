@@ -1694,6 +1694,47 @@ fn refused_as_ended(g: &Gate, cookie: &str, at: u64, rng: &mut SeededRandom) {
     assert_eq!(note.event, Some(Event::SessionRejected("ended")));
 }
 
+#[test]
+fn a_logout_that_overflows_the_ended_list_is_counted() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(45);
+    let first = logged_in(&g, &idp, &mut rng);
+    let logout = |g: &Gate, session: &str, rng: &mut SeededRandom| {
+        g.decide(
+            &browser("/oauth2/sign_out", vec![session]),
+            with_provider(&provider()),
+            NOW + 1,
+            rng,
+        )
+        .1
+    };
+    assert_eq!(
+        logout(&g, &first, &mut rng).event,
+        Some(Event::Logout {
+            dropped_an_ended_login: false
+        })
+    );
+    // Other workers' logouts fill the list with records that outlast this login's.
+    let mut full = Vec::new();
+    for i in 0..MAX_ENDED as u64 {
+        full.extend_from_slice(&Sha256::digest(i.to_be_bytes())[..16]);
+        full.extend_from_slice(&(NOW + 10 * 86_400).to_be_bytes());
+    }
+    g.learn_endings(&full, NOW + 1);
+    assert_eq!(g.ended_logins(), MAX_ENDED);
+    let second = logged_in(&g, &idp, &mut rng);
+    let note = logout(&g, &second, &mut rng);
+    assert_eq!(
+        note.event,
+        Some(Event::Logout {
+            dropped_an_ended_login: true
+        })
+    );
+    assert!(note.log.unwrap_or_default().contains("full"));
+    assert_eq!(g.ended_logins(), MAX_ENDED);
+}
+
 fn gate_learning(set: &EndedLogins) -> Gate {
     let g = gate();
     g.learn_endings(&set.encode(), NOW);
