@@ -676,14 +676,16 @@ impl Gate {
     fn end(&self, endings: Vec<Ending>, now: UnixSeconds) -> bool {
         let mut ended = self.ended.borrow_mut();
         let mut list_full = false;
+        let mut new = Vec::with_capacity(endings.len());
         for e in endings {
             match ended.insert(e, now) {
                 Inserted::Unchanged => continue,
                 Inserted::Changed => {}
                 Inserted::Evicted => list_full = true,
             }
-            self.requeue_endings(vec![e]);
+            new.push(e);
         }
+        self.queue_endings(new);
         list_full
     }
 
@@ -692,8 +694,8 @@ impl Gate {
         std::mem::take(&mut *self.unpublished_endings.borrow_mut())
     }
 
-    /// Gives back endings the glue could not share, to try again with the next request.
-    pub fn requeue_endings(&self, endings: Vec<Ending>) {
+    /// Queues endings for the glue to share: new ones, or ones it could not share yet.
+    pub fn queue_endings(&self, endings: Vec<Ending>) {
         let mut queue = self.unpublished_endings.borrow_mut();
         queue.extend(endings);
         if queue.len() > MAX_ENDED {

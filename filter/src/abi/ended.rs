@@ -112,6 +112,6 @@ impl SharedEndings {
                 endings.len()
             );
         }
-        gate.requeue_endings(endings);
+        gate.queue_endings(endings);
     }
 }

@@ -1075,8 +1075,8 @@ fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     assert!(clear.iter().any(|c| c.starts_with("__Host-oidc-gate=;")));
     assert_eq!(note.event, Some(Event::RefreshFailed("refused")));
     assert!(note.log.unwrap_or_default().contains("earlier"));
-    // Before the refresh is due the session is served as before (stateless: the window a
-    // cookie copied before logout keeps).
+    // Before the refresh is due the session is served as before: a refusal by the IdP alone
+    // (a logout this gateway did not see) is learnt only at the next refresh (SECURITY.md I86b).
     assert!(matches!(
         g.decide(
             &browser("/x", vec![&session]),
