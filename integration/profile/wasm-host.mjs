@@ -17,8 +17,9 @@ if (!wasmPath || !cookiePath) {
 }
 const iterations = Number(iterArg || 200000);
 const cookie = readFileSync(cookiePath, 'utf8').trim();
-// The benchmark's configuration (integration/src/bench/scenarios.rs), with an inline secret.
-const config = JSON.stringify({
+// The benchmark's configuration (integration/src/bench/scenarios.rs), with an inline secret;
+// FILTER_CONFIG replaces it (the no-op filter takes '' or its `--noop-extra` words).
+const config = process.env.FILTER_CONFIG ?? JSON.stringify({
   issuer: 'https://idp.example.com', idp_cluster: 'idp', client_id: 'oidc-gate', client_secret: 's',
   cookie_secret: 'MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=',
   hosts: ['app.example.com', '*.apps.example.com'], skip_paths: ['/healthz', '/public/'],
