@@ -576,6 +576,13 @@ impl Browser {
         mode: Mode,
         http1_only: bool,
     ) -> Browser {
+        let routes: Vec<(&str, SocketAddr)> = hosts.iter().map(|h| (*h, gateway)).collect();
+        Self::with_routes(&routes, mode, http1_only)
+    }
+
+    /// A browser whose DNS sends each host to its own address (e.g. the test hosts to the
+    /// gateway and an IdP's name to the listener that serves it).
+    pub fn with_routes(routes: &[(&str, SocketAddr)], mode: Mode, http1_only: bool) -> Browser {
         install_crypto_provider();
         let mut b = reqwest::Client::builder()
             .no_proxy()
@@ -586,8 +593,8 @@ impl Browser {
         if http1_only {
             b = b.http1_only();
         }
-        for h in hosts {
-            b = b.resolve(h, gateway);
+        for (host, addr) in routes {
+            b = b.resolve(host, *addr);
         }
         Browser {
             client: b.build().expect("reqwest client"),
