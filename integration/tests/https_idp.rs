@@ -18,14 +18,22 @@ use serde_json::{json, Value};
 const IDP_HOST: &str = "idp.example.com";
 const IDP_TLS_CLUSTER: &str = "outbound|443||idp.example.com";
 const IDP_FRONT_LISTENER: &str = "idp-front";
+/// A name the test certificate does not carry.
+const OTHER_IDP_NAME: &str = "idp.example.org";
 
 /// A TLS listener on `port` serving the gateway's certificate and passing everything to the
-/// mock IdP's plain cluster.
+/// mock IdP's plain cluster. It only answers connections whose SNI is one of the names the tests
+/// use, so a callout without SNI fails.
 fn idp_front_listener(gw: &GatewayConfig, port: u16) -> Value {
     json!({
         "name": IDP_FRONT_LISTENER,
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+        "listener_filters": [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" },
+        }],
         "filter_chains": [{
+            "filter_chain_match": { "server_names": [IDP_HOST, OTHER_IDP_NAME] },
             "transport_socket": {
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {
@@ -194,7 +202,7 @@ async fn an_idp_authority_the_certificate_does_not_name_stops_the_login() {
     // The SNI and the name check follow `idp_authority`: a name not on the IdP's certificate is
     // refused like a wrong certificate.
     let (stack, idp_port) =
-        start_with_https_idp(None, json!({ "idp_authority": "idp.example.org" })).await;
+        start_with_https_idp(None, json!({ "idp_authority": OTHER_IDP_NAME })).await;
     let b = browser(&stack, idp_port);
 
     let start = b.get(&stack.url("/over-tls")).await;
