@@ -203,19 +203,7 @@ impl GatewayConfig {
                 "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" },
             }],
             "filter_chains": [{
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                        "common_tls_context": {
-                            "alpn_protocols": ["h2", "http/1.1"],
-                            "tls_certificates": [{
-                                "certificate_chain": { "filename": self.cert.cert.to_string_lossy() },
-                                "private_key": { "filename": self.cert.key.to_string_lossy() },
-                            }],
-                        },
-                    },
-                },
+                "transport_socket": downstream_tls(&self.cert, &["h2", "http/1.1"]),
                 "filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
@@ -323,6 +311,45 @@ pub fn gateway_tail_filters() -> Vec<Value> {
             },
         }),
     ]
+}
+
+/// A listener's TLS transport socket serving `cert`, offering `alpn` (may be empty).
+pub fn downstream_tls(cert: &CertFiles, alpn: &[&str]) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": alpn,
+                "tls_certificates": [{
+                    "certificate_chain": { "filename": cert.cert.to_string_lossy() },
+                    "private_key": { "filename": cert.key.to_string_lossy() },
+                }],
+            },
+        },
+    })
+}
+
+/// Makes `cluster` what Istio generates for a `DestinationRule` with `tls.mode: SIMPLE` and no
+/// `sni`: TLS to the endpoint, with SNI and the certificate's name check taken from each
+/// request's `:authority`, against the CAs in `trusted_ca` (a PEM file).
+pub fn add_upstream_tls(cluster: &mut Value, trusted_ca: &str) {
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "validation_context": { "trusted_ca": { "filename": trusted_ca } },
+            },
+        },
+    });
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "upstream_http_protocol_options": { "auto_sni": true, "auto_san_validation": true },
+            "explicit_http_config": { "http_protocol_options": {} },
+        },
+    });
 }
 
 /// A STATIC cluster on 127.0.0.1:`port`, as Istio's EDS cluster would resolve on loopback.

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use integration::config::static_cluster;
+use integration::config::{add_upstream_tls, downstream_tls, static_cluster};
 use integration::envoy::free_port;
 use integration::stack::{StackOptions, APP_HOST, SESSION_COOKIE};
 use integration::{Browser, GatewayConfig, Mode, Stack, TEST_HOSTS};
@@ -34,18 +34,7 @@ fn idp_front_listener(gw: &GatewayConfig, port: u16) -> Value {
         }],
         "filter_chains": [{
             "filter_chain_match": { "server_names": [IDP_HOST, OTHER_IDP_NAME] },
-            "transport_socket": {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "common_tls_context": {
-                        "tls_certificates": [{
-                            "certificate_chain": { "filename": gw.cert.cert.to_string_lossy() },
-                            "private_key": { "filename": gw.cert.key.to_string_lossy() },
-                        }],
-                    },
-                },
-            },
+            "transport_socket": downstream_tls(&gw.cert, &[]),
             "filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
@@ -72,25 +61,11 @@ fn idp_front_listener(gw: &GatewayConfig, port: u16) -> Value {
 }
 
 /// What Istio generates for the IdP's `ServiceEntry` (port 443, resolved here to the front
-/// listener) with a `DestinationRule` `tls: { mode: SIMPLE, caCertificates: <trusted_ca> }`.
+/// listener) with a `DestinationRule` `tls: { mode: SIMPLE, caCertificates: <trusted_ca> }` (the
+/// demo's shape for an external IdP, with the system CAs there).
 fn idp_tls_cluster(port: u16, trusted_ca: &str) -> Value {
     let mut c = static_cluster(IDP_TLS_CLUSTER, port);
-    c["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": {
-                "validation_context": { "trusted_ca": { "filename": trusted_ca } },
-            },
-        },
-    });
-    c["typed_extension_protocol_options"] = json!({
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "upstream_http_protocol_options": { "auto_sni": true, "auto_san_validation": true },
-            "explicit_http_config": { "http_protocol_options": {} },
-        },
-    });
+    add_upstream_tls(&mut c, trusted_ca);
     c
 }
 

@@ -183,22 +183,7 @@ fn external_cluster(issuer: &Url) -> Result<(String, Value), String> {
                 "{CA_BUNDLE} is missing: install the ca-certificates package"
             ));
         }
-        cluster["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": {
-                    "validation_context": { "trusted_ca": { "filename": CA_BUNDLE } },
-                },
-            },
-        });
-        cluster["typed_extension_protocol_options"] = json!({
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "upstream_http_protocol_options": { "auto_sni": true, "auto_san_validation": true },
-                "explicit_http_config": { "http_protocol_options": {} },
-            },
-        });
+        config::add_upstream_tls(&mut cluster, CA_BUNDLE);
     }
     Ok((name, cluster))
 }
