@@ -21,7 +21,7 @@ variant="${VARIANT:-compat}"
 
 if [ ! -f "$wasm" ]; then
   echo "image.sh: $wasm not found; build it first:" >&2
-  echo "  cargo build -p oidc-filter --target wasm32-wasip1 --release" >&2
+  echo "  make build   (cargo build -p oidc-filter --target wasm32-wasip1 --release, then wasm-opt)" >&2
   exit 1
 fi
 oci_image() {
