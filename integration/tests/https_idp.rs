@@ -105,6 +105,31 @@ async fn tls_cluster_stat(stack: &Stack, name: &str) -> u64 {
         .await
 }
 
+/// A login attempt on a fresh gateway whose IdP certificate Envoy refuses (`failure` is the TLS
+/// cluster's counter for the reason): 503 at discovery, nothing upstream, nothing at the IdP.
+async fn assert_login_refused_by_tls(stack: &Stack, idp_port: u16, failure: &str) {
+    let start = browser(stack, idp_port).get(&stack.url("/over-tls")).await;
+    assert_eq!(
+        start.status,
+        503,
+        "without a verified discovery document there is no login: {}",
+        start.describe()
+    );
+    assert!(
+        stack.upstream.last().is_none(),
+        "the upstream must not be reached"
+    );
+    assert!(
+        tls_cluster_stat(stack, failure).await >= 1,
+        "Envoy should have refused the IdP's certificate ({failure})"
+    );
+    assert_eq!(
+        stack.idp.stats().discovery,
+        0,
+        "nothing may reach the IdP through an unverified connection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_through_an_https_idp_with_sni_and_name_check_from_the_issuer() {
     // No `idp_authority`: the callouts' `:authority` is the issuer's host and port.
@@ -148,28 +173,7 @@ async fn an_idp_certificate_from_an_untrusted_ca_stops_the_login() {
         json!({}),
     )
     .await;
-    let b = browser(&stack, idp_port);
-
-    let start = b.get(&stack.url("/over-tls")).await;
-    assert_eq!(
-        start.status,
-        503,
-        "without a verified discovery document there is no login: {}",
-        start.describe()
-    );
-    assert!(
-        stack.upstream.last().is_none(),
-        "the upstream must not be reached"
-    );
-    assert!(
-        tls_cluster_stat(&stack, "ssl.fail_verify_error").await >= 1,
-        "Envoy should have refused the IdP's certificate"
-    );
-    assert_eq!(
-        stack.idp.stats().discovery,
-        0,
-        "nothing may reach the IdP through an unverified connection"
-    );
+    assert_login_refused_by_tls(&stack, idp_port, "ssl.fail_verify_error").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,19 +182,7 @@ async fn an_idp_authority_the_certificate_does_not_name_stops_the_login() {
     // refused like a wrong certificate.
     let (stack, idp_port) =
         start_with_https_idp(None, json!({ "idp_authority": OTHER_IDP_NAME })).await;
-    let b = browser(&stack, idp_port);
-
-    let start = b.get(&stack.url("/over-tls")).await;
-    assert_eq!(start.status, 503, "{}", start.describe());
-    assert!(
-        stack.upstream.last().is_none(),
-        "the upstream must not be reached"
-    );
-    assert!(
-        tls_cluster_stat(&stack, "ssl.fail_verify_san").await >= 1,
-        "Envoy should have refused a certificate that does not name idp.example.org"
-    );
-    assert_eq!(stack.idp.stats().discovery, 0);
+    assert_login_refused_by_tls(&stack, idp_port, "ssl.fail_verify_san").await;
 
     // The same gateway with the IdP's real name logs in (the certificate names idp.example.com).
     let (stack, idp_port) = start_with_https_idp(None, json!({ "idp_authority": IDP_HOST })).await;
