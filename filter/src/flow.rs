@@ -82,11 +82,17 @@ pub struct Request<'a> {
     pub access_control_request_method: Option<&'a str>,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
     /// The host without port, lowercase: the identity cookies are bound to.
-    pub fn host(&self) -> String {
-        let h = strip_port(self.authority).to_ascii_lowercase();
-        h.strip_suffix('.').map(str::to_string).unwrap_or(h)
+    pub fn host(&self) -> Cow<'a, str> {
+        let h = strip_port(self.authority);
+        let h = h.strip_suffix('.').unwrap_or(h);
+        // Every request asks: borrowed unless the client spelled the host in capitals.
+        if h.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(h.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(h)
+        }
     }
 
     /// A top-level browser navigation: the only kind of request worth redirecting to a login
@@ -839,7 +845,7 @@ impl Gate {
                     ],
                 );
                 let pending = PendingRefresh {
-                    host: host.clone(),
+                    host: host.to_string(),
                     cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
                     present_session_cookies: session_cookie_names(&cookies),
                     session: (*session).clone(),

@@ -2298,7 +2298,8 @@ fn plant(sc: &mut Scenario) -> Planted {
         authority: &sc.authority,
         ..Default::default()
     }
-    .host();
+    .host()
+    .into_owned();
     let mut rng = Xorshift::new(sc.seed ^ 0x5eed);
     if let Some(p) = &sc.session {
         let session = Session {
@@ -2813,7 +2814,8 @@ fn gate_login_round_trip() {
                 authority,
                 ..Default::default()
             }
-            .host();
+            .host()
+            .into_owned();
             let lower_authority = authority.to_ascii_lowercase();
             prop_assert_eq!(
                 &q["redirect_uri"],

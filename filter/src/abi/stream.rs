@@ -1,5 +1,6 @@
 //! The per-request context: gathers the request, runs the engine, executes its decisions.
 
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
@@ -24,40 +25,122 @@ use crate::token::Jwks;
 /// Timeout of every IdP callout.
 const CALLOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where a header value lies in [`Facts::text`].
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl From<Range<usize>> for Span {
+    fn from(r: Range<usize>) -> Self {
+        Span {
+            start: r.start,
+            end: r.end,
+        }
+    }
+}
+
 /// The request facts, owned, so a decision can be re-run after a callout.
 #[derive(Default, Clone)]
 pub struct Facts {
-    method: String,
+    /// The header names and values the host gave, as one string: the fields are spans of it, so
+    /// gathering a request copies and allocates nothing per header.
+    text: String,
+    method: Span,
     scheme: &'static str,
-    authority: String,
-    path: String,
-    cookies: Vec<String>,
-    sec_fetch_mode: Option<String>,
+    authority: Span,
+    path: Span,
+    cookies: Vec<Span>,
+    sec_fetch_mode: Option<Span>,
     has_sec_fetch: bool,
-    accept: Option<String>,
-    request_id: Option<String>,
-    authorization: Vec<String>,
-    origin: Option<String>,
-    access_control_request_method: Option<String>,
+    accept: Option<Span>,
+    request_id: Option<Span>,
+    authorization: Vec<Span>,
+    origin: Option<Span>,
+    access_control_request_method: Option<Span>,
     /// Client-sent headers the filter owns (identity headers in any spelling).
     identity_headers: Vec<String>,
 }
 
 impl Facts {
+    /// The facts of the request whose headers the host serialised into `map`.
+    fn read(map: HeaderMapBytes, gate: Option<&Gate>) -> Facts {
+        let values = map.values();
+        let mut f = Facts::default();
+        let mut scheme_is_http = None;
+        let mut forwarded_proto_is_http = None;
+        for (name, range) in map.spans() {
+            // Names are lowercase tokens (Envoy validates them); anything else is no header of ours.
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let is_http = || {
+                values
+                    .get(range.clone())
+                    .is_some_and(|v| v.eq_ignore_ascii_case(b"http"))
+            };
+            let span = Span::from(range.clone());
+            match name {
+                ":method" => f.method = span,
+                ":scheme" => scheme_is_http = Some(is_http()),
+                ":authority" => f.authority = span,
+                ":path" => f.path = span,
+                "cookie" => f.cookies.push(span),
+                "authorization" => f.authorization.push(span),
+                "sec-fetch-mode" => {
+                    f.has_sec_fetch = true;
+                    f.sec_fetch_mode = Some(span);
+                }
+                n if n.starts_with("sec-fetch-") => f.has_sec_fetch = true,
+                "accept" => f.accept = Some(span),
+                "origin" => f.origin = Some(span),
+                "access-control-request-method" => f.access_control_request_method = Some(span),
+                "x-request-id" => f.request_id = Some(span),
+                // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this from
+                // the downstream connection; behind a trusted proxy it is the browser's scheme.
+                "x-forwarded-proto" => forwarded_proto_is_http = Some(is_http()),
+                _ => {}
+            }
+            if gate.is_some_and(|g| is_identity_header(g.config(), name)) {
+                f.identity_headers.push(name.to_string());
+            }
+        }
+        f.scheme = if forwarded_proto_is_http.or(scheme_is_http) == Some(true) {
+            "http"
+        } else {
+            "https"
+        };
+        // HTTP allows bytes that are not UTF-8 in values (obs-text): rare enough that only then
+        // is the text rebuilt value by value.
+        match map.into_text() {
+            Ok(text) => Facts { text, ..f },
+            Err(raw) => f.with_lossy_text(&raw),
+        }
+    }
+
+    fn at(&self, span: Span) -> &str {
+        self.text.get(span.start..span.end).unwrap_or_default()
+    }
+
+    fn at_each(&self, spans: &[Span]) -> Vec<&str> {
+        spans.iter().map(|s| self.at(*s)).collect()
+    }
+
     pub(crate) fn request(&self) -> Request<'_> {
         Request {
-            method: &self.method,
+            method: self.at(self.method),
             scheme: self.scheme,
-            authority: &self.authority,
-            path: &self.path,
-            cookie_headers: self.cookies.iter().map(String::as_str).collect(),
-            sec_fetch_mode: self.sec_fetch_mode.as_deref(),
+            authority: self.at(self.authority),
+            path: self.at(self.path),
+            cookie_headers: self.at_each(&self.cookies),
+            sec_fetch_mode: self.sec_fetch_mode.map(|s| self.at(s)),
             has_sec_fetch: self.has_sec_fetch,
-            accept: self.accept.as_deref(),
-            request_id: self.request_id.as_deref(),
-            authorization: self.authorization.iter().map(String::as_str).collect(),
-            origin: self.origin.as_deref(),
-            access_control_request_method: self.access_control_request_method.as_deref(),
+            accept: self.accept.map(|s| self.at(s)),
+            request_id: self.request_id(),
+            authorization: self.at_each(&self.authorization),
+            origin: self.origin.map(|s| self.at(s)),
+            access_control_request_method: self.access_control_request_method.map(|s| self.at(s)),
         }
     }
 
@@ -66,31 +149,83 @@ impl Facts {
     }
 
     pub(crate) fn request_id(&self) -> Option<&str> {
-        self.request_id.as_deref()
+        self.request_id.map(|s| self.at(s))
+    }
+
+    fn authority(&self) -> &str {
+        self.at(self.authority)
+    }
+
+    fn path(&self) -> &str {
+        self.at(self.path)
+    }
+
+    /// Appends `value` to the text and returns where it lies.
+    fn push(&mut self, value: &str) -> Span {
+        let start = self.text.len();
+        self.text.push_str(value);
+        Span {
+            start,
+            end: self.text.len(),
+        }
+    }
+
+    /// Rebuilds the text from `raw` (header values with bytes that are not UTF-8) value by value:
+    /// such bytes become U+FFFD, so a value can never match a session, a token or a path of ours.
+    fn with_lossy_text(mut self, raw: &[u8]) -> Facts {
+        let mut text = String::new();
+        let mut respan = |s: &mut Span| {
+            let start = text.len();
+            text.push_str(&String::from_utf8_lossy(
+                raw.get(s.start..s.end).unwrap_or_default(),
+            ));
+            *s = Span {
+                start,
+                end: text.len(),
+            };
+        };
+        respan(&mut self.method);
+        respan(&mut self.authority);
+        respan(&mut self.path);
+        for s in self
+            .cookies
+            .iter_mut()
+            .chain(self.authorization.iter_mut())
+            .chain(self.sec_fetch_mode.iter_mut())
+            .chain(self.accept.iter_mut())
+            .chain(self.request_id.iter_mut())
+            .chain(self.origin.iter_mut())
+            .chain(self.access_control_request_method.iter_mut())
+        {
+            respan(s);
+        }
+        self.text = text;
+        self
+    }
+
+    /// Whether the headers at `sent` already are the one value (or absence) to forward.
+    fn already(&self, sent: &[Span], forward: Option<&str>) -> bool {
+        match (sent, forward) {
+            ([], None) => true,
+            ([one], Some(v)) => same_bytes(self.at(*one).as_bytes(), v.as_bytes()),
+            _ => false,
+        }
     }
 
     /// The same request without the session cookies: what remains once a session ended.
     pub(crate) fn without_session(&self) -> Facts {
         let mut f = self.clone();
-        f.cookies = f
+        let kept: Vec<String> = self
             .cookies
             .iter()
             .filter_map(|h| {
-                crate::http::cookie_header_without(&[h.as_str()], |n| {
+                crate::http::cookie_header_without(&[self.at(*h)], |n| {
                     is_own_cookie(n) && !n.starts_with(crate::session::LOGIN_COOKIE_PREFIX)
                 })
             })
             .collect();
+        f.cookies = kept.iter().map(|c| f.push(c)).collect();
         f
-    }
-}
-
-/// Whether the headers a client sent already are the one value (or absence) to forward.
-fn unchanged(sent: &[String], forward: Option<&str>) -> bool {
-    match (sent, forward) {
-        ([], None) => true,
-        ([one], Some(v)) => same_bytes(one.as_bytes(), v.as_bytes()),
-        _ => false,
     }
 }
 
@@ -175,54 +310,7 @@ impl Stream {
 
     /// The request facts; `None` when the host would not give the headers.
     fn gather(&self, gate: Option<&Gate>) -> Option<Facts> {
-        let map = HeaderMapBytes::request()?;
-        let mut f = Facts::default();
-        let mut scheme_is_http = None;
-        let mut forwarded_proto_is_http = None;
-        for (name, value) in map.pairs() {
-            // Names are lowercase tokens (Envoy validates them); anything else is no header of ours.
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
-            // HTTP allows bytes that are not UTF-8 in values: they become U+FFFD, so such a value
-            // can never match a session, a token or a path of ours.
-            let text = || match std::str::from_utf8(value) {
-                Ok(v) => v.to_owned(),
-                Err(_) => String::from_utf8_lossy(value).into_owned(),
-            };
-            match name {
-                ":method" => f.method = text(),
-                ":scheme" => scheme_is_http = Some(value.eq_ignore_ascii_case(b"http")),
-                ":authority" => f.authority = text(),
-                ":path" => f.path = text(),
-                "cookie" => f.cookies.push(text()),
-                "authorization" => f.authorization.push(text()),
-                "sec-fetch-mode" => {
-                    f.has_sec_fetch = true;
-                    f.sec_fetch_mode = Some(text());
-                }
-                n if n.starts_with("sec-fetch-") => f.has_sec_fetch = true,
-                "accept" => f.accept = Some(text()),
-                "origin" => f.origin = Some(text()),
-                "access-control-request-method" => f.access_control_request_method = Some(text()),
-                "x-request-id" => f.request_id = Some(text()),
-                // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this from
-                // the downstream connection; behind a trusted proxy it is the browser's scheme.
-                "x-forwarded-proto" => {
-                    forwarded_proto_is_http = Some(value.eq_ignore_ascii_case(b"http"));
-                }
-                _ => {}
-            }
-            if gate.is_some_and(|g| is_identity_header(g.config(), name)) {
-                f.identity_headers.push(name.to_string());
-            }
-        }
-        f.scheme = if forwarded_proto_is_http.or(scheme_is_http) == Some(true) {
-            "http"
-        } else {
-            "https"
-        };
-        Some(f)
+        Some(Facts::read(HeaderMapBytes::request()?, gate))
     }
 
     fn note(&self, note: Note) {
@@ -252,7 +340,7 @@ impl Stream {
     }
 
     fn fail(&mut self, f: Failure) -> Action {
-        let r = f.reply(self.facts.browser(), self.facts.request_id.as_deref());
+        let r = f.reply(self.facts.browser(), self.facts.request_id());
         self.reply(r)
     }
 
@@ -260,8 +348,8 @@ impl Stream {
     /// `:path`: the request keeps only the path. The filter answers the callback itself, from
     /// the facts, which keep the query.
     fn hide_callback_query(&self, gate: &Gate) {
-        let (path, _) = split_path(&self.facts.path);
-        if path == gate.callback_path() && self.facts.path.len() > path.len() {
+        let (path, _) = split_path(self.facts.path());
+        if path == gate.callback_path() && self.facts.path().len() > path.len() {
             self.set_http_request_header(":path", Some(path));
         }
     }
@@ -291,15 +379,13 @@ impl Stream {
 
     fn apply_forward(&mut self, fwd: Forward) {
         // Unchanged headers (a verified bearer token, a Cookie without ours) cost no host call.
-        if !unchanged(&self.facts.authorization, fwd.authorization.as_deref()) {
-            self.replace_header(
-                "authorization",
-                self.facts.authorization.len(),
-                fwd.authorization.as_deref(),
-            );
+        let facts = &self.facts;
+        if !facts.already(&facts.authorization, fwd.authorization.as_deref()) {
+            let sent = facts.authorization.len();
+            self.replace_header("authorization", sent, fwd.authorization.as_deref());
         }
-        if !unchanged(&self.facts.cookies, fwd.cookie.as_deref()) {
-            self.replace_header("cookie", self.facts.cookies.len(), fwd.cookie.as_deref());
+        if !facts.already(&facts.cookies, fwd.cookie.as_deref()) {
+            self.replace_header("cookie", facts.cookies.len(), fwd.cookie.as_deref());
         }
         for (name, value) in &fwd.set_headers {
             self.set_http_request_header(name, None);
@@ -984,11 +1070,11 @@ impl Context for Stream {
             }
             _ => {}
         }
-        shared
-            .refreshes
-            .borrow_mut()
-            .response_cookies
-            .remove(&self.id);
+        let mut refreshes = shared.refreshes.borrow_mut();
+        // Empty but for a refresh in flight: no hashing on the common path.
+        if !refreshes.response_cookies.is_empty() {
+            refreshes.response_cookies.remove(&self.id);
+        }
         true
     }
 }
@@ -1008,7 +1094,7 @@ impl HttpContext for Stream {
         self.facts = facts;
         if gate
             .as_ref()
-            .is_some_and(|g| !g.config().protects(&self.facts.authority))
+            .is_some_and(|g| !g.config().protects(self.facts.authority()))
         {
             // Hosts this policy does not list pass untouched.
             return Action::Continue;
@@ -1026,13 +1112,12 @@ impl HttpContext for Stream {
         }
         let mut cookies = std::mem::take(&mut self.response_cookies);
         if let Some(shared) = &self.shared {
-            if let Some(c) = shared
-                .refreshes
-                .borrow_mut()
-                .response_cookies
-                .remove(&self.id)
-            {
-                cookies.extend(c);
+            let mut refreshes = shared.refreshes.borrow_mut();
+            // Empty but for a refresh in flight: no hashing on the common path.
+            if !refreshes.response_cookies.is_empty() {
+                if let Some(c) = refreshes.response_cookies.remove(&self.id) {
+                    cookies.extend(c);
+                }
             }
         }
         if !cookies.is_empty() {
@@ -1043,5 +1128,111 @@ impl HttpContext for Stream {
             self.add_http_response_header("set-cookie", &cookie);
         }
         Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::header_map::serialise;
+    use crate::config::Config;
+
+    fn gate() -> Gate {
+        let config = serde_json::json!({
+            "issuer": "https://idp.example.com",
+            "idp_cluster": "idp",
+            "client_id": "gate",
+            "client_secret": "s",
+            "cookie_secret": "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=",
+            "hosts": ["app.example.com"],
+        });
+        Gate::new(Config::parse(config.to_string().as_bytes(), &|_| None).unwrap())
+    }
+
+    fn read(pairs: &[(&[u8], &[u8])]) -> Facts {
+        Facts::read(HeaderMapBytes::from_bytes(serialise(pairs)), Some(&gate()))
+    }
+
+    const REQUEST: &[(&[u8], &[u8])] = &[
+        (b":authority", b"app.example.com"),
+        (b":path", b"/a?b=c"),
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b"cookie", b"theme=dark; __Host-oidc-gate=abc"),
+        (b"cookie", b"lang=en"),
+        (b"authorization", b"Bearer t"),
+        (b"accept", b"text/html"),
+        (b"sec-fetch-dest", b"document"),
+        (b"x-request-id", b"rid-1"),
+        (b"x-forwarded-user", b"mallory"),
+        (b"x-forwarded-proto", b"http"),
+    ];
+
+    #[test]
+    fn reads_every_fact_from_the_header_map() {
+        let f = read(REQUEST);
+        let r = f.request();
+        assert_eq!(r.authority, "app.example.com");
+        assert_eq!(r.path, "/a?b=c");
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.scheme, "http", "x-forwarded-proto wins over :scheme");
+        assert_eq!(
+            r.cookie_headers,
+            ["theme=dark; __Host-oidc-gate=abc", "lang=en"]
+        );
+        assert_eq!(r.authorization, ["Bearer t"]);
+        assert_eq!(r.accept, Some("text/html"));
+        assert!(r.has_sec_fetch);
+        assert_eq!(r.sec_fetch_mode, None);
+        assert_eq!(r.request_id, Some("rid-1"));
+        assert_eq!(f.identity_headers, ["x-forwarded-user"]);
+        assert!(f.already(&f.authorization, Some("Bearer t")));
+        assert!(!f.already(&f.authorization, Some("Bearer u")));
+        assert!(!f.already(&f.cookies, Some("lang=en")), "two headers sent");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_touch_only_their_own_value() {
+        // Another header's odd bytes leave every value exact.
+        let mut pairs = REQUEST.to_vec();
+        pairs.insert(2, (b"x-note", b"caf\xe9 \xff"));
+        let f = read(&pairs);
+        let r = f.request();
+        assert_eq!(r.path, "/a?b=c");
+        assert_eq!(
+            r.cookie_headers,
+            ["theme=dark; __Host-oidc-gate=abc", "lang=en"]
+        );
+        assert_eq!(r.request_id, Some("rid-1"));
+        assert_eq!(f.identity_headers, ["x-forwarded-user"]);
+
+        // In a value of ours they become U+FFFD, which no session or token contains.
+        let f = read(&[
+            (b":authority", b"app.example.com"),
+            (b"cookie", b"__Host-oidc-gate=a\xffb"),
+            (b"authorization", b"Bearer \xfe"),
+        ]);
+        let r = f.request();
+        assert_eq!(r.authority, "app.example.com");
+        assert_eq!(r.cookie_headers, ["__Host-oidc-gate=a\u{fffd}b"]);
+        assert_eq!(r.authorization, ["Bearer \u{fffd}"]);
+    }
+
+    #[test]
+    fn without_session_keeps_the_other_cookies_and_facts() {
+        let f = read(REQUEST).without_session();
+        let r = f.request();
+        assert_eq!(r.cookie_headers, ["theme=dark", "lang=en"]);
+        assert_eq!(r.path, "/a?b=c");
+        assert_eq!(r.authorization, ["Bearer t"]);
+    }
+
+    #[test]
+    fn a_malformed_or_empty_map_reads_as_a_request_without_headers() {
+        let f = Facts::read(HeaderMapBytes::from_bytes(vec![9, 0, 0, 0, 1]), None);
+        let r = f.request();
+        assert_eq!((r.authority, r.path, r.method), ("", "", ""));
+        assert!(r.cookie_headers.is_empty());
+        assert_eq!(r.scheme, "https");
     }
 }
