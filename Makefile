@@ -8,7 +8,7 @@ VENV := .venv-envoy
 # Envoy lookup order (same as the test harness): $ENVOY_BIN, func-e, envoy on PATH, local venv.
 ENVOY_FOUND := $(or $(ENVOY_BIN),$(shell command -v func-e 2>/dev/null),$(shell command -v envoy 2>/dev/null))
 
-.PHONY: help build envoy test test-unit test-integration lint fmt demo bench image push render fuzz clean
+.PHONY: help build envoy test test-unit test-integration lint fmt demo bench bench-stages image push render fuzz clean
 
 help:
 	@echo "make demo    - gateway + mock IdP + sample app on http://localhost:8080 (login admin / password)"
@@ -18,6 +18,7 @@ help:
 	@echo "make push IMAGE=registry/repo:tag - push it with skopeo, print the manifest digest"
 	@echo "make render  - render the WasmPlugin manifests (wasmplugin/out/<overlay>.yaml; after make push)"
 	@echo "make bench   - benchmarks against bare Envoy, a no-op wasm filter and Envoy's OAuth2 filter"
+	@echo "make bench-stages - where a request's time goes inside Envoy (instrumented builds, scenarios 2 and 3)"
 
 $(WASM_TARGET)-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -71,6 +72,21 @@ demo: build envoy
 
 bench: build envoy
 	cargo run -q --release -p integration --bin oidc-gate-bench
+
+# Both filters built with their `stage-timing` feature into a target directory of their own (the
+# shipped module never has it), oidc-gate optimised as by `make build`; the bench reads the lines
+# they log back from Envoy's log (integration/README.md, "Where the session path's time goes").
+STAGES_DIR := target/stage-timing
+bench-stages: $(WASM_TARGET)-target envoy
+	cargo build -p oidc-filter -p noop-filter --target $(WASM_TARGET) --release --target-dir $(STAGES_DIR) \
+		--features oidc-filter/stage-timing,noop-filter/stage-timing
+	@if command -v wasm-opt >/dev/null; then \
+		wasm-opt $(WASM_OPT_FLAGS) $(STAGES_DIR)/$(WASM_TARGET)/release/deps/oidc_filter.wasm -o $(STAGES_DIR)/oidc_filter.wasm; \
+	else cp $(STAGES_DIR)/$(WASM_TARGET)/release/oidc_filter.wasm $(STAGES_DIR)/oidc_filter.wasm; fi
+	OIDC_FILTER_WASM=$(CURDIR)/$(STAGES_DIR)/oidc_filter.wasm \
+	NOOP_FILTER_WASM=$(CURDIR)/$(STAGES_DIR)/$(WASM_TARGET)/release/noop_filter.wasm \
+		cargo run -q --release -p integration --bin oidc-gate-bench -- \
+		--scenarios 2,3 --no-extras --out target/bench-stages $(BENCH_ARGS)
 
 # Property-based fuzzing of every parser and of the decision engine (stable Rust, proptest).
 # CASES sets the case count per property (expensive properties run a fraction of it).

@@ -12,6 +12,7 @@ mod metrics;
 mod refresh;
 mod root;
 mod stream;
+pub mod timing;
 
 pub use root::Root;
 

@@ -14,6 +14,7 @@ use super::ended::SharedEndings;
 use super::metrics::Metrics;
 use super::refresh::{poll_remote, RemoteWaiter};
 use super::stream::{Facts, Stream};
+use super::timing::{self, Stage};
 use crate::config::Config;
 use crate::flow::{Gate, PendingRefresh};
 
@@ -146,7 +147,10 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Without a valid configuration every stream fails closed (Stream answers 500).
-        Some(Box::new(Stream::new(context_id, self.shared.clone())))
+        timing::start();
+        let stream = Stream::new(context_id, self.shared.clone());
+        timing::end(Stage::Create);
+        Some(Box::new(stream))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -11,6 +11,7 @@ use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
 use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SECS};
 use super::root::{Follower, Shared, REMOTE_POLL_TICK};
+use super::timing::{self, Stage};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
     same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin,
@@ -310,7 +311,11 @@ impl Stream {
 
     /// The request facts; `None` when the host would not give the headers.
     fn gather(&self, gate: Option<&Gate>) -> Option<Facts> {
-        Some(Facts::read(HeaderMapBytes::request()?, gate))
+        let map = HeaderMapBytes::request()?;
+        timing::end(Stage::HeaderRead);
+        let facts = Facts::read(map, gate);
+        timing::end(Stage::Parse);
+        Some(facts)
     }
 
     fn note(&self, note: Note) {
@@ -471,6 +476,9 @@ impl Stream {
         };
         let (mut decision, mut note) =
             gate.decide(&self.facts.request(), known, now, &mut HostRandom);
+        if !paused {
+            timing::end(Stage::Engine);
+        }
         if matches!(decision, Decision::NeedKeys)
             && jwks.is_some()
             && !shared.cache.borrow().claim_jwks_refetch(now)
@@ -1049,6 +1057,15 @@ impl Context for Stream {
     }
 
     fn on_done(&mut self) -> bool {
+        timing::end(Stage::LogToDone);
+        let done = self.done();
+        timing::end(Stage::Done);
+        done
+    }
+}
+
+impl Stream {
+    fn done(&mut self) -> bool {
         let Some(shared) = self.shared.clone() else {
             return true;
         };
@@ -1081,6 +1098,26 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        timing::end(Stage::CreateToRequest);
+        let action = self.request_headers();
+        timing::end(Stage::Act);
+        action
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        timing::end(Stage::RequestToResponse);
+        let action = self.response_headers();
+        timing::end(Stage::Response);
+        action
+    }
+
+    fn on_log(&mut self) {
+        timing::end(Stage::ResponseToLog);
+    }
+}
+
+impl Stream {
+    fn request_headers(&mut self) -> Action {
         let gate = self.shared.as_ref().map(|s| s.gate.clone());
         // One read of the header map serves every decision (each host call costs more than the
         // work the filter does per request).
@@ -1106,7 +1143,7 @@ impl HttpContext for Stream {
         self.run(false)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn response_headers(&mut self) -> Action {
         if self.replied {
             return Action::Continue;
         }

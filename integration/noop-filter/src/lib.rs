@@ -6,6 +6,14 @@
 //! For calibration (`oidc-gate-bench --noop-extra`), a plugin configuration such as
 //! `clock_reads=100 header_writes=100 cookie_byte_passes=10` adds that much work per request, so
 //! the cost of one host call or of one byte of wasm loop inside this Envoy can be measured.
+//!
+//! Built with the `stage-timing` feature, it logs the time of its stages at the same callback
+//! boundaries as oidc-gate (the filter's own timing module, included below).
+
+// One definition of the stages for both filters; the no-op filter uses a few of them.
+#[allow(dead_code)]
+#[path = "../../../filter/src/abi/timing.rs"]
+mod timing;
 
 /// The header set on every request: the length of the `cookie` header (0 without one).
 pub const SET_HEADER: &str = "x-noop-cookie-bytes";
@@ -53,6 +61,7 @@ pub fn byte_pass(bytes: &[u8]) -> u64 {
 #[cfg(target_arch = "wasm32")]
 #[allow(unsafe_code)]
 mod entry {
+    use super::timing::{self, Stage};
     use super::{byte_pass, ExtraWork};
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -92,7 +101,10 @@ mod entry {
         }
 
         fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-            Some(Box::new(Noop { work: self.work }))
+            timing::start();
+            let noop = Noop { work: self.work };
+            timing::end(Stage::Create);
+            Some(Box::new(noop))
         }
     }
 
@@ -100,17 +112,36 @@ mod entry {
         work: ExtraWork,
     }
 
-    impl Context for Noop {}
+    impl Context for Noop {
+        fn on_done(&mut self) -> bool {
+            timing::end(Stage::LogToDone);
+            timing::end(Stage::Done);
+            true
+        }
+    }
 
     impl HttpContext for Noop {
         fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+            timing::end(Stage::CreateToRequest);
             let cookie = self.get_http_request_header("cookie").unwrap_or_default();
+            timing::end(Stage::HeaderRead);
             let mut n = cookie.len();
             if self.work != ExtraWork::default() {
                 n = n.wrapping_add(self.extra(&cookie));
             }
             self.set_http_request_header(super::SET_HEADER, Some(&n.to_string()));
+            timing::end(Stage::Act);
             Action::Continue
+        }
+
+        fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+            timing::end(Stage::RequestToResponse);
+            timing::end(Stage::Response);
+            Action::Continue
+        }
+
+        fn on_log(&mut self) {
+            timing::end(Stage::ResponseToLog);
         }
     }
 

@@ -16,6 +16,7 @@ pub mod client;
 pub mod extras;
 pub mod report;
 pub mod scenarios;
+pub mod stages;
 pub mod wrk;
 
 use std::collections::BTreeMap;
@@ -791,6 +792,12 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         ));
     }
     let throughput = measure(&lab, opts, progress).await?;
+    // Read before the extras start more streams through the same Envoys.
+    let stage_timing: Vec<stages::StageTimes> = opts
+        .scenarios
+        .iter()
+        .filter_map(|s| stages::parse(*s, &lab.envoys.get(s)?.log()))
+        .collect();
     let extras = match &opts.extras {
         Some(x) => Some(extras::run(&lab, &wasm, x, !opts.jwt_access_tokens, progress).await?),
         None => None,
@@ -804,6 +811,7 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         options: opts.clone(),
         credentials: lab.creds.clone(),
         throughput,
+        stage_timing,
         extras,
     })
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::extras::{mib, ExtrasResult};
+use super::stages::{self, StageTimes};
 use super::{BenchOptions, Credentials, Scenario, ScenarioResult};
 
 /// `.wasm` size target, bytes (600 KB, decimal).
@@ -28,6 +29,8 @@ pub struct Report {
     pub credentials: Credentials,
     /// Per scenario.
     pub throughput: Vec<ScenarioResult>,
+    /// Per scenario whose module logs its stages (`make bench-stages`); empty otherwise.
+    pub stage_timing: Vec<StageTimes>,
     /// The other measurements.
     pub extras: Option<ExtrasResult>,
 }
@@ -256,6 +259,14 @@ impl Report {
         s
     }
 
+    /// The stage timing as aligned text (empty without instrumented modules).
+    pub fn console_stages(&self) -> String {
+        if self.stage_timing.is_empty() {
+            return String::new();
+        }
+        stages::table(&self.stage_timing, false)
+    }
+
     /// Targets as text lines.
     pub fn console_targets(&self) -> String {
         let mut s = String::new();
@@ -320,6 +331,7 @@ impl Report {
             "targets": self.targets().iter().map(|t| json!({
                 "name": t.name, "detail": t.detail, "pass": t.pass,
             })).collect::<Vec<_>>(),
+            "stage_timing": stages::to_json(&self.stage_timing),
             "extras": self.extras.as_ref().map(ExtrasResult::to_json),
         })
     }
@@ -419,6 +431,15 @@ impl Report {
         let _ = writeln!(s, "|---|---|---|");
         for t in self.targets() {
             let _ = writeln!(s, "| {} | {} | {} |", t.verdict(), t.name, t.detail);
+        }
+        if !self.stage_timing.is_empty() {
+            let _ = writeln!(s, "\n## Stage timing\n");
+            let _ = writeln!(
+                s,
+                "Wall time per stream inside Envoy, from modules built with `stage-timing` (each worker logs the mean over {} streams; medians of those lines). Every mark is a clock read (a host call), counted in the stage it ends: compare filters and builds, not totals with uninstrumented runs.\n",
+                oidc_filter::abi::timing::REQUESTS_PER_LINE
+            );
+            s.push_str(&stages::table(&self.stage_timing, true));
         }
         if let Some(x) = &self.extras {
             let _ = writeln!(s, "\n## Other measurements\n");

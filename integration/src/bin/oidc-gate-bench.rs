@@ -120,6 +120,7 @@ async fn main() -> ExitCode {
         }
     };
     println!("\n{}", report.console_table());
+    println!("{}", report.console_stages());
     println!("{}", report.console_targets());
     match report.write(&out) {
         Ok(files) => {

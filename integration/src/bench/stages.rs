@@ -1,0 +1,158 @@
+//! Stage timing from builds with the filters' `stage-timing` feature (`make bench-stages`): the
+//! lines each worker logs, read back from each scenario's Envoy log after the rounds.
+
+use std::fmt::Write as _;
+
+use oidc_filter::abi::timing::{LINE_PREFIX, STAGES};
+use serde_json::{json, Map, Value};
+
+use super::{median, Scenario};
+
+/// One scenario's stages: (name, median over the logged lines of the mean ns per stream).
+#[derive(Clone, Debug)]
+pub struct StageTimes {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Stages in the order the filter logs them.
+    pub stages: Vec<(String, f64)>,
+    /// Lines the medians are taken over (each the mean of many streams).
+    pub lines: usize,
+}
+
+/// The stages logged in `log` (an Envoy log); `None` when the module was not instrumented.
+pub fn parse(scenario: Scenario, log: &str) -> Option<StageTimes> {
+    let mut names: Vec<String> = Vec::new();
+    let mut values: Vec<Vec<f64>> = Vec::new();
+    let mut lines = 0;
+    for line in log.lines() {
+        let Some((_, rest)) = line.split_once(LINE_PREFIX) else {
+            continue;
+        };
+        let Some((_, pairs)) = rest.split_once("):") else {
+            continue;
+        };
+        lines += 1;
+        for pair in pairs.split_whitespace() {
+            let Some((name, ns)) = pair.split_once('=') else {
+                continue;
+            };
+            let Ok(ns) = ns.parse::<f64>() else {
+                continue;
+            };
+            match names.iter().position(|n| n == name) {
+                Some(i) => values[i].push(ns),
+                None => {
+                    names.push(name.to_string());
+                    values.push(vec![ns]);
+                }
+            }
+        }
+    }
+    (lines > 0).then(|| StageTimes {
+        scenario,
+        stages: names
+            .into_iter()
+            .zip(values.iter().map(|v| median(v)))
+            .collect(),
+        lines,
+    })
+}
+
+/// The stages as a table: one row per stage, one column per scenario, ns.
+pub fn table(times: &[StageTimes], markdown: bool) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for t in times {
+        for (n, _) in &t.stages {
+            if !names.contains(&n.as_str()) {
+                names.push(n);
+            }
+        }
+    }
+    // Stream order, whichever filter logged a stage first.
+    let order = |name: &str| STAGES.iter().position(|s| s.name() == name);
+    names.sort_by_key(|n| order(n).unwrap_or(usize::MAX));
+    let cell = |t: &StageTimes, name: &str| {
+        t.stages
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("-".to_string(), |(_, v)| format!("{v:.0}"))
+    };
+    let mut s = String::new();
+    if markdown {
+        let _ = write!(s, "| stage (ns per stream) |");
+        for t in times {
+            let _ = write!(s, " {} |", t.scenario.id());
+        }
+        let _ = write!(s, "\n|---|");
+        for _ in times {
+            let _ = write!(s, "---:|");
+        }
+        let _ = writeln!(s);
+        for name in names {
+            let _ = write!(s, "| {name} |");
+            for t in times {
+                let _ = write!(s, " {} |", cell(t, name));
+            }
+            let _ = writeln!(s);
+        }
+    } else {
+        let _ = write!(s, "{:<24}", "stage (ns per stream)");
+        for t in times {
+            let _ = write!(s, " {:>22}", t.scenario.id());
+        }
+        let _ = writeln!(s);
+        for name in names {
+            let _ = write!(s, "{name:<24}");
+            for t in times {
+                let _ = write!(s, " {:>22}", cell(t, name));
+            }
+            let _ = writeln!(s);
+        }
+    }
+    s
+}
+
+/// `{scenario id: {stage: ns}}`.
+pub fn to_json(times: &[StageTimes]) -> Value {
+    let mut out = Map::new();
+    for t in times {
+        let stages: Map<String, Value> = t
+            .stages
+            .iter()
+            .map(|(n, v)| (n.clone(), json!(v)))
+            .collect();
+        out.insert(
+            t.scenario.id().to_string(),
+            json!({ "lines": t.lines, "ns_per_stream": stages }),
+        );
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_per_stage_from_the_logged_lines_only() {
+        let log = "\
+[info] something else create=999
+[warning] wasm log: stage timing (ns per stream, mean of 20000): create=100 header_read=2500 done=40
+[warning] wasm log: stage timing (ns per stream, mean of 20000): create=300 header_read=2700 done=60
+[warning] wasm log: stage timing (ns per stream, mean of 20000): create=200 header_read=9000
+";
+        let t = parse(Scenario::NoopWasm, log).unwrap();
+        assert_eq!(t.lines, 3);
+        assert_eq!(
+            t.stages,
+            vec![
+                ("create".to_string(), 200.0),
+                ("header_read".to_string(), 2700.0),
+                ("done".to_string(), 50.0),
+            ]
+        );
+        assert!(parse(Scenario::NoopWasm, "[info] no timing here").is_none());
+        let md = table(&[t], true);
+        assert!(md.contains("| header_read | 2700 |"), "{md}");
+    }
+}
