@@ -171,21 +171,33 @@ pub fn split_path(path: &str) -> (&str, &str) {
 /// skipped prefix. That closes `/public/..%2fprivate` and `/public/%2e%2e/private` style bypasses.
 pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
     let (path, _) = split_path(raw_path);
-    if path.contains(['\\', ';'])
-        || path.contains("//")
-        || path.bytes().any(|b| b.is_ascii_control())
-    {
-        return false;
+    // One pass over the bytes (every request with skip paths configured runs this): the
+    // characters refused are ASCII, so no byte of a multi-byte character can be mistaken for one.
+    let bytes = path.as_bytes();
+    let mut segment_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        // Any `%` (valid `%XX`, IIS-style `%u002e`, or a lone `%`) means an upstream could decode
+        // the path into something else: no skip.
+        if matches!(b, b'\\' | b';' | b'%') || b.is_ascii_control() {
+            return false;
+        }
+        if b == b'/' {
+            let segment = &bytes[segment_start..i];
+            // `//` (an empty segment after the first) and dot segments.
+            if (i > 0 && segment.is_empty()) || is_dot_segment(segment) {
+                return false;
+            }
+            segment_start = i + 1;
+        }
     }
-    // Any `%` (valid `%XX`, IIS-style `%u002e`, or a lone `%`) means an upstream could decode the
-    // path into something else: no skip.
-    if path.contains('%') {
-        return false;
-    }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    if is_dot_segment(&bytes[segment_start..]) {
         return false;
     }
     prefixes.iter().any(|p| path_has_prefix(path, p))
+}
+
+fn is_dot_segment(segment: &[u8]) -> bool {
+    segment == b"." || segment == b".."
 }
 
 /// `Url::parse` for the filter: ASCII only. IdP and gateway URLs are ASCII (internationalised

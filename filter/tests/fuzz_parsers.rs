@@ -862,6 +862,22 @@ proptest! {
     }
 
     #[test]
+    fn skip_paths_match_the_multi_pass_reference(
+        prefixes in prop::collection::vec(prefix(), 1..4),
+        pick in any::<prop::sample::Index>(),
+        // Tails after a configured prefix, where every rule decides (a path matching no prefix
+        // is refused by both whatever it holds).
+        tail in prop_oneof![path(), "[/a.%;\\\\?#\t]{0,10}"],
+    ) {
+        let raw = format!("{}{tail}", prefixes[pick.index(prefixes.len())]);
+        prop_assert_eq!(
+            skip_path_matches(&raw, &prefixes),
+            reference_skip_path_matches(&raw, &prefixes),
+            "{:?}", raw
+        );
+    }
+
+    #[test]
     fn skip_paths_with_arbitrary_prefixes_never_panic(
         raw in text(),
         prefixes in prop::collection::vec(text(), 0..3),
@@ -3122,4 +3138,20 @@ fn known_login_cookie_names_echoed_into_set_cookie() {
             "{n}: {v:?}"
         );
     }
+}
+
+/// `skip_path_matches` as it was before its one-pass rewrite: one scan per rule.
+fn reference_skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
+    let (path, _) = split_path(raw_path);
+    if path.contains(['\\', ';'])
+        || path.contains("//")
+        || path.bytes().any(|b| b.is_ascii_control())
+        || path.contains('%')
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+    {
+        return false;
+    }
+    prefixes
+        .iter()
+        .any(|p| oidc_filter::config::path_has_prefix(path, p))
 }
