@@ -137,7 +137,7 @@ impl Iterator for Ranges<'_> {
         }
         let sizes = self.index.checked_mul(8)?.checked_add(4)?;
         let name_len = read_u32(self.buf, sizes)?;
-        let value_len = read_u32(self.buf, sizes + 4)?;
+        let value_len = read_u32(self.buf, sizes.checked_add(4)?)?;
         let name_end = self.data.checked_add(name_len)?;
         let value_start = name_end.checked_add(1)?;
         let value_end = value_start.checked_add(value_len)?;

@@ -125,6 +125,7 @@ impl RootContext for Root {
                     shared.cache.borrow().init_refresh_locks();
                     shared.endings.init();
                 }
+                timing::announce();
                 true
             }
             Err(e) => {

@@ -52,7 +52,11 @@ pub struct Facts {
     scheme: &'static str,
     authority: Span,
     path: Span,
+    /// The `Cookie` headers the engine sees.
     cookies: Vec<Span>,
+    /// The `Cookie` headers as the client sent them, once the engine sees fewer (a session
+    /// ended): what a forwarded request must replace, so no cookie of ours reaches the upstream.
+    sent_cookies: Option<Vec<Span>>,
     sec_fetch_mode: Option<Span>,
     has_sec_fetch: bool,
     accept: Option<Span>,
@@ -185,23 +189,44 @@ impl Facts {
                 end: text.len(),
             };
         };
-        respan(&mut self.method);
-        respan(&mut self.authority);
-        respan(&mut self.path);
-        for s in self
-            .cookies
-            .iter_mut()
-            .chain(self.authorization.iter_mut())
-            .chain(self.sec_fetch_mode.iter_mut())
-            .chain(self.accept.iter_mut())
-            .chain(self.request_id.iter_mut())
-            .chain(self.origin.iter_mut())
-            .chain(self.access_control_request_method.iter_mut())
+        // Every field named: a span added to `Facts` does not compile until it is rebuilt here.
+        let Facts {
+            text: _,
+            method,
+            scheme: _,
+            authority,
+            path,
+            cookies,
+            sent_cookies,
+            sec_fetch_mode,
+            has_sec_fetch: _,
+            accept,
+            request_id,
+            authorization,
+            origin,
+            access_control_request_method,
+            identity_headers: _,
+        } = &mut self;
+        for s in [method, authority, path]
+            .into_iter()
+            .chain(cookies.iter_mut())
+            .chain(sent_cookies.iter_mut().flatten())
+            .chain(authorization.iter_mut())
+            .chain(sec_fetch_mode.iter_mut())
+            .chain(accept.iter_mut())
+            .chain(request_id.iter_mut())
+            .chain(origin.iter_mut())
+            .chain(access_control_request_method.iter_mut())
         {
             respan(s);
         }
         self.text = text;
         self
+    }
+
+    /// The `Cookie` headers the client sent (what forwarding replaces).
+    fn sent_cookies(&self) -> &[Span] {
+        self.sent_cookies.as_deref().unwrap_or(&self.cookies)
     }
 
     /// Whether the headers at `sent` already are the one value (or absence) to forward.
@@ -225,6 +250,7 @@ impl Facts {
                 })
             })
             .collect();
+        f.sent_cookies = Some(self.sent_cookies().to_vec());
         f.cookies = kept.iter().map(|c| f.push(c)).collect();
         f
     }
@@ -389,8 +415,9 @@ impl Stream {
             let sent = facts.authorization.len();
             self.replace_header("authorization", sent, fwd.authorization.as_deref());
         }
-        if !facts.already(&facts.cookies, fwd.cookie.as_deref()) {
-            self.replace_header("cookie", facts.cookies.len(), fwd.cookie.as_deref());
+        let sent = facts.sent_cookies();
+        if !facts.already(sent, fwd.cookie.as_deref()) {
+            self.replace_header("cookie", sent.len(), fwd.cookie.as_deref());
         }
         for (name, value) in &fwd.set_headers {
             self.set_http_request_header(name, None);
@@ -1200,6 +1227,9 @@ mod tests {
         (b"authorization", b"Bearer t"),
         (b"accept", b"text/html"),
         (b"sec-fetch-dest", b"document"),
+        (b"sec-fetch-mode", b"navigate"),
+        (b"origin", b"https://app.example.com"),
+        (b"access-control-request-method", b"PUT"),
         (b"x-request-id", b"rid-1"),
         (b"x-forwarded-user", b"mallory"),
         (b"x-forwarded-proto", b"http"),
@@ -1220,7 +1250,9 @@ mod tests {
         assert_eq!(r.authorization, ["Bearer t"]);
         assert_eq!(r.accept, Some("text/html"));
         assert!(r.has_sec_fetch);
-        assert_eq!(r.sec_fetch_mode, None);
+        assert_eq!(r.sec_fetch_mode, Some("navigate"));
+        assert_eq!(r.origin, Some("https://app.example.com"));
+        assert_eq!(r.access_control_request_method, Some("PUT"));
         assert_eq!(r.request_id, Some("rid-1"));
         assert_eq!(f.identity_headers, ["x-forwarded-user"]);
         assert!(f.already(&f.authorization, Some("Bearer t")));
@@ -1234,14 +1266,26 @@ mod tests {
         let mut pairs = REQUEST.to_vec();
         pairs.insert(2, (b"x-note", b"caf\xe9 \xff"));
         let f = read(&pairs);
-        let r = f.request();
-        assert_eq!(r.path, "/a?b=c");
         assert_eq!(
-            r.cookie_headers,
-            ["theme=dark; __Host-oidc-gate=abc", "lang=en"]
+            format!("{:?}", f.request()),
+            format!("{:?}", read(REQUEST).request())
         );
-        assert_eq!(r.request_id, Some("rid-1"));
         assert_eq!(f.identity_headers, ["x-forwarded-user"]);
+        // Also once the session ended (the spans the client's cookies keep are rebuilt too).
+        let ended = read(REQUEST).without_session();
+        let f = Facts {
+            text: String::new(),
+            ..ended.clone()
+        }
+        .with_lossy_text(ended.text.as_bytes());
+        assert_eq!(
+            format!("{:?}", f.request()),
+            format!("{:?}", ended.request())
+        );
+        assert_eq!(
+            f.at_each(f.sent_cookies()),
+            ended.at_each(ended.sent_cookies())
+        );
 
         // In a value of ours they become U+FFFD, which no session or token contains.
         let f = read(&[
@@ -1262,6 +1306,31 @@ mod tests {
         assert_eq!(r.cookie_headers, ["theme=dark", "lang=en"]);
         assert_eq!(r.path, "/a?b=c");
         assert_eq!(r.authorization, ["Bearer t"]);
+        // Forwarding still replaces what the client sent, so our cookie cannot slip through.
+        assert_eq!(
+            f.at_each(f.sent_cookies()),
+            ["theme=dark; __Host-oidc-gate=abc", "lang=en"]
+        );
+    }
+
+    #[test]
+    fn a_forward_after_the_session_ended_still_removes_our_cookie() {
+        // The client's only Cookie header held the ended session: the engine sees none, and a
+        // forward without a Cookie (a valid bearer token, say) must still remove the header.
+        let f = read(&[
+            (b":authority", b"app.example.com"),
+            (b"cookie", b"__Host-oidc-gate=ended"),
+        ])
+        .without_session();
+        assert!(f.request().cookie_headers.is_empty());
+        assert!(!f.already(f.sent_cookies(), None));
+        assert_eq!(f.sent_cookies().len(), 1);
+        // Ending twice keeps the client's headers, not the first ending's.
+        let twice = f.without_session();
+        assert_eq!(
+            twice.at_each(twice.sent_cookies()),
+            ["__Host-oidc-gate=ended"]
+        );
     }
 
     #[test]

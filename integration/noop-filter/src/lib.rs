@@ -87,6 +87,7 @@ mod entry {
             match ExtraWork::parse(text.trim().trim_matches('"')) {
                 Some(work) => {
                     self.work = work;
+                    timing::announce();
                     true
                 }
                 None => {

@@ -19,18 +19,27 @@ pub struct StageTimes {
     pub lines: usize,
 }
 
-/// The stages logged in `log` (an Envoy log); `None` when the module was not instrumented.
+/// The stages logged in `log` (an Envoy log); `None` when the module was not instrumented or
+/// logged no more than one line. A worker's first line is left out: it holds the login, the
+/// checks and the start of the warm-up, while V8 still compiles the module's hot code.
 pub fn parse(scenario: Scenario, log: &str) -> Option<StageTimes> {
     let mut names: Vec<String> = Vec::new();
     let mut values: Vec<Vec<f64>> = Vec::new();
     let mut lines = 0;
+    let mut first_seen: Vec<String> = Vec::new();
     for line in log.lines() {
-        let Some((_, rest)) = line.split_once(LINE_PREFIX) else {
+        let Some((head, rest)) = line.split_once(LINE_PREFIX) else {
             continue;
         };
         let Some((_, pairs)) = rest.split_once("):") else {
             continue;
         };
+        // Envoy prefixes each line with `[time][thread id]`: one first line per worker.
+        let thread = head.split(']').nth(1).unwrap_or_default().to_string();
+        if !first_seen.contains(&thread) {
+            first_seen.push(thread);
+            continue;
+        }
         lines += 1;
         for pair in pairs.split_whitespace() {
             let Some((name, ns)) = pair.split_once('=') else {
@@ -136,10 +145,13 @@ mod tests {
     #[test]
     fn medians_per_stage_from_the_logged_lines_only() {
         let log = "\
-[info] something else create=999
-[warning] wasm log: stage timing (ns per stream, mean of 20000): create=100 header_read=2500 done=40
-[warning] wasm log: stage timing (ns per stream, mean of 20000): create=300 header_read=2700 done=60
-[warning] wasm log: stage timing (ns per stream, mean of 20000): create=200 header_read=9000
+[t0][7][info] something else create=999
+[t0][7][warning] wasm log: stage timing: on, one line per 20000 streams of each worker
+[t1][7][warning] wasm log: stage timing (ns per stream, mean of 20000): create=9 header_read=9
+[t1][8][warning] wasm log: stage timing (ns per stream, mean of 20000): create=8 header_read=8
+[t2][7][warning] wasm log: stage timing (ns per stream, mean of 20000): create=100 header_read=2500 done=40
+[t3][7][warning] wasm log: stage timing (ns per stream, mean of 20000): create=300 header_read=2700 done=60
+[t4][8][warning] wasm log: stage timing (ns per stream, mean of 20000): create=200 header_read=9000
 ";
         let t = parse(Scenario::NoopWasm, log).unwrap();
         assert_eq!(t.lines, 3);
