@@ -94,6 +94,8 @@ pub struct StageClock {
     /// When the last stream's done callback ended (0: none yet, or the sums just started over).
     ended_ns: u64,
     sums: [(u64, u64); STAGES.len()],
+    /// The longest single occurrence of each stage since the last line.
+    maxima: [u64; STAGES.len()],
 }
 
 impl StageClock {
@@ -101,9 +103,7 @@ impl StageClock {
     /// a stream ended before.
     pub fn start(&mut self, now_ns: u64) {
         if self.ended_ns > 0 {
-            let slot = &mut self.sums[Stage::BetweenStreams.index()];
-            slot.0 += 1;
-            slot.1 += now_ns.saturating_sub(self.ended_ns);
+            self.add(Stage::BetweenStreams, now_ns.saturating_sub(self.ended_ns));
         }
         self.last_ns = now_ns;
     }
@@ -111,30 +111,44 @@ impl StageClock {
     /// Ends `stage` at `now_ns`. After [`Stage::Done`] of every [`REQUESTS_PER_LINE`]-th stream,
     /// returns the line to log and starts over.
     pub fn end(&mut self, stage: Stage, now_ns: u64) -> Option<String> {
-        let slot = &mut self.sums[stage.index()];
-        slot.0 += 1;
-        slot.1 += now_ns.saturating_sub(self.last_ns);
+        self.add(stage, now_ns.saturating_sub(self.last_ns));
         self.last_ns = now_ns;
         if stage != Stage::Done {
             return None;
         }
         self.ended_ns = now_ns;
-        if slot.0 < REQUESTS_PER_LINE {
+        let streams = self.sums[stage.index()].0;
+        if streams < REQUESTS_PER_LINE {
             return None;
         }
         // Per stream, whether or not every stream passed every mark (a host this policy does not
         // list skips the engine's): the stages of a line add up to the streams' time.
-        let streams = slot.0;
         let mut line = format!("{LINE_PREFIX} (ns per stream, mean of {streams}):");
         for (s, (n, sum)) in STAGES.iter().zip(self.sums) {
             if n > 0 {
                 line.push_str(&format!(" {}={}", s.name(), sum / streams));
             }
         }
+        // The longest occurrences show what a tail latency is made of.
+        for (s, max) in STAGES.iter().zip(self.maxima) {
+            if max > 0 {
+                line.push_str(&format!(" max:{}={max}", s.name()));
+            }
+        }
         self.sums = Default::default();
+        self.maxima = Default::default();
         // The log call would count as time between streams.
         self.ended_ns = 0;
         Some(line)
+    }
+}
+
+impl StageClock {
+    fn add(&mut self, stage: Stage, ns: u64) {
+        let i = stage.index();
+        self.sums[i].0 += 1;
+        self.sums[i].1 += ns;
+        self.maxima[i] = self.maxima[i].max(ns);
     }
 }
 
@@ -215,7 +229,11 @@ mod tests {
         let line = line.expect("a line after the batch");
         assert!(line.starts_with(LINE_PREFIX), "{line}");
         assert!(
-            line.ends_with(": envoy:between-streams=0 create=100 header_read=2500 done=40"),
+            line.contains(": envoy:between-streams=0 create=100 header_read=2500 done=40 "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" max:create=100 max:header_read=2500 max:done=40"),
             "{line}"
         );
         // The sums start over; the time between streams counts from a stream's end.
@@ -239,7 +257,8 @@ mod tests {
         }
         let line = line.expect("a line after the batch");
         assert!(line.contains(" engine=500 "), "{line}");
-        assert!(line.ends_with(" done=1500"), "{line}");
+        assert!(line.contains(" done=1500 "), "{line}");
+        assert!(line.contains(" max:engine=1000 "), "{line}");
     }
 
     #[test]
