@@ -469,6 +469,59 @@ async fn parallel_requests_over_two_workers_keep_the_session() {
 // ---------------------------------------------------------------------------------------------
 // 3. failed refresh
 
+/// A refresh the IdP refuses ends the session; the same request may still pass on a valid bearer
+/// token, and then the ended session cookie must not go upstream with it (the engine re-decides
+/// without it, but the client's Cookie header is what forwarding replaces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_a_refused_refresh_is_not_forwarded_with_a_bearer_token() {
+    let stack = Stack::start(
+        short_ttl().with_config(json!({"bearer_tokens": {"audiences": [ORDERS_AUD]}})),
+    )
+    .await;
+    let b = stack.browser();
+    let t_login = login(&stack, &b).await;
+    let api = stack.api_client();
+    copy_session(&b, &api);
+    api.set_cookie_raw(APP_HOST, "theme", "dark");
+    let token =
+        stack
+            .idp
+            .mint_access_token(&subject_for("admin"), ORDERS_AUD, Duration::from_secs(120));
+    wait_refresh_due(t_login).await;
+    stack.idp.reset_stats();
+    stack.idp.set_fault(Fault::TokenStatus(400));
+
+    let path = "/orders?ended-session-with-bearer";
+    let r = api
+        .get_with(
+            &stack.url(path),
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(
+        stack.idp.stats().refresh,
+        1,
+        "the refresh was tried and refused"
+    );
+    assert!(deletes(&r, SESSION_COOKIE), "{:?}", r.set_cookies());
+    let seen = seen_at(&stack, path);
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {token}")],
+        "the client's token upstream"
+    );
+    let cookies = seen.header_all("cookie");
+    assert!(
+        cookies.iter().all(|c| !c.contains(SESSION_COOKIE)),
+        "the ended session cookie reached the upstream: {cookies:?}"
+    );
+    assert!(
+        cookies.iter().any(|c| c.contains("theme=dark")),
+        "the client's own cookie is kept: {cookies:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_refresh_ends_the_session() {
     let stack = Stack::start(short_ttl()).await;

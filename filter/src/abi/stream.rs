@@ -424,6 +424,9 @@ impl Stream {
             self.add_http_request_header(name, value);
         }
         self.response_cookies = fwd.response_cookies;
+        // A session that ended on this request (its refresh refused) is cleared in the browser
+        // also when the request itself still passes (on a bearer token, say).
+        self.response_cookies.append(&mut self.extra_reply_cookies);
     }
 
     fn dispatch(&self, gate: &Gate, call: &Callout) -> Option<u32> {
