@@ -436,7 +436,7 @@ impl Report {
             let _ = writeln!(s, "\n## Stage timing\n");
             let _ = writeln!(
                 s,
-                "Wall time per stream inside Envoy, from modules built with `stage-timing` (each worker logs the mean over {} streams; medians of those lines). Every mark is a clock read (a host call), counted in the stage it ends: compare filters and builds, not totals with uninstrumented runs.\n",
+                "Wall time per stream inside Envoy, from modules built with `stage-timing` (each worker logs the mean over {} streams and, in the `max:` rows, the longest single occurrence; medians of those lines, each worker's first left out). Every mark is a clock read (a host call), counted in the stage it ends: compare filters and builds, not totals with uninstrumented runs.\n",
                 oidc_filter::abi::timing::REQUESTS_PER_LINE
             );
             s.push_str(&stages::table(&self.stage_timing, true));

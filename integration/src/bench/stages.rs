@@ -1,8 +1,6 @@
 //! Stage timing from builds with the filters' `stage-timing` feature (`make bench-stages`): the
 //! lines each worker logs, read back from each scenario's Envoy log after the rounds.
 
-use std::fmt::Write as _;
-
 use oidc_filter::abi::timing::{LINE_PREFIX, STAGES};
 use serde_json::{json, Map, Value};
 
@@ -86,37 +84,23 @@ pub fn table(times: &[StageTimes], markdown: bool) -> String {
             .find(|(n, _)| n == name)
             .map_or("-".to_string(), |(_, v)| format!("{v:.0}"))
     };
-    let mut s = String::new();
+    let line = |first: &str, rest: Vec<String>| {
+        if markdown {
+            format!("| {first} | {} |\n", rest.join(" | "))
+        } else {
+            let cells: String = rest.iter().map(|c| format!(" {c:>22}")).collect();
+            format!("{first:<24}{cells}\n")
+        }
+    };
+    let mut s = line(
+        "stage (ns per stream)",
+        times.iter().map(|t| t.scenario.id().to_string()).collect(),
+    );
     if markdown {
-        let _ = write!(s, "| stage (ns per stream) |");
-        for t in times {
-            let _ = write!(s, " {} |", t.scenario.id());
-        }
-        let _ = write!(s, "\n|---|");
-        for _ in times {
-            let _ = write!(s, "---:|");
-        }
-        let _ = writeln!(s);
-        for name in names {
-            let _ = write!(s, "| {name} |");
-            for t in times {
-                let _ = write!(s, " {} |", cell(t, name));
-            }
-            let _ = writeln!(s);
-        }
-    } else {
-        let _ = write!(s, "{:<24}", "stage (ns per stream)");
-        for t in times {
-            let _ = write!(s, " {:>22}", t.scenario.id());
-        }
-        let _ = writeln!(s);
-        for name in names {
-            let _ = write!(s, "{name:<24}");
-            for t in times {
-                let _ = write!(s, " {:>22}", cell(t, name));
-            }
-            let _ = writeln!(s);
-        }
+        s.push_str(&format!("|---|{}\n", "---:|".repeat(times.len())));
+    }
+    for name in names {
+        s.push_str(&line(name, times.iter().map(|t| cell(t, name)).collect()));
     }
     s
 }
@@ -164,7 +148,16 @@ mod tests {
             ]
         );
         assert!(parse(Scenario::NoopWasm, "[info] no timing here").is_none());
-        let md = table(&[t], true);
-        assert!(md.contains("| header_read | 2700 |"), "{md}");
+        let md = table(std::slice::from_ref(&t), true);
+        assert!(
+            md.starts_with("| stage (ns per stream) | 2-noop-wasm |\n|---|---:|\n"),
+            "{md}"
+        );
+        assert!(md.contains("\n| header_read | 2700 |\n"), "{md}");
+        let text = table(&[t], false);
+        assert!(
+            text.contains(&format!("\n{:<24}{:>23}\n", "header_read", "2700")),
+            "{text}"
+        );
     }
 }
