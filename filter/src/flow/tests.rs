@@ -1813,8 +1813,7 @@ fn a_session_cache_hit_allocates_twice_at_most() {
     let idp = Idp::new();
     let mut rng = SeededRandom(41);
     let session = logged_in(&g, &idp, &mut rng);
-    let cookie = session.to_string();
-    let req = browser("/headers", vec![&cookie]);
+    let req = browser("/headers", vec![&session]);
     // The first request opens the cookie and fills the cache.
     let _ = g.decide(&req, Known::default(), NOW + 10, &mut rng);
     let ((decision, _), n) =
