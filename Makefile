@@ -8,7 +8,7 @@ VENV := .venv-envoy
 # Envoy lookup order (same as the test harness): $ENVOY_BIN, func-e, envoy on PATH, local venv.
 ENVOY_FOUND := $(or $(ENVOY_BIN),$(shell command -v func-e 2>/dev/null),$(shell command -v envoy 2>/dev/null))
 
-.PHONY: help build envoy test test-unit test-integration lint fmt demo bench bench-stages image push render fuzz clean
+.PHONY: help build envoy test test-unit test-integration lint fmt demo bench bench-stages bench-cpu image push render fuzz clean
 
 help:
 	@echo "make demo    - gateway + mock IdP + sample app on http://localhost:8080 (login admin / password)"
@@ -19,6 +19,7 @@ help:
 	@echo "make render  - render the WasmPlugin manifests (wasmplugin/out/<overlay>.yaml; after make push)"
 	@echo "make bench   - benchmarks against bare Envoy, a no-op wasm filter and Envoy's OAuth2 filter"
 	@echo "make bench-stages - where a request's time goes inside Envoy (instrumented builds, scenarios 2 and 3)"
+	@echo "make bench-cpu - Envoy's CPU per request by code: Envoy, the wasm, the kernel (perf; scenarios 1-4)"
 
 $(WASM_TARGET)-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -87,6 +88,12 @@ bench-stages: $(WASM_TARGET)-target envoy
 	NOOP_FILTER_WASM=$(CURDIR)/$(STAGES_DIR)/$(WASM_TARGET)/release/noop_filter.wasm \
 		cargo run -q --release -p integration --bin oidc-gate-bench -- \
 		--scenarios 2,3 --no-extras --out target/bench-stages $(BENCH_ARGS)
+
+# Envoy's CPU per request split by the code it runs in (Envoy's binary, the wasm V8 compiled, the
+# kernel, libc), from Linux perf samples of each scenario's Envoy during the rounds (linux-perf).
+bench-cpu: build envoy
+	cargo run -q --release -p integration --bin oidc-gate-bench -- \
+		--scenarios 1,2,3,4 --no-extras --perf --out target/bench-cpu $(BENCH_ARGS)
 
 # Property-based fuzzing of every parser and of the decision engine (stable Rust, proptest).
 # CASES sets the case count per property (expensive properties run a fraction of it).

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use integration::bench::perf::Code;
 use integration::bench::{self, BenchOptions, Lab, Scenario, WasmModules};
 use integration::browser::{Browser, Mode};
 use integration::config::GATEWAY_LISTENER;
@@ -20,6 +21,11 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
     opts.wrk.duration = Duration::from_secs(1);
     opts.wrk.connections = 4;
     opts.extras = None;
+    // linux-perf is on the machines `make test` runs on; where it cannot sample, say so.
+    match bench::perf::available() {
+        Ok(()) => opts.perf = true,
+        Err(why) => eprintln!("not checking --perf: {why}"),
+    }
 
     let lab = Lab::start(&wasm, &opts.scenarios, 1, false)
         .await
@@ -78,6 +84,30 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
             w.wrk.requests,
             w.envoy_2xx
         );
+    }
+
+    if opts.perf {
+        let cpu = |s: Scenario| {
+            let r = results.iter().find(|r| r.scenario == s).expect("scenario");
+            let samples = r.cpu_samples.clone().expect("perf samples");
+            assert_eq!(
+                samples.responses,
+                r.ok_responses() + r.rounds[0].envoy_other,
+                "{s}"
+            );
+            // perf's CPU time and /proc's agree (the attach time and perf's own cost aside).
+            let total = samples.total_us_per_request().expect("responses");
+            let proc = r.cpu_us_per_request().expect("/proc CPU");
+            assert!(
+                total > 0.7 * proc && total < 1.5 * proc,
+                "{s}: perf {total:.1} µs vs /proc {proc:.1} µs per request"
+            );
+            assert!(samples.us_per_request(Code::Envoy) > Some(0.0), "{s}");
+            samples.us_per_request(Code::Wasm).expect("responses")
+        };
+        assert_eq!(cpu(Scenario::Bare), 0.0, "bare Envoy runs no wasm");
+        assert!(cpu(Scenario::NoopWasm) > 0.0);
+        assert!(cpu(Scenario::OidcSession) > 0.0);
     }
 
     // The shipped modules carry no stage timing: it is a build of its own (`make bench-stages`),

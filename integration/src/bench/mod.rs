@@ -14,6 +14,7 @@
 pub mod authz;
 pub mod client;
 pub mod extras;
+pub mod perf;
 pub mod report;
 pub mod scenarios;
 pub mod stages;
@@ -142,6 +143,9 @@ pub struct BenchOptions {
     /// Extra work per request for the no-op filter, e.g. `clock_reads=100` (calibration of host
     /// call and wasm loop costs; see integration/README.md).
     pub noop_extra: Option<String>,
+    /// Sample each scenario's Envoy with Linux `perf` during the rounds, for its CPU time per
+    /// request by kind of code ([`perf`]).
+    pub perf: bool,
 }
 
 impl BenchOptions {
@@ -167,6 +171,7 @@ impl BenchOptions {
             }),
             jwt_access_tokens: false,
             noop_extra: None,
+            perf: false,
         }
     }
 
@@ -515,6 +520,8 @@ pub struct ScenarioResult {
     pub verified: Verification,
     /// Each round.
     pub rounds: Vec<RoundResult>,
+    /// Envoy's CPU samples over all rounds, by kind of code (with `--perf`).
+    pub cpu_samples: Option<perf::CpuSamples>,
 }
 
 impl ScenarioResult {
@@ -654,6 +661,18 @@ pub async fn run_once(
     Ok((result, ok1 - ok0, other1 - other0, cpu_us))
 }
 
+/// `perf record` on the Envoy of `s`, attached.
+async fn start_perf(lab: &Lab, s: Scenario) -> Result<perf::Recording, String> {
+    let envoy = lab.envoys.get(&s).ok_or("no Envoy for scenario")?;
+    let pid = extras::envoy_pid(envoy.base_id())
+        .ok_or_else(|| format!("{s}: Envoy's process id is unknown"))?;
+    perf::Recording::start(
+        pid,
+        &lab.fixture.dir().join(format!("perf-{}.data", s.id())),
+    )
+    .await
+}
+
 /// Warm up, then the interleaved rounds. `progress` receives one line per run.
 pub async fn measure(
     lab: &Lab,
@@ -673,6 +692,7 @@ pub async fn measure(
                 credential_bytes: req.headers.get(1).map_or(0, |(_, v)| v.len()),
                 verified: lab.verified[&s].clone(),
                 rounds: Vec::new(),
+                cpu_samples: opts.perf.then(perf::CpuSamples::default),
             }
         })
         .collect();
@@ -694,7 +714,14 @@ pub async fn measure(
         for position in 0..n {
             let idx = (position + round) % n;
             let s = opts.scenarios[idx];
+            let recording = match &results[idx].cpu_samples {
+                Some(_) => Some(start_perf(lab, s).await?),
+                None => None,
+            };
             let (w, ok, other, cpu) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
+            if let (Some(r), Some(samples)) = (recording, results[idx].cpu_samples.as_mut()) {
+                samples.add(&r.finish()?, ok + other);
+            }
             progress(&format!(
                 "round {}/{} {:<22} {:>9.0} rps  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.1} us/req  2xx {:>7}  other {}",
                 round + 1,

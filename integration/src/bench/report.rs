@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::extras::{mib, ExtrasResult};
+use super::perf::{self, CpuSamples};
 use super::stages::{self, StageTimes};
 use super::{BenchOptions, Credentials, Scenario, ScenarioResult};
 
@@ -267,6 +268,23 @@ impl Report {
         stages::table(&self.stage_timing, false)
     }
 
+    /// Scenarios sampled with `--perf`, and their samples.
+    fn cpu_split(&self) -> Vec<(Scenario, &CpuSamples)> {
+        self.throughput
+            .iter()
+            .filter_map(|r| Some((r.scenario, r.cpu_samples.as_ref()?)))
+            .collect()
+    }
+
+    /// Envoy's CPU per request by kind of code as aligned text (empty without `--perf`).
+    pub fn console_cpu_split(&self) -> String {
+        let rows = self.cpu_split();
+        if rows.is_empty() {
+            return String::new();
+        }
+        perf::table(&rows, false)
+    }
+
     /// Targets as text lines.
     pub fn console_targets(&self) -> String {
         let mut s = String::new();
@@ -332,6 +350,7 @@ impl Report {
                 "name": t.name, "detail": t.detail, "pass": t.pass,
             })).collect::<Vec<_>>(),
             "stage_timing": stages::to_json(&self.stage_timing),
+            "cpu_by_code": perf::to_json(&self.cpu_split()),
             "extras": self.extras.as_ref().map(ExtrasResult::to_json),
         })
     }
@@ -440,6 +459,16 @@ impl Report {
                 oidc_filter::abi::timing::REQUESTS_PER_LINE
             );
             s.push_str(&stages::table(&self.stage_timing, true));
+        }
+        let cpu = self.cpu_split();
+        if !cpu.is_empty() {
+            let _ = writeln!(s, "\n## Envoy's CPU by code\n");
+            let _ = writeln!(
+                s,
+                "Linux `perf` sampled each scenario's Envoy (all threads) during the rounds, one sample per {} µs of CPU time; samples over all rounds, divided by the responses Envoy counted. `envoy` is the binary: Envoy, BoringSSL and V8's runtime and builtins (the host side of every proxy-wasm call runs here); `wasm` is the machine code V8 compiled from the modules.\n",
+                perf::SAMPLE_PERIOD_NS / 1000
+            );
+            s.push_str(&perf::table(&cpu, true));
         }
         if let Some(x) = &self.extras {
             let _ = writeln!(s, "\n## Other measurements\n");

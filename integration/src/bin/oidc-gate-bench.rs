@@ -28,6 +28,9 @@ usage: oidc-gate-bench [options]
   --noop-extra WORK    extra work per request for the no-op filter (2), to calibrate host-call
                        and wasm costs against plain (2): `clock_reads=N header_writes=N
                        cookie_byte_passes=N` (integration/README.md)
+  --perf               sample each Envoy with Linux perf during the rounds: CPU per request
+                       in Envoy's code, the wasm V8 compiled, the kernel and libc
+                       (apt-get install linux-perf; make bench-cpu)
   --out DIR            where to write results (default <repo>/target/bench)
 
 Needs: make build (target/wasm32-wasip1/release/oidc_filter.wasm), an Envoy (see
@@ -64,6 +67,7 @@ fn parse_args() -> Result<(BenchOptions, PathBuf), String> {
             "--threads" => opts.wrk.threads = num(it.next(), "--threads")?,
             "--no-extras" => opts.extras = None,
             "--jwt-access-tokens" => opts.jwt_access_tokens = true,
+            "--perf" => opts.perf = true,
             "--noop-extra" => {
                 opts.noop_extra = Some(it.next().ok_or("--noop-extra needs `name=count ...`")?)
             }
@@ -121,6 +125,7 @@ async fn main() -> ExitCode {
     };
     println!("\n{}", report.console_table());
     println!("{}", report.console_stages());
+    println!("{}", report.console_cpu_split());
     println!("{}", report.console_targets());
     match report.write(&out) {
         Ok(files) => {
