@@ -53,6 +53,8 @@ pub struct WasmModules {
     pub noop: PathBuf,
     /// The no-op filter's configuration: extra work per request for calibration (`--noop-extra`).
     pub noop_extra: Option<String>,
+    /// The other oidc-gate module of scenario (3b) (`--oidc-b`).
+    pub oidc_b: Option<PathBuf>,
 }
 
 impl WasmModules {
@@ -70,6 +72,7 @@ impl WasmModules {
             oidc,
             noop: ensure_noop_wasm()?,
             noop_extra: None,
+            oidc_b: None,
         })
     }
 }
@@ -143,6 +146,8 @@ pub struct BenchOptions {
     /// Extra work per request for the no-op filter, e.g. `clock_reads=100` (calibration of host
     /// call and wasm loop costs; see integration/README.md).
     pub noop_extra: Option<String>,
+    /// The other oidc-gate module, measured as scenario (3b) next to (3) (`--oidc-b`).
+    pub oidc_b: Option<PathBuf>,
     /// Sample each scenario's Envoy with Linux `perf` during the rounds, for its CPU time per
     /// request by kind of code ([`perf`]).
     pub perf: bool,
@@ -171,6 +176,7 @@ impl BenchOptions {
             }),
             jwt_access_tokens: false,
             noop_extra: None,
+            oidc_b: None,
             perf: false,
         }
     }
@@ -275,6 +281,7 @@ impl Fixture {
         let jwks = self.idp.jwks();
         let inputs = ConfigInputs {
             oidc_wasm: &self.wasm.oidc,
+            oidc_b_wasm: self.wasm.oidc_b.as_deref(),
             noop_wasm: &self.wasm.noop,
             noop_extra: self.wasm.noop_extra.as_deref(),
             cert: &self.cert,
@@ -788,6 +795,10 @@ pub fn environment() -> Value {
 pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
     let mut wasm = WasmModules::locate()?;
     wasm.noop_extra = opts.noop_extra.clone();
+    wasm.oidc_b = opts.oidc_b.clone();
+    if opts.scenarios.contains(&Scenario::OidcSessionB) != wasm.oidc_b.is_some() {
+        return Err("scenario 3b and --oidc-b go together".into());
+    }
     let env_start = environment();
     progress(&format!(
         "starting {} Envoys (--concurrency {}), logging in",

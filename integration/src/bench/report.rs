@@ -285,13 +285,45 @@ impl Report {
         perf::table(&rows, false)
     }
 
-    /// Targets as text lines.
+    /// Targets as text lines, then the comparison of two oidc-gate modules, if any.
     pub fn console_targets(&self) -> String {
         let mut s = String::new();
         for t in self.targets() {
             let _ = writeln!(s, "{:<4} {:<46} {}", t.verdict(), t.name, t.detail);
         }
+        if let Some(ab) = self.module_b_vs_a() {
+            let _ = writeln!(s, "\n{ab}");
+        }
         s
+    }
+
+    /// (3b) against (3): two oidc-gate modules in one run (`--oidc-b`).
+    pub fn module_b_vs_a(&self) -> Option<String> {
+        let (a, b) = (
+            self.get(Scenario::OidcSession)?,
+            self.get(Scenario::OidcSessionB)?,
+        );
+        let cpu = |r: &ScenarioResult| {
+            r.cpu_us_per_request()
+                .map_or("-".into(), |c| format!("{c:.1}"))
+        };
+        let wasm = |r: &ScenarioResult| {
+            r.cpu_samples
+                .as_ref()
+                .and_then(|c| c.us_per_request(perf::Code::Wasm))
+                .map_or("-".into(), |c| format!("{c:.2}"))
+        };
+        Some(format!(
+            "module B (3b) vs A (3): rps {:.0} vs {:.0} (ratio {}; paired per-round median {}); Envoy CPU µs/request {} vs {}; wasm µs/request (perf) {} vs {}",
+            b.rps(),
+            a.rps(),
+            fmt_ratio((a.rps() > 0.0).then(|| b.rps() / a.rps())),
+            fmt_ratio(self.paired_ratio(Scenario::OidcSessionB, Scenario::OidcSession, |w| w.rps)),
+            cpu(b),
+            cpu(a),
+            wasm(b),
+            wasm(a),
+        ))
     }
 
     /// Everything as JSON.
@@ -450,6 +482,9 @@ impl Report {
         let _ = writeln!(s, "|---|---|---|");
         for t in self.targets() {
             let _ = writeln!(s, "| {} | {} | {} |", t.verdict(), t.name, t.detail);
+        }
+        if let Some(ab) = self.module_b_vs_a() {
+            let _ = writeln!(s, "\n{ab}");
         }
         if !self.stage_timing.is_empty() {
             let _ = writeln!(s, "\n## Stage timing\n");

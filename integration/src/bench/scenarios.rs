@@ -43,6 +43,9 @@ pub enum Scenario {
     JwtAuthn,
     /// (6c) `jwt_authn` with `jwt_cache_config` (verified tokens cached), for reference.
     JwtAuthnCached,
+    /// (3b) (3) with another oidc-gate module (`--oidc-b`): two builds compared in one run,
+    /// interleaved like every scenario. Never part of a default run.
+    OidcSessionB,
 }
 
 impl Scenario {
@@ -69,6 +72,7 @@ impl Scenario {
             Scenario::OidcBearer => "6a-oidc-gate-bearer",
             Scenario::JwtAuthn => "6b-jwt-authn",
             Scenario::JwtAuthnCached => "6c-jwt-authn-cached",
+            Scenario::OidcSessionB => "3b-oidc-gate-session-b",
         }
     }
 
@@ -83,24 +87,32 @@ impl Scenario {
             Scenario::OidcBearer => "oidc-gate, bearer JWT (RS256)",
             Scenario::JwtAuthn => "jwt_authn, same JWT",
             Scenario::JwtAuthnCached => "jwt_authn + jwt_cache, same JWT",
+            Scenario::OidcSessionB => "oidc-gate module B, session cookie",
         }
     }
 
     /// Parse an id (`1-bare`), its number (`1`, `6a`) or the name after the number (`bare`).
     pub fn parse(s: &str) -> Option<Scenario> {
         let s = s.trim().to_ascii_lowercase();
-        Scenario::ALL.into_iter().find(|sc| {
-            let id = sc.id();
-            let (num, name) = id.split_once('-').unwrap_or((id, id));
-            s == id || s == num || s == name
-        })
+        Scenario::ALL
+            .into_iter()
+            .chain([Scenario::OidcSessionB])
+            .find(|sc| {
+                let id = sc.id();
+                let (num, name) = id.split_once('-').unwrap_or((id, id));
+                s == id || s == num || s == name
+            })
     }
 
     /// Whether the scenario's requests carry the oidc-gate session cookie.
     pub fn uses_session_cookie(self) -> bool {
         matches!(
             self,
-            Scenario::Bare | Scenario::NoopWasm | Scenario::OidcSession | Scenario::ExtAuthz
+            Scenario::Bare
+                | Scenario::NoopWasm
+                | Scenario::OidcSession
+                | Scenario::OidcSessionB
+                | Scenario::ExtAuthz
         )
     }
 
@@ -133,6 +145,8 @@ impl std::fmt::Display for Scenario {
 pub struct ConfigInputs<'a> {
     /// oidc-gate module.
     pub oidc_wasm: &'a Path,
+    /// The other oidc-gate module of (3b), if any.
+    pub oidc_b_wasm: Option<&'a Path>,
     /// The no-op module.
     pub noop_wasm: &'a Path,
     /// Its extra work per request (calibration), if any.
@@ -173,14 +187,17 @@ pub fn bootstrap(s: Scenario, inp: &ConfigInputs<'_>, dir: &Path) -> Value {
     );
     gw.wasm_filter = matches!(
         s,
-        Scenario::NoopWasm | Scenario::OidcSession | Scenario::OidcBearer
+        Scenario::NoopWasm | Scenario::OidcSession | Scenario::OidcSessionB | Scenario::OidcBearer
     );
     match s {
         Scenario::NoopWasm => {
             gw.wasm = inp.noop_wasm.to_path_buf();
             gw.plugin_config = inp.noop_extra.map(|w| config::istio_plugin_json(&json!(w)));
         }
-        Scenario::OidcSession | Scenario::OidcBearer => {
+        Scenario::OidcSession | Scenario::OidcSessionB | Scenario::OidcBearer => {
+            if let (Scenario::OidcSessionB, Some(b)) = (s, inp.oidc_b_wasm) {
+                gw.wasm = b.to_path_buf();
+            }
             gw.env
                 .insert("OIDC_CLIENT_SECRET".into(), CLIENT_SECRET.into());
             gw.env

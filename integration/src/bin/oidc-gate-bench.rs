@@ -28,6 +28,8 @@ usage: oidc-gate-bench [options]
   --noop-extra WORK    extra work per request for the no-op filter (2), to calibrate host-call
                        and wasm costs against plain (2): `clock_reads=N header_writes=N
                        cookie_byte_passes=N` (integration/README.md)
+  --oidc-b WASM        add scenario (3b): (3) with another oidc-gate module, to compare two
+                       builds in one run (the report adds the paired ratio 3b/3)
   --perf               sample each Envoy with Linux perf during the rounds: CPU per request
                        in Envoy's code, the wasm V8 compiled, the kernel and libc
                        (apt-get install linux-perf; make bench-cpu)
@@ -68,6 +70,13 @@ fn parse_args() -> Result<(BenchOptions, PathBuf), String> {
             "--no-extras" => opts.extras = None,
             "--jwt-access-tokens" => opts.jwt_access_tokens = true,
             "--perf" => opts.perf = true,
+            "--oidc-b" => {
+                let wasm = PathBuf::from(it.next().ok_or("--oidc-b needs a .wasm file")?);
+                if !wasm.is_file() {
+                    return Err(format!("--oidc-b: {} is not a file", wasm.display()));
+                }
+                opts.oidc_b = Some(wasm);
+            }
             "--noop-extra" => {
                 opts.noop_extra = Some(it.next().ok_or("--noop-extra needs `name=count ...`")?)
             }
@@ -84,6 +93,10 @@ fn parse_args() -> Result<(BenchOptions, PathBuf), String> {
             }
             other => return Err(format!("unknown argument `{other}`")),
         }
+    }
+    if opts.oidc_b.is_some() && !opts.scenarios.contains(&Scenario::OidcSessionB) {
+        opts.scenarios.push(Scenario::OidcSessionB);
+        opts.scenarios.sort();
     }
     if opts.scenarios.is_empty() {
         return Err("no scenarios".into());
