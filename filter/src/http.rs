@@ -16,7 +16,7 @@ fn parse_pairs<'a>(headers: impl IntoIterator<Item = &'a str>) -> (Vec<(&'a str,
     let mut pairs = Vec::new();
     let mut pieces = 0;
     for header in headers {
-        for piece in header.split(';') {
+        for piece in split_on_byte(header, b';') {
             let piece = piece.trim();
             if piece.is_empty() {
                 continue;
@@ -32,6 +32,57 @@ fn parse_pairs<'a>(headers: impl IntoIterator<Item = &'a str>) -> (Vec<(&'a str,
         }
     }
     (pairs, pieces)
+}
+
+/// The pieces of `text` between occurrences of the ASCII byte `sep`, as `str::split` gives them.
+fn split_on_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match find_byte(current.as_bytes(), sep).and_then(|i| {
+            // `sep` is ASCII, so both sides of it are whole UTF-8.
+            Some((current.get(..i)?, current.get(i + 1..)?))
+        }) {
+            Some((piece, after)) => {
+                rest = Some(after);
+                Some(piece)
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
+/// Where `needle` first occurs in `haystack`, sixteen bytes per step. `str::split` and `memchr`
+/// step by `usize`, four bytes in wasm32, and a 1-4 KB session cookie is scanned for `;` on every
+/// request: this halves that scan.
+pub(crate) fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const STEP: usize = 16;
+    let pattern = ONES * u64::from(needle);
+    // Non-zero exactly when some byte of `word` is `needle` (a zero byte after the xor).
+    let has_needle = |word: u64| {
+        let x = word ^ pattern;
+        x.wrapping_sub(ONES) & !x & HIGHS
+    };
+    let mut skipped = 0;
+    for chunk in haystack.chunks_exact(STEP) {
+        let Some((low, rest)) = chunk.split_first_chunk::<8>() else {
+            break;
+        };
+        let Ok(high) = <&[u8; 8]>::try_from(rest) else {
+            break;
+        };
+        if has_needle(u64::from_le_bytes(*low)) | has_needle(u64::from_le_bytes(*high)) != 0 {
+            break;
+        }
+        skipped += STEP;
+    }
+    let tail = haystack.get(skipped..)?;
+    tail.iter().position(|&b| b == needle).map(|i| skipped + i)
 }
 
 /// The cookies of a request, parsed in one pass over each `Cookie` header.
@@ -157,8 +208,13 @@ impl StrictQuery {
 
 /// Splits `:path` into path and query; a fragment (never sent by browsers) is cut off.
 pub fn split_path(path: &str) -> (&str, &str) {
-    let path = path.split('#').next().unwrap_or(path);
-    match path.split_once('?') {
+    // Byte searches: `#` and `?` are ASCII, and the `str` searchers cost more than a whole short
+    // path takes to scan (this runs several times per request).
+    let path = find_byte(path.as_bytes(), b'#')
+        .and_then(|i| path.get(..i))
+        .unwrap_or(path);
+    match find_byte(path.as_bytes(), b'?').and_then(|i| Some((path.get(..i)?, path.get(i + 1..)?)))
+    {
         Some((p, q)) => (p, q),
         None => (path, ""),
     }
@@ -278,6 +334,67 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Haystacks of a few letters around every length and alignment of the 16-byte steps.
+        #[test]
+        fn find_byte_finds_the_first_occurrence(
+            hay in proptest::collection::vec(prop_oneof![Just(b';'), Just(b'a'), Just(0x80u8), Just(0u8), Just(0xffu8), any::<u8>()], 0..80),
+            needle in prop_oneof![Just(b';'), Just(0u8), Just(0x80u8), Just(0xffu8), any::<u8>()],
+        ) {
+            prop_assert_eq!(find_byte(&hay, needle), hay.iter().position(|&b| b == needle));
+        }
+
+        // The `str`-searcher versions these replaced are the reference.
+        #[test]
+        fn split_path_and_strip_port_match_their_str_versions(text in "[a/?#:0-9\\[\\]é]{0,40}") {
+            let reference = |path: &str| -> (String, String) {
+                let path = path.split('#').next().unwrap_or(path);
+                match path.split_once('?') {
+                    Some((p, q)) => (p.into(), q.into()),
+                    None => (path.into(), String::new()),
+                }
+            };
+            let (p, q) = split_path(&text);
+            prop_assert_eq!((p.to_string(), q.to_string()), reference(&text));
+            let port_reference = |a: &str| -> String {
+                if a.starts_with('[') {
+                    return match a.find(']') {
+                        Some(end) => a[..=end].into(),
+                        None => a.into(),
+                    };
+                }
+                match a.rfind(':') {
+                    Some(i) if a[i + 1..].bytes().all(|b| b.is_ascii_digit()) => a[..i].into(),
+                    _ => a.into(),
+                }
+            };
+            prop_assert_eq!(crate::config::strip_port(&text), port_reference(&text));
+        }
+
+        #[test]
+        fn split_on_byte_splits_as_str_split(text in "[a;=é ]{0,70}") {
+            let ours: Vec<&str> = split_on_byte(&text, b';').collect();
+            let std: Vec<&str> = text.split(';').collect();
+            prop_assert_eq!(ours, std);
+        }
+    }
+
+    #[test]
+    fn find_byte_at_each_position_of_a_long_haystack() {
+        for len in 0..50 {
+            for at in 0..len {
+                let mut hay = vec![b'x'; len];
+                hay[at] = b';';
+                if at + 3 < len {
+                    hay[at + 3] = b';';
+                }
+                assert_eq!(find_byte(&hay, b';'), Some(at), "len {len}, at {at}");
+            }
+            assert_eq!(find_byte(&vec![b'x'; len], b';'), None, "len {len}");
+        }
+    }
 
     #[test]
     fn cookie_list_forwards_without_a_second_pass_when_it_can() {
