@@ -76,10 +76,8 @@ impl Facts {
         let mut scheme_is_http = None;
         let mut forwarded_proto_is_http = None;
         for (name, range) in map.spans() {
-            // Names are lowercase tokens (Envoy validates them); anything else is no header of ours.
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
+            // Names are lowercase tokens (Envoy validates them), compared as bytes: a name that
+            // is not UTF-8 equals none of these.
             let is_http = || {
                 values
                     .get(range.clone())
@@ -87,28 +85,30 @@ impl Facts {
             };
             let span = Span::from(range.clone());
             match name {
-                ":method" => f.method = span,
-                ":scheme" => scheme_is_http = Some(is_http()),
-                ":authority" => f.authority = span,
-                ":path" => f.path = span,
-                "cookie" => f.cookies.push(span),
-                "authorization" => f.authorization.push(span),
-                "sec-fetch-mode" => {
+                b":method" => f.method = span,
+                b":scheme" => scheme_is_http = Some(is_http()),
+                b":authority" => f.authority = span,
+                b":path" => f.path = span,
+                b"cookie" => f.cookies.push(span),
+                b"authorization" => f.authorization.push(span),
+                b"sec-fetch-mode" => {
                     f.has_sec_fetch = true;
                     f.sec_fetch_mode = Some(span);
                 }
-                n if n.starts_with("sec-fetch-") => f.has_sec_fetch = true,
-                "accept" => f.accept = Some(span),
-                "origin" => f.origin = Some(span),
-                "access-control-request-method" => f.access_control_request_method = Some(span),
-                "x-request-id" => f.request_id = Some(span),
+                n if n.starts_with(b"sec-fetch-") => f.has_sec_fetch = true,
+                b"accept" => f.accept = Some(span),
+                b"origin" => f.origin = Some(span),
+                b"access-control-request-method" => f.access_control_request_method = Some(span),
+                b"x-request-id" => f.request_id = Some(span),
                 // At an Istio gateway (use_remote_address, no trusted hops) Envoy sets this from
                 // the downstream connection; behind a trusted proxy it is the browser's scheme.
-                "x-forwarded-proto" => forwarded_proto_is_http = Some(is_http()),
+                b"x-forwarded-proto" => forwarded_proto_is_http = Some(is_http()),
                 _ => {}
             }
             if gate.is_some_and(|g| is_identity_header(g.config(), name)) {
-                f.identity_headers.push(name.to_string());
+                // Envoy's codecs pass only token names (ASCII), so the copy is exact.
+                f.identity_headers
+                    .push(String::from_utf8_lossy(name).into_owned());
             }
         }
         f.scheme = if forwarded_proto_is_http.or(scheme_is_http) == Some(true) {
