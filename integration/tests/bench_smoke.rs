@@ -164,3 +164,39 @@ async fn noop_extra_work_reaches_the_noop_filter() {
         "an unknown calibration word must fail the lab"
     );
 }
+
+/// `--processes`: the rounds run on fresh sets of Envoys, one set at a time, numbered over the
+/// whole run, and the report keeps every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_spread_over_fresh_envoys() {
+    bench::wrk::find_wrk().expect("the benchmark needs wrk");
+    let mut opts = BenchOptions::quick();
+    opts.scenarios = vec![Scenario::NoopWasm, Scenario::OidcSession];
+    opts.rounds = 2;
+    opts.processes = 2;
+    opts.warmup = Duration::ZERO;
+    opts.wrk.duration = Duration::from_millis(500);
+    opts.wrk.connections = 2;
+    opts.extras = None;
+    let report = bench::run(&opts, &mut |l| eprintln!("{l}"))
+        .await
+        .expect("bench run");
+    for r in &report.throughput {
+        let rounds: Vec<usize> = r.rounds.iter().map(|x| x.round).collect();
+        assert_eq!(rounds, vec![0, 1], "{}", r.scenario);
+        assert!(
+            r.ok_responses() > 0 && r.bad_responses() == 0,
+            "{}",
+            r.scenario
+        );
+        let pids: Vec<u32> = r
+            .rounds
+            .iter()
+            .map(|x| x.envoy_pid.expect("Envoy's pid"))
+            .collect();
+        assert_ne!(pids[0], pids[1], "{}: both rounds on one Envoy", r.scenario);
+    }
+    assert!(report
+        .to_markdown()
+        .contains("2 interleaved round(s) (order rotated each round) over 2 set(s) of Envoys"));
+}

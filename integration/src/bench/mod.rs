@@ -148,16 +148,21 @@ pub struct BenchOptions {
     pub noop_extra: Option<String>,
     /// The other oidc-gate module, measured as scenario (3b) next to (3) (`--oidc-b`).
     pub oidc_b: Option<PathBuf>,
+    /// Sets of Envoys the rounds are spread over, each started afresh (`--processes`): how fast
+    /// one Envoy process runs a filter varies from one process to the next by more than the
+    /// targets' margins, so medians over rounds of one process can be one process's luck.
+    pub processes: usize,
     /// Sample each scenario's Envoy with Linux `perf` during the rounds, for its CPU time per
     /// request by kind of code ([`perf`]).
     pub perf: bool,
 }
 
 impl BenchOptions {
-    /// The default run: 5 rounds × 8 scenarios × 5 s, and every extra (about 5 minutes).
+    /// The default run: 6 rounds × 8 scenarios × 5 s over 3 sets of Envoys, and every extra
+    /// (about 7 minutes).
     pub fn full() -> BenchOptions {
         BenchOptions {
-            rounds: 5,
+            rounds: 6,
             warmup: Duration::from_secs(2),
             wrk: WrkSettings {
                 threads: 1,
@@ -177,6 +182,7 @@ impl BenchOptions {
             jwt_access_tokens: false,
             noop_extra: None,
             oidc_b: None,
+            processes: 3,
             perf: false,
         }
     }
@@ -185,6 +191,7 @@ impl BenchOptions {
     pub fn quick() -> BenchOptions {
         let mut o = BenchOptions::full();
         o.rounds = 1;
+        o.processes = 1;
         o.warmup = Duration::from_secs(1);
         o.wrk.duration = Duration::from_secs(2);
         o.extras = Some(ExtrasOptions {
@@ -512,6 +519,8 @@ pub struct RoundResult {
     /// Envoy's CPU time (all threads, user + system) per response during the run, µs; `None`
     /// when /proc could not be read.
     pub envoy_cpu_us_per_request: Option<f64>,
+    /// The Envoy process that served the run.
+    pub envoy_pid: Option<u32>,
 }
 
 /// All runs of one scenario, and their medians.
@@ -686,10 +695,14 @@ pub async fn measure(
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<ScenarioResult>, String> {
-    let wrk_bin = wrk::find_wrk()?;
-    let script = wrk::write_script(lab.fixture.dir()).map_err(|e| e.to_string())?;
-    let mut results: Vec<ScenarioResult> = opts
-        .scenarios
+    let mut results = empty_results(lab, opts);
+    measure_rounds(lab, opts, 0..opts.rounds, &mut results, progress).await?;
+    Ok(results)
+}
+
+/// One result per scenario, no rounds yet.
+fn empty_results(lab: &Lab, opts: &BenchOptions) -> Vec<ScenarioResult> {
+    opts.scenarios
         .iter()
         .map(|&s| {
             let req = &lab.requests[&s];
@@ -702,7 +715,19 @@ pub async fn measure(
                 cpu_samples: opts.perf.then(perf::CpuSamples::default),
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Warm up `lab`, then run `rounds` (numbered over the whole run), adding to `results`.
+async fn measure_rounds(
+    lab: &Lab,
+    opts: &BenchOptions,
+    rounds: std::ops::Range<usize>,
+    results: &mut [ScenarioResult],
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    let wrk_bin = wrk::find_wrk()?;
+    let script = wrk::write_script(lab.fixture.dir()).map_err(|e| e.to_string())?;
     if !opts.warmup.is_zero() {
         let mut warm = opts.wrk.clone();
         warm.duration = opts.warmup;
@@ -717,7 +742,7 @@ pub async fn measure(
         }
     }
     let n = opts.scenarios.len();
-    for round in 0..opts.rounds {
+    for round in rounds {
         for position in 0..n {
             let idx = (position + round) % n;
             let s = opts.scenarios[idx];
@@ -726,6 +751,10 @@ pub async fn measure(
                 None => None,
             };
             let (w, ok, other, cpu) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
+            let envoy_pid = lab
+                .envoys
+                .get(&s)
+                .and_then(|e| extras::envoy_pid(e.base_id()));
             if let (Some(r), Some(samples)) = (recording, results[idx].cpu_samples.as_mut()) {
                 samples.add(&r.finish()?, ok + other);
             }
@@ -748,10 +777,26 @@ pub async fn measure(
                 envoy_2xx: ok,
                 envoy_other: other,
                 envoy_cpu_us_per_request: cpu,
+                envoy_pid,
             });
         }
     }
-    Ok(results)
+    Ok(())
+}
+
+/// The rounds each set of Envoys runs when `rounds` are spread over `processes` sets: as even
+/// as they divide, earlier sets taking the remainder, every set at least one round.
+pub fn rounds_per_process(rounds: usize, processes: usize) -> Vec<std::ops::Range<usize>> {
+    let processes = processes.clamp(1, rounds.max(1));
+    let mut start = 0;
+    (0..processes)
+        .map(|p| {
+            let n = rounds / processes + usize::from(p < rounds % processes);
+            let r = start..start + n;
+            start += n;
+            r
+        })
+        .collect()
 }
 
 /// Facts about the run's environment.
@@ -805,8 +850,64 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         opts.scenarios.len(),
         opts.concurrency
     ));
+    let batches = rounds_per_process(opts.rounds, opts.processes);
+    let mut throughput: Vec<ScenarioResult> = Vec::new();
+    let mut stage_timing: Vec<Vec<stages::StageTimes>> = Vec::new();
+    let mut last_lab = None;
+    for (p, rounds) in batches.iter().enumerate() {
+        if p > 0 {
+            // The previous set of Envoys goes before the next starts: one set runs at a time.
+            drop(last_lab.take());
+            progress(&format!(
+                "starting Envoy set {}/{} for rounds {}-{}",
+                p + 1,
+                batches.len(),
+                rounds.start + 1,
+                rounds.end
+            ));
+        }
+        let lab = start_lab(&wasm, opts, progress).await?;
+        if throughput.is_empty() {
+            throughput = empty_results(&lab, opts);
+        }
+        measure_rounds(&lab, opts, rounds.clone(), &mut throughput, progress).await?;
+        // Read before the extras start more streams through the same Envoys.
+        stage_timing.push(
+            opts.scenarios
+                .iter()
+                .filter_map(|s| stages::parse(*s, &lab.envoys.get(s)?.log()))
+                .collect(),
+        );
+        last_lab = Some(lab);
+    }
+    let lab = last_lab.ok_or("no rounds to run")?;
+    let stage_timing = stages::merge(stage_timing);
+    let extras = match &opts.extras {
+        Some(x) => Some(extras::run(&lab, &wasm, x, !opts.jwt_access_tokens, progress).await?),
+        None => None,
+    };
+    let mut env = env_start;
+    env["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
+    Ok(Report {
+        environment: env,
+        options: opts.clone(),
+        credentials: lab.creds.clone(),
+        throughput,
+        stage_timing,
+        extras,
+    })
+}
+
+/// One set of Envoys, logged in and checked, as the progress lines report it.
+async fn start_lab(
+    wasm: &WasmModules,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Lab, String> {
     let lab = Lab::start(
-        &wasm,
+        wasm,
         &opts.scenarios,
         opts.concurrency,
         opts.jwt_access_tokens,
@@ -829,27 +930,21 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
             }
         ));
     }
-    let throughput = measure(&lab, opts, progress).await?;
-    // Read before the extras start more streams through the same Envoys.
-    let stage_timing: Vec<stages::StageTimes> = opts
-        .scenarios
-        .iter()
-        .filter_map(|s| stages::parse(*s, &lab.envoys.get(s)?.log()))
-        .collect();
-    let extras = match &opts.extras {
-        Some(x) => Some(extras::run(&lab, &wasm, x, !opts.jwt_access_tokens, progress).await?),
-        None => None,
-    };
-    let mut env = env_start;
-    env["loadavg_end"] = json!(std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim());
-    Ok(Report {
-        environment: env,
-        options: opts.clone(),
-        credentials: lab.creds.clone(),
-        throughput,
-        stage_timing,
-        extras,
-    })
+    Ok(lab)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds_per_process;
+
+    #[test]
+    fn rounds_are_spread_over_the_sets_of_envoys_without_gaps() {
+        assert_eq!(rounds_per_process(6, 3), vec![0..2, 2..4, 4..6]);
+        assert_eq!(rounds_per_process(5, 3), vec![0..2, 2..4, 4..5]);
+        assert_eq!(rounds_per_process(5, 1), vec![0..5]);
+        // Never a set without a round, nor none at all.
+        assert_eq!(rounds_per_process(2, 5), vec![0..1, 1..2]);
+        assert_eq!(rounds_per_process(1, 0), vec![0..1]);
+        assert_eq!(rounds_per_process(0, 3), vec![0..0]);
+    }
 }

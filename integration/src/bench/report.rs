@@ -333,6 +333,7 @@ impl Report {
             "environment": self.environment,
             "settings": {
                 "rounds": self.options.rounds,
+                "envoy_sets": super::rounds_per_process(self.options.rounds, self.options.processes).len(),
                 "warmup_s": self.options.warmup.as_secs_f64(),
                 "envoy_concurrency": self.options.concurrency,
                 "wrk": self.options.wrk.to_json(),
@@ -374,6 +375,7 @@ impl Report {
                         w["position"] = json!(x.position);
                         w["envoy_2xx"] = json!(x.envoy_2xx);
                         w["envoy_other"] = json!(x.envoy_other);
+                        w["envoy_pid"] = json!(x.envoy_pid);
                         w
                     }).collect::<Vec<_>>(),
                 })
@@ -402,12 +404,13 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- Load: {} `-t{} -c{} -d{:.0}s` (HTTP/1.1 keep-alive over TLS, 127.0.0.1), {} interleaved round(s) (order rotated each round) after a {:.1} s warm-up per scenario; medians over rounds",
+            "- Load: {} `-t{} -c{} -d{:.0}s` (HTTP/1.1 keep-alive over TLS, 127.0.0.1), {} interleaved round(s) (order rotated each round) over {} set(s) of Envoys, each started afresh and warmed up for {:.1} s per scenario; medians over rounds",
             e["wrk_version"].as_str().unwrap_or("wrk"),
             o.wrk.threads,
             o.wrk.connections,
             o.wrk.duration.as_secs_f64(),
             o.rounds,
+            super::rounds_per_process(o.rounds, o.processes).len(),
             o.warmup.as_secs_f64()
         );
         let _ = writeln!(

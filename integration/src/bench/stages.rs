@@ -65,6 +65,47 @@ pub fn parse(scenario: Scenario, log: &str) -> Option<StageTimes> {
     })
 }
 
+/// One set of stage times per scenario from several sets of Envoys (`--processes`): per stage,
+/// the median of the sets' medians; lines added up. Scenarios in the order first seen.
+pub fn merge(sets: Vec<Vec<StageTimes>>) -> Vec<StageTimes> {
+    let mut out: Vec<(StageTimes, Vec<Vec<f64>>)> = Vec::new();
+    for t in sets.into_iter().flatten() {
+        let i = match out.iter().position(|(o, _)| o.scenario == t.scenario) {
+            Some(i) => i,
+            None => {
+                out.push((
+                    StageTimes {
+                        scenario: t.scenario,
+                        stages: Vec::new(),
+                        lines: 0,
+                    },
+                    Vec::new(),
+                ));
+                out.len() - 1
+            }
+        };
+        let (merged, values) = &mut out[i];
+        merged.lines += t.lines;
+        for (name, v) in t.stages {
+            match merged.stages.iter().position(|(n, _)| *n == name) {
+                Some(j) => values[j].push(v),
+                None => {
+                    merged.stages.push((name, v));
+                    values.push(vec![v]);
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(mut t, values)| {
+            for ((_, v), all) in t.stages.iter_mut().zip(&values) {
+                *v = median(all);
+            }
+            t
+        })
+        .collect()
+}
+
 /// The stages as a table: one row per stage, one column per scenario, ns.
 pub fn table(times: &[StageTimes], markdown: bool) -> String {
     let mut names: Vec<&str> = Vec::new();
@@ -148,6 +189,29 @@ mod tests {
             ]
         );
         assert!(parse(Scenario::NoopWasm, "[info] no timing here").is_none());
+
+        let other = StageTimes {
+            scenario: Scenario::NoopWasm,
+            stages: vec![("create".to_string(), 400.0), ("parse".to_string(), 7.0)],
+            lines: 2,
+        };
+        let third = StageTimes {
+            scenario: Scenario::NoopWasm,
+            stages: vec![("create".to_string(), 600.0)],
+            lines: 1,
+        };
+        let merged = merge(vec![vec![t.clone()], vec![other, third]]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].lines, 6);
+        assert_eq!(
+            merged[0].stages,
+            vec![
+                ("create".to_string(), 400.0),
+                ("header_read".to_string(), 2700.0),
+                ("done".to_string(), 50.0),
+                ("parse".to_string(), 7.0),
+            ]
+        );
         let md = table(std::slice::from_ref(&t), true);
         assert!(
             md.starts_with("| stage (ns per stream) | 2-noop-wasm |\n|---|---:|\n"),

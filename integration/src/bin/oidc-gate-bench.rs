@@ -14,7 +14,9 @@ per 10,000 sessions and time to ready.
 
 usage: oidc-gate-bench [options]
   --quick              1 round x 2 s, small extras (smoke check, not a measurement)
-  --rounds N           interleaved rounds (default 5)
+  --rounds N           interleaved rounds (default 6)
+  --processes N        spread the rounds over N sets of Envoys, each started afresh (default 3;
+                       one Envoy process runs a filter faster or slower than the next)
   --duration SECS      wrk duration per scenario per round (default 5)
   --warmup SECS        warm-up per scenario (default 2)
   --connections N      wrk -c (default 16)
@@ -63,6 +65,7 @@ fn parse_args() -> Result<(BenchOptions, PathBuf), String> {
             "--quick" => {}
             "-h" | "--help" => return Err(String::new()),
             "--rounds" => opts.rounds = num(it.next(), "--rounds")? as usize,
+            "--processes" => opts.processes = num(it.next(), "--processes")? as usize,
             "--duration" => opts.wrk.duration = secs(it.next(), "--duration")?,
             "--warmup" => opts.warmup = secs(it.next(), "--warmup")?,
             "--connections" => opts.wrk.connections = num(it.next(), "--connections")?,
