@@ -32,7 +32,8 @@ pub fn normalize_header_name(name: &str) -> String {
 /// Whether an incoming header must be removed before the request goes upstream.
 ///
 /// Runs for every header of every request, so it compares the host's bytes in place instead of
-/// normalizing into a new string. Bytes that are not ASCII never match a name of ours.
+/// normalizing into a new string. A name with bytes that are not ASCII can still match (after
+/// the `x-auth-request-` prefix).
 pub fn is_identity_header(config: &Config, name: &[u8]) -> bool {
     starts_with_normalized(name, IDENTITY_PREFIX)
         || KNOWN_IDENTITY_HEADERS

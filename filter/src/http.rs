@@ -55,9 +55,9 @@ fn split_on_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Where `needle` first occurs in `haystack`, sixteen bytes per step. `str::split` and `memchr`
-/// step by `usize`, four bytes in wasm32, and a 1-4 KB session cookie is scanned for `;` on every
-/// request: this halves that scan.
+/// Where `needle` first occurs in `haystack`, sixteen bytes per step (two `u64` words; core's
+/// `memchr` behind `str::split` steps two `usize` words, eight bytes in wasm32). A 1-4 KB
+/// session cookie is scanned for `;` on every request.
 pub(crate) fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;

@@ -58,6 +58,8 @@ pub enum Failure {
     SessionTooLarge,
     /// A host failure (no randomness): fail closed.
     Internal,
+    /// A request the filter cannot make safe to forward (a header of ours it cannot remove).
+    BadRequest,
 }
 
 impl Failure {
@@ -108,6 +110,12 @@ impl Failure {
                 "internal_error",
                 "Something went wrong",
                 "Please try again.".into(),
+            ),
+            Failure::BadRequest => (
+                400,
+                "bad_request",
+                "Bad request",
+                "The request carries a header this gateway does not accept.".into(),
             ),
         }
     }

@@ -66,6 +66,9 @@ pub struct Facts {
     access_control_request_method: Option<Span>,
     /// Client-sent headers the filter owns (identity headers in any spelling).
     identity_headers: Vec<String>,
+    /// A client-sent header the filter owns whose name is not UTF-8: the host's API cannot name
+    /// it to remove it, so the request is refused.
+    unremovable_identity_header: bool,
 }
 
 impl Facts {
@@ -106,9 +109,12 @@ impl Facts {
                 _ => {}
             }
             if gate.is_some_and(|g| is_identity_header(g.config(), name)) {
-                // Envoy's codecs pass only token names (ASCII), so the copy is exact.
-                f.identity_headers
-                    .push(String::from_utf8_lossy(name).into_owned());
+                // Envoy's codecs pass only token names (ASCII); anything else cannot be removed
+                // by name through the host, so it fails the request instead of passing on.
+                match std::str::from_utf8(name) {
+                    Ok(name) => f.identity_headers.push(name.to_string()),
+                    Err(_) => f.unremovable_identity_header = true,
+                }
             }
         }
         f.scheme = if forwarded_proto_is_http.or(scheme_is_http) == Some(true) {
@@ -206,6 +212,7 @@ impl Facts {
             origin,
             access_control_request_method,
             identity_headers: _,
+            unremovable_identity_header: _,
         } = &mut self;
         for s in [method, authority, path]
             .into_iter()
@@ -1166,6 +1173,14 @@ impl Stream {
             // Hosts this policy does not list pass untouched.
             return Action::Continue;
         }
+        if self.facts.unremovable_identity_header {
+            log::warn!(
+                "oidc-gate #{}: an identity header whose name is not UTF-8 cannot be removed; \
+                 refusing the request",
+                self.id
+            );
+            return self.fail(Failure::BadRequest);
+        }
         self.strip_identity_headers();
         if let Some(g) = &gate {
             self.hide_callback_query(g);
@@ -1261,6 +1276,20 @@ mod tests {
         assert!(f.already(&f.authorization, Some("Bearer t")));
         assert!(!f.already(&f.authorization, Some("Bearer u")));
         assert!(!f.already(&f.cookies, Some("lang=en")), "two headers sent");
+    }
+
+    #[test]
+    fn an_identity_header_that_cannot_be_named_to_the_host_is_flagged() {
+        assert!(!read(REQUEST).unremovable_identity_header);
+        let mut pairs = REQUEST.to_vec();
+        pairs.push((b"x-auth-request-\xffuser", b"mallory"));
+        pairs.push((b"x-\xff", b"not one of ours"));
+        let f = read(&pairs);
+        assert!(f.unremovable_identity_header);
+        assert_eq!(f.identity_headers, ["x-forwarded-user"]);
+        let mut pairs = REQUEST.to_vec();
+        pairs.push((b"x-\xff", b"not one of ours"));
+        assert!(!read(&pairs).unremovable_identity_header);
     }
 
     #[test]
