@@ -21,9 +21,11 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
     opts.wrk.duration = Duration::from_secs(1);
     opts.wrk.connections = 4;
     opts.extras = None;
-    // linux-perf is on the machines `make test` runs on; where it cannot sample, say so.
+    // linux-perf is on the machines `make test` runs on (.ci/run installs it): in CI it must
+    // work; elsewhere a machine that cannot sample says so.
     match bench::perf::available() {
         Ok(()) => opts.perf = true,
+        Err(why) if std::env::var_os("CI").is_some() => panic!("perf cannot sample in CI: {why}"),
         Err(why) => eprintln!("not checking --perf: {why}"),
     }
 
@@ -90,10 +92,12 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
         let cpu = |s: Scenario| {
             let r = results.iter().find(|r| r.scenario == s).expect("scenario");
             let samples = r.cpu_samples.clone().expect("perf samples");
-            assert_eq!(
-                samples.responses,
-                r.ok_responses() + r.rounds[0].envoy_other,
-                "{s}"
+            // The responses of the measured run (wrk's count; Envoy may count a few in flight).
+            let wrk = r.rounds[0].wrk.requests;
+            assert!(
+                samples.responses >= wrk && samples.responses <= wrk + 64,
+                "{s}: perf's responses {} vs wrk's {wrk}",
+                samples.responses
             );
             // perf's CPU time and /proc's agree (the attach time and perf's own cost aside).
             let total = samples.total_us_per_request().expect("responses");

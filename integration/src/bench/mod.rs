@@ -148,9 +148,9 @@ pub struct BenchOptions {
     pub noop_extra: Option<String>,
     /// The other oidc-gate module, measured as scenario (3b) next to (3) (`--oidc-b`).
     pub oidc_b: Option<PathBuf>,
-    /// Sets of Envoys the rounds are spread over, each started afresh (`--processes`): how fast
-    /// one Envoy process runs a filter varies from one process to the next by more than the
-    /// targets' margins, so medians over rounds of one process can be one process's luck.
+    /// Sets of Envoys the rounds are spread over, each started afresh (`--processes`): two Envoy
+    /// processes with the same module differed by 4% in requests per second in one run, close to
+    /// the targets' 5%, so medians over rounds of one process can be one process's luck.
     pub processes: usize,
     /// Sample each scenario's Envoy with Linux `perf` during the rounds, for its CPU time per
     /// request by kind of code ([`perf`]).
@@ -935,7 +935,29 @@ async fn start_lab(
 
 #[cfg(test)]
 mod tests {
-    use super::rounds_per_process;
+    use super::{rounds_per_process, Scenario};
+
+    #[test]
+    fn the_second_module_runs_next_to_the_first() {
+        let mut v = vec![
+            Scenario::JwtAuthnCached,
+            Scenario::OidcSessionB,
+            Scenario::NoopWasm,
+            Scenario::OidcSession,
+        ];
+        v.sort();
+        assert_eq!(
+            v,
+            [
+                Scenario::NoopWasm,
+                Scenario::OidcSession,
+                Scenario::OidcSessionB,
+                Scenario::JwtAuthnCached
+            ]
+        );
+        assert_eq!(Scenario::parse("3b"), Some(Scenario::OidcSessionB));
+        assert!(!Scenario::ALL.contains(&Scenario::OidcSessionB));
+    }
 
     #[test]
     fn rounds_are_spread_over_the_sets_of_envoys_without_gaps() {

@@ -34,11 +34,19 @@ pub enum Code {
     Kernel,
     /// Shared libraries and the vDSO (libc, libm).
     Libraries,
+    /// Anything perf could not place (`[unknown]`, anonymous memory that is not V8's).
+    Other,
 }
 
 impl Code {
     /// Every kind, in the order of the report's columns.
-    pub const ALL: [Code; 4] = [Code::Envoy, Code::Wasm, Code::Kernel, Code::Libraries];
+    pub const ALL: [Code; 5] = [
+        Code::Envoy,
+        Code::Wasm,
+        Code::Kernel,
+        Code::Libraries,
+        Code::Other,
+    ];
 
     /// The kind of code `perf report --sort dso` names `dso`.
     pub fn of_dso(dso: &str) -> Code {
@@ -46,10 +54,17 @@ impl Code {
             Code::Wasm
         } else if dso.starts_with("[kernel") {
             Code::Kernel
-        } else if dso == "envoy" || dso.ends_with("/envoy") {
+        } else if dso
+            .rsplit('/')
+            .next()
+            .is_some_and(|b| b.starts_with("envoy"))
+        {
+            // `envoy`, or a build named after it (`envoy-contrib`, `envoy-static`).
             Code::Envoy
-        } else {
+        } else if dso == "[vdso]" || dso.contains(".so") {
             Code::Libraries
+        } else {
+            Code::Other
         }
     }
 
@@ -60,6 +75,7 @@ impl Code {
             Code::Wasm => "wasm (V8-compiled)",
             Code::Kernel => "kernel",
             Code::Libraries => "libc, vdso",
+            Code::Other => "other",
         }
     }
 
@@ -69,6 +85,7 @@ impl Code {
             Code::Wasm => "wasm",
             Code::Kernel => "kernel",
             Code::Libraries => "libraries",
+            Code::Other => "other",
         }
     }
 }
@@ -77,7 +94,7 @@ impl Code {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuSamples {
     /// Samples per kind, in [`Code::ALL`] order.
-    pub samples: [u64; 4],
+    pub samples: [u64; 5],
     /// Responses Envoy counted while the samples were taken.
     pub responses: u64,
 }
@@ -149,14 +166,35 @@ pub fn available() -> Result<(), String> {
     }
 }
 
-/// A `perf record` attached to one process.
+/// A `perf record` attached to one process; stopped when dropped, if not finished.
 pub struct Recording {
-    child: Child,
+    child: Option<Child>,
     data: PathBuf,
 }
 
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = stop(child);
+            let _ = std::fs::remove_file(&self.data);
+        }
+    }
+}
+
+/// Interrupts `perf record`, which then writes its data, as on Ctrl-C, and waits for it.
+fn stop(mut child: Child) -> Result<(), String> {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    child
+        .wait()
+        .map(|_| ())
+        .map_err(|e| format!("waiting for perf record: {e}"))
+}
+
 impl Recording {
-    /// Starts sampling every thread of `pid` into `data`, and waits until it is attached.
+    /// Starts sampling every thread of `pid` into `data`, and gives it [`ATTACH_TIME`] to attach
+    /// (perf says nothing when it has).
     pub async fn start(pid: u32, data: &Path) -> Result<Recording, String> {
         let mut child = Command::new("perf")
             .args(["record", "-q", "-e", "cpu-clock", "-c"])
@@ -182,20 +220,18 @@ impl Recording {
             ));
         }
         Ok(Recording {
-            child,
+            child: Some(child),
             data: data.to_path_buf(),
         })
     }
 
-    /// Stops sampling and returns the samples per dso.
+    /// Stops sampling and returns the samples per dso. No kernel samples at all means perf was
+    /// only allowed to see user space (`perf_event_paranoid`): an error, not a split without
+    /// the kernel.
     pub fn finish(mut self) -> Result<Vec<(String, u64)>, String> {
-        // perf writes its data when interrupted, as on Ctrl-C.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        self.child
-            .wait()
-            .map_err(|e| format!("waiting for perf record: {e}"))?;
+        if let Some(child) = self.child.take() {
+            stop(child)?;
+        }
         let out = Command::new("perf")
             .args(["report", "-n", "--sort", "dso", "--stdio", "-i"])
             .arg(&self.data)
@@ -208,7 +244,14 @@ impl Recording {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        Ok(parse_report(&String::from_utf8_lossy(&out.stdout)))
+        let rows = parse_report(&String::from_utf8_lossy(&out.stdout));
+        if !rows.is_empty() && !rows.iter().any(|(d, _)| Code::of_dso(d) == Code::Kernel) {
+            return Err(
+                "perf recorded no kernel samples (is /proc/sys/kernel/perf_event_paranoid > 1?)"
+                    .into(),
+            );
+        }
+        Ok(rows)
     }
 }
 
@@ -300,12 +343,15 @@ mod tests {
         assert_eq!(Code::of_dso("/usr/local/bin/envoy"), Code::Envoy);
         assert_eq!(Code::of_dso("[vdso]"), Code::Libraries);
         assert_eq!(Code::of_dso("libc.so.6"), Code::Libraries);
+        assert_eq!(Code::of_dso("envoy-contrib"), Code::Envoy);
+        assert_eq!(Code::of_dso("[unknown]"), Code::Other);
+        assert_eq!(Code::of_dso("//anon"), Code::Other);
 
         let mut s = CpuSamples::default();
         assert_eq!(s.us_per_request(Code::Envoy), None);
         s.add(&rows, 100_000);
         s.add(&[("[JIT] tid 9".to_string(), 400)], 100_000);
-        assert_eq!(s.samples, [27534, 1010, 10287, 917 + 255 + 7]);
+        assert_eq!(s.samples, [27534, 1010, 10287, 917 + 255 + 7, 0]);
         assert_eq!(s.responses, 200_000);
         // 1010 samples × 250 µs over 200,000 responses.
         assert_eq!(s.us_per_request(Code::Wasm), Some(1.2625));
@@ -317,11 +363,11 @@ mod tests {
 
         let md = table(&[(Scenario::NoopWasm, &s)], true);
         assert!(
-            md.starts_with("| CPU µs per request (perf) | envoy | wasm (V8-compiled) | kernel | libc, vdso | total |\n|---|---:|---:|---:|---:|---:|\n"),
+            md.starts_with("| CPU µs per request (perf) | envoy | wasm (V8-compiled) | kernel | libc, vdso | other | total |\n|---|---:|---:|---:|---:|---:|---:|\n"),
             "{md}"
         );
         assert!(
-            md.contains("| 2-noop-wasm | 34.4 | 1.3 | 12.9 | 1.5 | 50.0 |"),
+            md.contains("| 2-noop-wasm | 34.4 | 1.3 | 12.9 | 1.5 | 0.0 | 50.0 |"),
             "{md}"
         );
         let j = to_json(&[(Scenario::NoopWasm, &s)]);

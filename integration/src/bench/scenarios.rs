@@ -33,6 +33,10 @@ pub enum Scenario {
     NoopWasm,
     /// (3) oidc-gate with a valid session cookie from a real login.
     OidcSession,
+    /// (3b) (3) with another oidc-gate module (`--oidc-b`): two builds compared in one run,
+    /// interleaved like every scenario, and next to (3) in every round (declared here for the
+    /// order). Never part of a default run.
+    OidcSessionB,
     /// (4) Envoy's OAuth2 filter with valid cookies from a real login.
     EnvoyOAuth2,
     /// (5) `ext_authz` (HTTP) to an authorizer that answers 200 to everything.
@@ -43,9 +47,6 @@ pub enum Scenario {
     JwtAuthn,
     /// (6c) `jwt_authn` with `jwt_cache_config` (verified tokens cached), for reference.
     JwtAuthnCached,
-    /// (3b) (3) with another oidc-gate module (`--oidc-b`): two builds compared in one run,
-    /// interleaved like every scenario. Never part of a default run.
-    OidcSessionB,
 }
 
 impl Scenario {
