@@ -677,11 +677,9 @@ pub async fn run_once(
     Ok((result, ok1 - ok0, other1 - other0, cpu_us))
 }
 
-/// `perf record` on the Envoy of `s`, attached.
-async fn start_perf(lab: &Lab, s: Scenario) -> Result<perf::Recording, String> {
-    let envoy = lab.envoys.get(&s).ok_or("no Envoy for scenario")?;
-    let pid = extras::envoy_pid(envoy.base_id())
-        .ok_or_else(|| format!("{s}: Envoy's process id is unknown"))?;
+/// `perf record` on the Envoy of `s` (process `pid`), attached.
+async fn start_perf(lab: &Lab, s: Scenario, pid: Option<u32>) -> Result<perf::Recording, String> {
+    let pid = pid.ok_or_else(|| format!("{s}: Envoy's process id is unknown"))?;
     perf::Recording::start(
         pid,
         &lab.fixture.dir().join(format!("perf-{}.data", s.id())),
@@ -746,15 +744,15 @@ async fn measure_rounds(
         for position in 0..n {
             let idx = (position + round) % n;
             let s = opts.scenarios[idx];
-            let recording = match &results[idx].cpu_samples {
-                Some(_) => Some(start_perf(lab, s).await?),
-                None => None,
-            };
-            let (w, ok, other, cpu) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
             let envoy_pid = lab
                 .envoys
                 .get(&s)
                 .and_then(|e| extras::envoy_pid(e.base_id()));
+            let recording = match &results[idx].cpu_samples {
+                Some(_) => Some(start_perf(lab, s, envoy_pid).await?),
+                None => None,
+            };
+            let (w, ok, other, cpu) = run_once(lab, s, &wrk_bin, &script, &opts.wrk).await?;
             if let (Some(r), Some(samples)) = (recording, results[idx].cpu_samples.as_mut()) {
                 samples.add(&r.finish()?, ok + other);
             }

@@ -68,6 +68,11 @@ impl Code {
         }
     }
 
+    /// Position in [`Code::ALL`] and in [`CpuSamples::samples`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// Column heading.
     pub fn label(self) -> &'static str {
         match self {
@@ -103,20 +108,17 @@ impl CpuSamples {
     /// Adds one run's samples (`perf report` rows of dso and count) and responses.
     pub fn add(&mut self, rows: &[(String, u64)], responses: u64) {
         for (dso, n) in rows {
-            let i = Code::ALL
-                .iter()
-                .position(|c| *c == Code::of_dso(dso))
-                .unwrap_or(Code::ALL.len() - 1);
-            self.samples[i] += n;
+            self.samples[Code::of_dso(dso).index()] += n;
         }
         self.responses += responses;
     }
 
     /// CPU µs per response spent in `code`; `None` before any response.
     pub fn us_per_request(&self, code: Code) -> Option<f64> {
-        let i = Code::ALL.iter().position(|c| *c == code)?;
         (self.responses > 0).then(|| {
-            self.samples[i] as f64 * SAMPLE_PERIOD_NS as f64 / 1000.0 / self.responses as f64
+            self.samples[code.index()] as f64 * SAMPLE_PERIOD_NS as f64
+                / 1000.0
+                / self.responses as f64
         })
     }
 
@@ -346,6 +348,9 @@ mod tests {
         assert_eq!(Code::of_dso("envoy-contrib"), Code::Envoy);
         assert_eq!(Code::of_dso("[unknown]"), Code::Other);
         assert_eq!(Code::of_dso("//anon"), Code::Other);
+        for (i, c) in Code::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i, "{c:?}");
+        }
 
         let mut s = CpuSamples::default();
         assert_eq!(s.us_per_request(Code::Envoy), None);
