@@ -93,6 +93,9 @@ impl HostPattern {
         if lower.is_empty() {
             return Err("empty host".into());
         }
+        if !port_is_well_formed(&lower) {
+            return Err(format!("`{raw}` has a port that is not a number"));
+        }
         let without_port = strip_port(&lower);
         if let Some(rest) = without_port.strip_prefix("*.") {
             if rest.is_empty() || rest.contains('*') || !is_hostname(rest) {
@@ -129,7 +132,10 @@ fn is_hostname(s: &str) -> bool {
         })
 }
 
-/// Removes a `:port` suffix (and IPv6 brackets stay as they are).
+/// The host of an authority: the bracketed IPv6 literal, or everything before the first `:`
+/// (a host name never has one). What follows is the port, well-formed or not
+/// ([`port_is_well_formed`]): Envoy routes `app.example.com:x` to `app.example.com` under
+/// Istio's `app.example.com:*` domain, so the policy must see that host too.
 pub fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return match authority.find(']') {
@@ -138,11 +144,20 @@ pub fn strip_port(authority: &str) -> &str {
         };
     }
     // A byte search: `:` is ASCII, and this runs several times per request on a short string.
-    match authority.bytes().rposition(|b| b == b':') {
-        Some(i) if authority.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => {
-            authority.get(..i).unwrap_or(authority)
-        }
-        _ => authority,
+    match authority.bytes().position(|b| b == b':') {
+        Some(i) => authority.get(..i).unwrap_or(authority),
+        None => authority,
+    }
+}
+
+/// Whether what follows the host ([`strip_port`]) is nothing or `:` and a port of 1-5 digits.
+pub fn port_is_well_formed(authority: &str) -> bool {
+    let rest = authority
+        .get(strip_port(authority).len()..)
+        .unwrap_or_default();
+    match rest.strip_prefix(':') {
+        None => rest.is_empty(),
+        Some(port) => (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit()),
     }
 }
 

@@ -17,7 +17,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::config::{strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization};
+use crate::config::{
+    port_is_well_formed, strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization,
+};
 use crate::crypto::Keyring;
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
@@ -768,6 +770,14 @@ impl Gate {
     ) -> (Decision, Note) {
         if !self.config.protects(req.authority) {
             return (Decision::PassThrough, Note::none());
+        }
+        if !port_is_well_formed(req.authority) {
+            // No browser sends it; refused rather than guessed at, so a host spelling can never
+            // make a protected host look like another one.
+            return (
+                Decision::Reply(Failure::BadRequest.reply(false, req.request_id)),
+                Note::log("refused: the Host header of a protected host has a malformed port"),
+            );
         }
         let (path, query) = split_path(req.path);
         let cookies = CookieList::parse(&req.cookie_headers);

@@ -1178,6 +1178,29 @@ async fn header_smuggling_and_bypass() {
         );
     }
 
+    // G77: a port that is not a number. Istio's gateway routes `app.example.com:x` under the
+    // `app.example.com:*` domain (and this gateway under `*`), so the host is the protected one:
+    // refused with or without a session, with a forged `Authorization`, never passed on.
+    for host in [
+        "app.example.com:x",
+        "app.example.com:443:443",
+        "APP.example.com:abc",
+        "app.example.com:-1",
+    ] {
+        for extra in [&[][..], &[session_cookie.as_str()][..]] {
+            let before = snapshot(s);
+            let mut headers = vec!["Authorization: Bearer forged", "X-Auth-Request-User: admin"];
+            headers.extend_from_slice(extra);
+            let r = raw_get_host(s, host, b"/secret", &headers).await;
+            assert_eq!(r.status, 400, "{host}: refused: {}", r.describe());
+            assert_eq!(
+                s.upstream.count(),
+                before.upstream,
+                "{host}: nothing upstream"
+            );
+        }
+    }
+
     // G78 (CVE-2024-45806): downstream x-envoy-* headers do not steer anything.
     for h in [
         "x-envoy-internal: true",

@@ -130,6 +130,53 @@ fn hosts_match_exact_and_wildcard_ignoring_port_and_case() {
     assert!(!c.protects("other.example.com"));
 }
 
+// Envoy routes `app.example.com:x` under Istio's `app.example.com:*` domain: every spelling
+// whose host is protected stays protected, whatever follows it (decide refuses the malformed).
+#[test]
+fn a_protected_host_with_any_port_text_is_protected() {
+    let c = parse(&base()).unwrap();
+    for authority in [
+        "app.example.com:x",
+        "app.example.com:443:443",
+        "APP.example.com:abc",
+        "app.example.com:-1",
+        "app.example.com:",
+        "app.example.com.:x",
+        "a.apps.example.com:1:2",
+    ] {
+        assert!(c.protects(authority), "{authority}");
+    }
+    assert!(!c.protects("other.example.com:app.example.com"));
+}
+
+#[test]
+fn ports_are_well_formed_only_as_one_to_five_digits() {
+    for ok in [
+        "app",
+        "app:1",
+        "app:443",
+        "app:65535",
+        "[::1]",
+        "[::1]:8443",
+        "app.:443",
+    ] {
+        assert!(port_is_well_formed(ok), "{ok}");
+    }
+    for bad in [
+        "app:",
+        "app:x",
+        "app:443:443",
+        "app:-1",
+        "app:123456",
+        "app: 443",
+        "[::1]x",
+        "[::1]:",
+        "[::1]:a",
+    ] {
+        assert!(!port_is_well_formed(bad), "{bad}");
+    }
+}
+
 #[test]
 fn refuses_bad_host_patterns() {
     for bad in [
@@ -139,6 +186,8 @@ fn refuses_bad_host_patterns() {
         "*example.com",
         "app example.com",
         "https://app.example.com",
+        "app.example.com:x",
+        "app.example.com:443:443",
     ] {
         let e = parse(&with("hosts", json!([bad]))).unwrap_err();
         assert_eq!(e.field, "hosts[0]", "{bad}");

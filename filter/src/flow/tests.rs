@@ -198,6 +198,47 @@ fn other_hosts_pass_untouched() {
     ));
 }
 
+// Envoy routes `app.example.com:x` to the app (Istio's `app.example.com:*` domain): such a
+// spelling is refused, with a session or without, on any path, never passed on untouched.
+#[test]
+fn a_protected_host_with_a_malformed_port_is_refused() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(9001);
+    let session = logged_in(&g, &idp, &mut rng);
+    for authority in [
+        "app.example.com:x",
+        "app.example.com:443:443",
+        "APP.example.com:abc",
+        "app.example.com:-1",
+        "app.example.com:",
+    ] {
+        for (path, cookies) in [
+            ("/secret", vec![]),
+            ("/healthz", vec![]),
+            ("/", vec![session.as_str()]),
+        ] {
+            let mut req = browser(path, cookies);
+            req.authority = authority;
+            req.authorization = vec!["Bearer forged"];
+            match g
+                .decide(&req, with_provider(&provider()), NOW + 1, &mut rng)
+                .0
+            {
+                Decision::Reply(r) => assert_eq!(r.status, 400, "{authority}{path}"),
+                other => panic!("{authority}{path}: {other:?}"),
+            }
+        }
+    }
+    let mut req = browser("/", vec![session.as_str()]);
+    req.authority = "app.example.com:8443";
+    assert!(matches!(
+        g.decide(&req, with_provider(&provider()), NOW + 1, &mut rng)
+            .0,
+        Decision::Forward(_)
+    ));
+}
+
 #[test]
 fn skip_paths_forward_without_identity_and_without_our_cookies() {
     let g = gate();
