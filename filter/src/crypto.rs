@@ -73,16 +73,29 @@ struct DerivedKey {
     login: XChaCha20Poly1305,
 }
 
+/// What a keyring's keys are bound to besides the secret: the policy's issuer and client. A
+/// cookie secret shared by two policies (another IdP, another client, or this one after a move)
+/// never opens the other's cookies, so a session never outlives the login it came from.
+pub fn key_scope(issuer: &str, client_id: &str) -> Vec<u8> {
+    let mut scope = Vec::with_capacity(8 + issuer.len() + client_id.len());
+    for part in [issuer, client_id] {
+        // Length-prefixed: no two (issuer, client) pairs give the same bytes.
+        scope.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+        scope.extend_from_slice(part.as_bytes());
+    }
+    scope
+}
+
 impl DerivedKey {
-    fn derive(secret: &SecretBytes) -> Self {
+    fn derive(secret: &SecretBytes, scope: &[u8]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), secret.expose());
         let mut id = [0u8; KEY_ID_LEN];
         let mut session = [0u8; 32];
         let mut login = [0u8; 32];
         // HKDF-SHA256 can produce up to 8160 bytes; these lengths are fixed and far below that.
         let _ = hk.expand(b"key-id", &mut id);
-        let _ = hk.expand(Purpose::Session.label(), &mut session);
-        let _ = hk.expand(Purpose::Login.label(), &mut login);
+        let _ = hk.expand_multi_info(&[Purpose::Session.label(), scope], &mut session);
+        let _ = hk.expand_multi_info(&[Purpose::Login.label(), scope], &mut login);
         Self {
             id,
             session: XChaCha20Poly1305::new(&session.into()),
@@ -120,11 +133,15 @@ pub struct Opened {
 }
 
 impl Keyring {
-    /// Builds a keyring from the current secret and previous (decrypt-only) secrets.
-    pub fn new(current: &SecretBytes, previous: &[SecretBytes]) -> Self {
+    /// Builds a keyring from the current secret and previous (decrypt-only) secrets, its keys
+    /// bound to `scope` ([`key_scope`]).
+    pub fn new(current: &SecretBytes, previous: &[SecretBytes], scope: &[u8]) -> Self {
         Self {
-            current: DerivedKey::derive(current),
-            previous: previous.iter().map(DerivedKey::derive).collect(),
+            current: DerivedKey::derive(current, scope),
+            previous: previous
+                .iter()
+                .map(|s| DerivedKey::derive(s, scope))
+                .collect(),
         }
     }
 
@@ -218,7 +235,7 @@ mod tests {
     use crate::types::testing::SeededRandom;
 
     fn ring() -> Keyring {
-        Keyring::new(&SecretBytes::new(vec![7u8; 32]), &[])
+        Keyring::new(&SecretBytes::new(vec![7u8; 32]), &[], b"scope")
     }
 
     #[test]
@@ -288,13 +305,13 @@ mod tests {
         let mut rng = SeededRandom(4);
         let old = SecretBytes::new(vec![1u8; 32]);
         let new = SecretBytes::new(vec![2u8; 32]);
-        let sealed_old = Keyring::new(&old, &[])
+        let sealed_old = Keyring::new(&old, &[], b"scope")
             .seal(Purpose::Session, b"h", b"v", &mut rng)
             .unwrap();
-        let rotated = Keyring::new(&new, &[old]);
+        let rotated = Keyring::new(&new, &[old], b"scope");
         let o = rotated.open(Purpose::Session, b"h", &sealed_old).unwrap();
         assert!(o.needs_reseal);
-        let without_old = Keyring::new(&new, &[]);
+        let without_old = Keyring::new(&new, &[], b"scope");
         assert_eq!(
             without_old
                 .open(Purpose::Session, b"h", &sealed_old)

@@ -20,7 +20,7 @@ use url::Url;
 use crate::config::{
     port_is_well_formed, strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization,
 };
-use crate::crypto::Keyring;
+use crate::crypto::{key_scope, Keyring};
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::claim_header_value;
@@ -667,7 +667,11 @@ struct CachedBearer {
 impl Gate {
     /// Builds the engine from a validated configuration.
     pub fn new(config: Config) -> Self {
-        let keys = Keyring::new(&config.cookie_secret, &config.previous_cookie_secrets);
+        let keys = Keyring::new(
+            &config.cookie_secret,
+            &config.previous_cookie_secrets,
+            &key_scope(&config.issuer, &config.client_id),
+        );
         Self {
             config,
             keys,
@@ -967,7 +971,7 @@ impl Gate {
             if has_ended {
                 return (None, ended_note());
             }
-            if now >= session.max_expires_at {
+            if now >= self.session_end(&session) {
                 return (
                     None,
                     Note::event(
@@ -985,7 +989,7 @@ impl Gate {
             );
         }
         match Session::open(&self.keys, host, &value) {
-            Ok((session, _)) if now >= session.max_expires_at => (
+            Ok((session, _)) if now >= self.session_end(&session) => (
                 None,
                 Note::event(
                     Event::SessionRejected("max_age"),
@@ -1025,7 +1029,18 @@ impl Gate {
         }
     }
     fn cookie_max_age(&self, session: &Session, now: UnixSeconds) -> u64 {
-        session.max_expires_at.saturating_sub(now).max(1)
+        self.session_end(session).saturating_sub(now).max(1)
+    }
+
+    /// The absolute end of a session: the one sealed at login, or sooner when `session_max_age`
+    /// was lowered since (an operator shortening sessions after an incident shortens the live
+    /// ones too).
+    fn session_end(&self, session: &Session) -> UnixSeconds {
+        session.max_expires_at.min(
+            session
+                .created_at
+                .saturating_add(self.config.session_max_age),
+        )
     }
 
     fn identity_headers(&self, session: &Session) -> Vec<(String, String)> {

@@ -260,9 +260,13 @@ fn is_dot_segment(segment: &[u8]) -> bool {
 /// hosts in their punycode form), and refusing the rest up front keeps Unicode host processing
 /// (and its tables, half the module's data) out of the filter: filter/Cargo.toml pins the
 /// ASCII-only `idna_adapter` 1.0, whose debug build asserts on hosts mixing capitals and
-/// non-ASCII.
+/// non-ASCII. A percent-encoded host (`Z%c3%a9`) is non-ASCII in disguise and refused too.
 pub fn parse_url(raw: &str) -> Result<Url, url::ParseError> {
-    if raw.is_ascii() {
+    let authority = raw
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(rest))
+        .unwrap_or_default();
+    if raw.is_ascii() && !authority.contains('%') {
         Url::parse(raw)
     } else {
         Err(url::ParseError::IdnaError)
@@ -344,6 +348,15 @@ mod tests {
             needle in prop_oneof![Just(b';'), Just(0u8), Just(0x80u8), Just(0xffu8), any::<u8>()],
         ) {
             prop_assert_eq!(find_byte(&hay, needle), hay.iter().position(|&b| b == needle));
+        }
+
+        #[test]
+        fn parse_url_refuses_non_ascii_hosts_in_any_spelling(host in "[A-Za-z%c3a9]{1,8}") {
+            let url = format!("https://{host}/p?q=%41");
+            let parsed = parse_url(&url);
+            if host.contains('%') {
+                prop_assert!(parsed.is_err());
+            }
         }
 
         // The `str`-searcher versions these replaced are the reference.

@@ -283,7 +283,7 @@ mod tests {
     use crate::types::SecretBytes;
 
     fn keys() -> Keyring {
-        Keyring::new(&SecretBytes::new(vec![9u8; 32]), &[])
+        Keyring::new(&SecretBytes::new(vec![9u8; 32]), &[], b"scope")
     }
 
     fn session() -> Session {

@@ -16,11 +16,11 @@ use proptest::sample::{select, Index};
 use serde_json::{json, Map, Value};
 
 use oidc_filter::config::{Config, HostPattern};
-use oidc_filter::crypto::{Keyring, OpenError, Purpose, MAX_SEALED_LEN};
+use oidc_filter::crypto::{key_scope, Keyring, OpenError, Purpose, MAX_SEALED_LEN};
 use oidc_filter::discovery::ProviderMetadata;
 use oidc_filter::flow::{parse_token_response, Decision, Gate, Known};
 use oidc_filter::http::{
-    cookie_header_without, parse_cookies, same_origin_target, sanitize_return_path,
+    cookie_header_without, parse_cookies, parse_url, same_origin_target, sanitize_return_path,
     skip_path_matches, split_path, CookieList, QueryError, StrictQuery, MAX_QUERY_LEN,
 };
 use oidc_filter::session::{
@@ -272,7 +272,11 @@ fn other_purpose(p: Purpose) -> Purpose {
 }
 
 fn keyring(secret: &[u8]) -> Keyring {
-    Keyring::new(&SecretBytes::new(secret.to_vec()), &[])
+    Keyring::new(
+        &SecretBytes::new(secret.to_vec()),
+        &[],
+        &key_scope(ISS, CLIENT),
+    )
 }
 
 /// One keyring for the cheap blocks (HKDF per case would dominate their run time).
@@ -336,7 +340,7 @@ proptest! {
     ) {
         let mut rng = Xorshift::new(seed);
         let prev: Vec<SecretBytes> = previous.iter().cloned().map(SecretBytes::new).collect();
-        let ring = Keyring::new(&SecretBytes::new(secret.clone()), &prev);
+        let ring = Keyring::new(&SecretBytes::new(secret.clone()), &prev, &key_scope(ISS, CLIENT));
         let sealed = ring.seal(purpose, &context, &plaintext, &mut rng).unwrap();
         prop_assert!(sealed.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         prop_assert_eq!(sealed.len(), ((1 + 4 + 24 + plaintext.len() + 16) * 4).div_ceil(3));
@@ -359,6 +363,9 @@ proptest! {
         if other_secret != secret && !previous.contains(&other_secret) {
             prop_assert!(keyring(&other_secret).open(purpose, &context, &sealed).is_err());
         }
+        // The same secrets for another client of the issuer cannot open it either.
+        let other_client = Keyring::new(&SecretBytes::new(secret.clone()), &prev, &key_scope(ISS, "other"));
+        prop_assert_eq!(other_client.open(purpose, &context, &sealed).unwrap_err(), OpenError::Forged);
         // Rotation: a value sealed under a previous secret opens and asks for a reseal.
         if let Some(old) = previous.first().filter(|old| **old != secret) {
             let old_sealed = keyring(old).seal(purpose, &context, &plaintext, &mut rng).unwrap();
@@ -913,10 +920,12 @@ proptest! {
         // The URL parser trims leading and trailing C0/space from the whole input, so an origin
         // like "https://. " parses while "https://. /" does not; Envoy never forwards such an
         // :authority, and the engine lowercases but does not trim it.
+        // `parse_url` is the reference's parser too: `url` itself asserts (debug builds, with the
+        // ASCII-only idna back end) on percent-encoded non-ASCII hosts, which it refuses.
         let plain = !authority.chars().any(|c| c <= ' ');
-        if let (true, Ok(o)) = (plain, url::Url::parse(&origin)) {
+        if let (true, Ok(o)) = (plain, parse_url(&origin)) {
             if o.username().is_empty() && o.password().is_none() && matches!(o.scheme(), "http" | "https") {
-                let u = url::Url::parse(&t);
+                let u = parse_url(&t);
                 prop_assert!(u.is_ok(), "{:?} -> unparsable {:?}", (&scheme, &authority, &p), t);
                 prop_assert_eq!(u.unwrap().origin(), o.origin());
             }
@@ -1983,6 +1992,7 @@ fn sealing_ring(which: u8) -> &'static Keyring {
             Keyring::new(
                 &SecretBytes::new(STANDARD.decode(GOOD_SECRET).unwrap()),
                 &[],
+                &key_scope(ISS, CLIENT),
             ),
             keyring(&[1u8; 32]),
             keyring(&[2u8; 32]),
@@ -1992,7 +2002,8 @@ fn sealing_ring(which: u8) -> &'static Keyring {
 }
 
 /// Whether the test's own reading of the policy protects `authority` (hosts `app.example.com`
-/// and `*.apps.example.com`, any case, port ignored, one trailing dot ignored).
+/// and `*.apps.example.com`, any case, anything from the first `:` on ignored (Envoy routes
+/// `host:x` under Istio's `host:*` domain), one trailing dot ignored).
 fn model_protects(authority: &str) -> bool {
     let lower = authority.to_ascii_lowercase();
     let host = if lower.starts_with('[') {
@@ -2001,10 +2012,7 @@ fn model_protects(authority: &str) -> bool {
             None => &lower[..],
         }
     } else {
-        match lower.rfind(':') {
-            Some(i) if lower[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &lower[..i],
-            _ => &lower[..],
-        }
+        lower.split(':').next().unwrap_or(&lower)
     };
     let host = host.strip_suffix('.').unwrap_or(host);
     const SUFFIX: &str = ".apps.example.com";
@@ -2538,6 +2546,26 @@ fn gate_decide() {
         if !protected {
             prop_assert!(
                 matches!(decision, Decision::PassThrough),
+                "{:?} for {:?}",
+                decision,
+                sc.authority
+            );
+            return Ok(());
+        }
+        // The test's own reading: a protected host with anything but `:` and 1-5 digits after
+        // it is refused outright.
+        let port = sc
+            .authority
+            .get(sc.authority.find(':').unwrap_or(sc.authority.len())..)
+            .unwrap_or("");
+        let port_ok = sc.authority.starts_with('[')
+            || port.is_empty()
+            || (port.len() >= 2
+                && port.len() <= 6
+                && port[1..].bytes().all(|b| b.is_ascii_digit()));
+        if !port_ok {
+            prop_assert!(
+                matches!(&decision, Decision::Reply(r) if r.status == 400),
                 "{:?} for {:?}",
                 decision,
                 sc.authority

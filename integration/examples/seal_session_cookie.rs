@@ -4,7 +4,7 @@
 //!
 //! `cargo run -q -p integration --example seal_session_cookie > cookie.txt`
 
-use oidc_filter::crypto::{Keyring, Purpose};
+use oidc_filter::crypto::{key_scope, Keyring, Purpose};
 use oidc_filter::session::{cookie_context, SESSION_COOKIE};
 use oidc_filter::types::SecretBytes;
 
@@ -12,7 +12,12 @@ use oidc_filter::types::SecretBytes;
 const SECRET: &[u8; 32] = b"01234567890123456789012345678901";
 
 fn main() {
-    let keys = Keyring::new(&SecretBytes::new(SECRET.to_vec()), &[]);
+    // The issuer and client wasm-host.mjs configures.
+    let keys = Keyring::new(
+        &SecretBytes::new(SECRET.to_vec()),
+        &[],
+        &key_scope("https://idp.example.com", "oidc-gate"),
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

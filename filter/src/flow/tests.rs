@@ -198,6 +198,84 @@ fn other_hosts_pass_untouched() {
     ));
 }
 
+// An operator lowering `session_max_age` (after an incident, keeping the cookie secret) shortens
+// the sessions already issued, from the cookie and from the verified cache alike.
+#[test]
+fn lowering_session_max_age_ends_older_sessions() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(9002);
+    let session = logged_in(&gate(), &idp, &mut rng);
+    let forwarded = |g: &Gate, at: u64, rng: &mut SeededRandom| {
+        matches!(
+            g.decide(&browser("/", vec![&session]), Known::default(), at, rng)
+                .0,
+            Decision::Forward(_)
+        )
+    };
+    assert!(
+        forwarded(&gate(), NOW + 200, &mut rng),
+        "the sealed lifetime allows it"
+    );
+    let strict = gate_with(json!({ "session_max_age": 60 }));
+    assert!(
+        forwarded(&strict, NOW + 10, &mut rng),
+        "within the new limit"
+    );
+    assert!(
+        !forwarded(&strict, NOW + 70, &mut rng),
+        "cached, past the new limit"
+    );
+    let strict = gate_with(json!({ "session_max_age": 60 }));
+    assert!(
+        !forwarded(&strict, NOW + 200, &mut rng),
+        "from the cookie, past the new limit"
+    );
+}
+
+// A cookie secret shared with another policy (another IdP or client, or this policy after a
+// move to one) opens none of the other's cookies: sessions and logins alike.
+#[test]
+fn sessions_are_bound_to_the_issuer_and_client() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(9003);
+    let session = logged_in(&gate(), &idp, &mut rng);
+    let login = start_login(&gate(), "/x", &mut rng);
+    let callback = callback_path(&login, "c");
+    let exchanges = |g: &Gate, rng: &mut SeededRandom| {
+        matches!(
+            g.decide(
+                &browser(&callback, vec![&login.cookie]),
+                with_provider(&provider()),
+                NOW,
+                rng
+            )
+            .0,
+            Decision::ExchangeCode { .. }
+        )
+    };
+    let forwards = |g: &Gate, rng: &mut SeededRandom| {
+        matches!(
+            g.decide(
+                &browser("/", vec![&session]),
+                Known::default(),
+                NOW + 10,
+                rng
+            )
+            .0,
+            Decision::Forward(_)
+        )
+    };
+    for other in [
+        gate_with(json!({ "issuer": "https://other-idp.example.com" })),
+        gate_with(json!({ "client_id": "other" })),
+    ] {
+        assert!(!forwards(&other, &mut rng));
+        assert!(!exchanges(&other, &mut rng));
+    }
+    assert!(forwards(&gate(), &mut rng));
+    assert!(exchanges(&gate(), &mut rng));
+}
+
 // Envoy routes `app.example.com:x` to the app (Istio's `app.example.com:*` domain): such a
 // spelling is refused, with a session or without, on any path, never passed on untouched.
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use oidc_filter::crypto::Keyring;
+use oidc_filter::crypto::{key_scope, Keyring};
 use oidc_filter::session::{Session, SESSION_COOKIE};
 use oidc_filter::types::{Random, RandomUnavailable, SecretBytes};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -159,13 +159,17 @@ pub struct Sealer {
 const CHUNK_MARK: char = '.';
 
 impl Sealer {
-    /// From the base64 cookie secret given to the filter.
-    pub fn new(cookie_secret_b64: &str) -> Result<Sealer, String> {
+    /// From the base64 cookie secret given to the filter, for its issuer and client.
+    pub fn new(cookie_secret_b64: &str, issuer: &str, client_id: &str) -> Result<Sealer, String> {
         let secret = STANDARD
             .decode(cookie_secret_b64)
             .map_err(|e| format!("cookie secret: {e}"))?;
         Ok(Sealer {
-            keys: Keyring::new(&SecretBytes::new(secret), &[]),
+            keys: Keyring::new(
+                &SecretBytes::new(secret),
+                &[],
+                &key_scope(issuer, client_id),
+            ),
         })
     }
 
@@ -255,7 +259,7 @@ mod tests {
 
     #[test]
     fn seal_and_open_round_trip_chunked_or_not() {
-        let sealer = Sealer::new(&STANDARD.encode([7u8; 32])).unwrap();
+        let sealer = Sealer::new(&STANDARD.encode([7u8; 32]), "https://idp", "gate").unwrap();
         for len in [100, 9000] {
             let s = Session {
                 access_token: oidc_filter::types::Secret::new("a".repeat(len)),

@@ -14,7 +14,7 @@ use super::scenarios::{Scenario, BENCH_PATH};
 use super::{envoy_options, idp_config, ExtrasOptions, Fixture, Lab, WasmModules};
 use crate::config::GATEWAY_LISTENER;
 use crate::envoy::Envoy;
-use crate::stack::APP_HOST;
+use crate::stack::{APP_HOST, CLIENT_ID};
 
 /// Every extra measurement.
 #[derive(Clone, Debug, Default)]
@@ -404,7 +404,7 @@ pub async fn refresh(
                 .map_err(|e| format!("refresh login: {e}"))?,
         );
     }
-    let sealer = Sealer::new(&fx.cookie_secret)?;
+    let sealer = Sealer::new(&fx.cookie_secret, &fx.idp.issuer(), CLIENT_ID)?;
     let mut base = sealer.open(&cookies[0])?;
     base.expires_at = unix_now() + 3600;
     let base_cookie = sealer.cookie_header(&base)?;
@@ -534,7 +534,11 @@ pub async fn memory(lab: &Lab, batch: usize) -> Result<MemoryResult, String> {
         .await?;
     let gw = gateway(&envoy)?;
     let pid = envoy_pid(envoy.base_id()).ok_or("Envoy pid not found in /proc")?;
-    let sealer = Sealer::new(&lab.fixture.cookie_secret)?;
+    let sealer = Sealer::new(
+        &lab.fixture.cookie_secret,
+        &lab.fixture.idp.issuer(),
+        CLIENT_ID,
+    )?;
     let session = sealer.open(&lab.creds.session_cookie)?;
     let not_ok = |answers: &[Result<client::Answer, String>]| {
         answers
