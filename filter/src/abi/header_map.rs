@@ -16,6 +16,8 @@ pub struct HeaderMapBytes {
 
 #[allow(unsafe_code)]
 mod ffi {
+    // The SDK's own import names the module too; without it the symbol is left to the linker.
+    #[link(wasm_import_module = "env")]
     extern "C" {
         /// proxy-wasm ABI 0.2.1; the SDK imports it too (same module, name and signature).
         pub fn proxy_get_header_map_pairs(
