@@ -19,7 +19,7 @@ help:
 	@echo "make render  - render the WasmPlugin manifests (wasmplugin/out/<overlay>.yaml; after make push)"
 	@echo "make bench   - benchmarks against bare Envoy, a no-op wasm filter and Envoy's OAuth2 filter"
 	@echo "make bench-stages - where a request's time goes inside Envoy (instrumented builds, scenarios 2 and 3)"
-	@echo "make bench-cpu - Envoy's CPU per request by code: Envoy, the wasm, the kernel (perf; scenarios 1-4)"
+	@echo "make bench-cpu - Envoy's CPU per request by code: Envoy, the wasm, the kernel (perf; scenarios 1-4 and 2f)"
 
 $(WASM_TARGET)-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -93,7 +93,7 @@ bench-stages: $(WASM_TARGET)-target envoy
 # kernel, libc), from Linux perf samples of each scenario's Envoy during the rounds (linux-perf).
 bench-cpu: build envoy
 	cargo run -q --release -p integration --bin oidc-gate-bench -- \
-		--scenarios 1,2,3,4 --no-extras --perf --out target/bench-cpu $(BENCH_ARGS)
+		--scenarios 1,2,2f,3,4 --no-extras --perf --out target/bench-cpu $(BENCH_ARGS)
 
 # Property-based fuzzing of every parser and of the decision engine (stable Rust, proptest).
 # CASES sets the case count per property (expensive properties run a fraction of it).

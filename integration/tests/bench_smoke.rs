@@ -1,6 +1,6 @@
-//! `make bench`'s code path, briefly: scenarios 1–3 (bare Envoy, the no-op wasm filter,
-//! oidc-gate with a session cookie) each measure a non-zero rate of 2xx answers, and scenario 3's
-//! requests really are authenticated requests.
+//! `make bench`'s code path, briefly: scenarios 1–3 (bare Envoy, the no-op wasm filter and its
+//! host-call floor variant, oidc-gate with a session cookie) each measure a non-zero rate of 2xx
+//! answers, and scenario 3's requests really are authenticated requests.
 
 use std::time::Duration;
 
@@ -15,7 +15,12 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
     bench::wrk::find_wrk().expect("the benchmark needs wrk");
     let wasm = WasmModules::locate().expect("wasm modules");
     let mut opts = BenchOptions::quick();
-    opts.scenarios = vec![Scenario::Bare, Scenario::NoopWasm, Scenario::OidcSession];
+    opts.scenarios = vec![
+        Scenario::Bare,
+        Scenario::NoopWasm,
+        Scenario::HostCallFloor,
+        Scenario::OidcSession,
+    ];
     opts.rounds = 1;
     opts.warmup = Duration::ZERO;
     opts.wrk.duration = Duration::from_secs(1);
@@ -61,11 +66,17 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
         ))
         .await;
     assert_eq!(nav.status, 302, "{}", nav.describe());
+    // The host-call floor is the no-op filter in its other mode: it answers the session cookie's
+    // request from the route and refuses one without a cookie itself.
+    let v = &lab.verified[&Scenario::HostCallFloor];
+    assert_eq!(v.status, 200, "{v:?}");
+    assert!(v.direct_response, "{v:?}");
+    assert_eq!(v.unauthenticated_status, Some(401), "{v:?}");
 
     let results = bench::measure(&lab, &opts, &mut |l| eprintln!("{l}"))
         .await
         .expect("measure");
-    assert_eq!(results.len(), 3);
+    assert_eq!(results.len(), 4);
     for r in &results {
         assert_eq!(r.rounds.len(), 1, "{}", r.scenario);
         assert!(r.rps() > 0.0, "{}: no requests/s", r.scenario);
@@ -111,6 +122,7 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
         };
         assert_eq!(cpu(Scenario::Bare), 0.0, "bare Envoy runs no wasm");
         assert!(cpu(Scenario::NoopWasm) > 0.0);
+        assert!(cpu(Scenario::HostCallFloor) > 0.0);
         assert!(cpu(Scenario::OidcSession) > 0.0);
     }
 
@@ -133,6 +145,10 @@ async fn bench_scenarios_1_to_3_measure_authenticated_requests() {
         stage_timing: Vec::new(),
         extras: None,
     };
+    let floor = report.host_call_floor().expect("(2f) against (2) and (3)");
+    assert!(floor.contains("oidc-gate (3):"), "{floor}");
+    assert!(report.console_targets().contains(&floor));
+    assert!(report.to_markdown().contains(&floor));
     let out = tempfile::tempdir().expect("temp dir");
     let files = report.write(out.path()).expect("report files");
     assert_eq!(files.len(), 3);

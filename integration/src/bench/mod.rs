@@ -958,6 +958,32 @@ mod tests {
     }
 
     #[test]
+    fn the_host_call_floor_runs_next_to_the_noop_filter_in_every_full_run() {
+        let mut v = vec![
+            Scenario::OidcSession,
+            Scenario::HostCallFloor,
+            Scenario::NoopWasm,
+        ];
+        v.sort();
+        assert_eq!(
+            v,
+            [
+                Scenario::NoopWasm,
+                Scenario::HostCallFloor,
+                Scenario::OidcSession
+            ]
+        );
+        assert_eq!(Scenario::parse("2f"), Some(Scenario::HostCallFloor));
+        assert_eq!(
+            Scenario::parse("host-call-floor"),
+            Some(Scenario::HostCallFloor)
+        );
+        assert!(Scenario::ALL.contains(&Scenario::HostCallFloor));
+        assert!(Scenario::HostCallFloor.uses_session_cookie());
+        assert!(Scenario::HostCallFloor.authenticates());
+    }
+
+    #[test]
     fn rounds_are_spread_over_the_sets_of_envoys_without_gaps() {
         assert_eq!(rounds_per_process(6, 3), vec![0..2, 2..4, 4..6]);
         assert_eq!(rounds_per_process(5, 3), vec![0..2, 2..4, 4..5]);

@@ -291,10 +291,46 @@ impl Report {
         for t in self.targets() {
             let _ = writeln!(s, "{:<4} {:<46} {}", t.verdict(), t.name, t.detail);
         }
+        if let Some(floor) = self.host_call_floor() {
+            let _ = writeln!(s, "\n{floor}");
+        }
         if let Some(ab) = self.module_b_vs_a() {
             let _ = writeln!(s, "\n{ab}");
         }
         s
+    }
+
+    /// (2f) against (2), and (3) against (2f): how much of the session path's distance from the
+    /// no-op filter its host calls alone take, and how much is oidc-gate's own code.
+    pub fn host_call_floor(&self) -> Option<String> {
+        let (noop, floor, oidc) = (
+            self.get(Scenario::NoopWasm)?,
+            self.get(Scenario::HostCallFloor)?,
+            self.get(Scenario::OidcSession),
+        );
+        let cpu = |r: &ScenarioResult| {
+            r.cpu_us_per_request()
+                .map_or("-".into(), |c| format!("{c:.1}"))
+        };
+        let mut line = format!(
+            "host-call floor (2f), oidc-gate's host calls and no code: {} x (2) (paired per-round median {}); Envoy CPU µs/request {} vs {}",
+            fmt_ratio(self.ratio(floor, Scenario::NoopWasm)),
+            fmt_ratio(self.paired_ratio(Scenario::HostCallFloor, Scenario::NoopWasm, |w| w.rps)),
+            cpu(floor),
+            cpu(noop),
+        );
+        if let Some(oidc) = oidc {
+            let _ = write!(
+                line,
+                "; oidc-gate (3): {} x (2f) (paired {}), Envoy CPU µs/request {}",
+                fmt_ratio(self.ratio(oidc, Scenario::HostCallFloor)),
+                fmt_ratio(
+                    self.paired_ratio(Scenario::OidcSession, Scenario::HostCallFloor, |w| w.rps)
+                ),
+                cpu(oidc),
+            );
+        }
+        Some(line)
     }
 
     /// (3b) against (3): two oidc-gate modules in one run (`--oidc-b`).
@@ -485,6 +521,9 @@ impl Report {
         let _ = writeln!(s, "|---|---|---|");
         for t in self.targets() {
             let _ = writeln!(s, "| {} | {} | {} |", t.verdict(), t.name, t.detail);
+        }
+        if let Some(floor) = self.host_call_floor() {
+            let _ = writeln!(s, "\n{floor}");
         }
         if let Some(ab) = self.module_b_vs_a() {
             let _ = writeln!(s, "\n{ab}");

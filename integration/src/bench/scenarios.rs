@@ -31,6 +31,11 @@ pub enum Scenario {
     Bare,
     /// (2) A wasm filter that reads one header and sets one: the floor of any wasm filter.
     NoopWasm,
+    /// (2f) The no-op filter making exactly the host calls of oidc-gate's authenticated request
+    /// and nothing else (read the header map, read the clock, remove `cookie`, add
+    /// `authorization`): what any filter that swaps a session cookie for a bearer token pays,
+    /// before its own code runs. Declared here so it runs next to (2).
+    HostCallFloor,
     /// (3) oidc-gate with a valid session cookie from a real login.
     OidcSession,
     /// (3b) (3) with another oidc-gate module (`--oidc-b`): two builds compared in one run,
@@ -51,9 +56,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// All scenarios, in report order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Bare,
         Scenario::NoopWasm,
+        Scenario::HostCallFloor,
         Scenario::OidcSession,
         Scenario::EnvoyOAuth2,
         Scenario::ExtAuthz,
@@ -67,6 +73,7 @@ impl Scenario {
         match self {
             Scenario::Bare => "1-bare",
             Scenario::NoopWasm => "2-noop-wasm",
+            Scenario::HostCallFloor => "2f-host-call-floor",
             Scenario::OidcSession => "3-oidc-gate-session",
             Scenario::EnvoyOAuth2 => "4-envoy-oauth2",
             Scenario::ExtAuthz => "5-ext-authz",
@@ -82,6 +89,7 @@ impl Scenario {
         match self {
             Scenario::Bare => "bare Envoy (direct_response)",
             Scenario::NoopWasm => "no-op wasm filter",
+            Scenario::HostCallFloor => "no-op wasm, oidc-gate's host calls",
             Scenario::OidcSession => "oidc-gate, session cookie",
             Scenario::EnvoyOAuth2 => "Envoy oauth2 filter, cookies",
             Scenario::ExtAuthz => "ext_authz HTTP, zero-work authorizer",
@@ -111,6 +119,7 @@ impl Scenario {
             self,
             Scenario::Bare
                 | Scenario::NoopWasm
+                | Scenario::HostCallFloor
                 | Scenario::OidcSession
                 | Scenario::OidcSessionB
                 | Scenario::ExtAuthz
@@ -188,12 +197,20 @@ pub fn bootstrap(s: Scenario, inp: &ConfigInputs<'_>, dir: &Path) -> Value {
     );
     gw.wasm_filter = matches!(
         s,
-        Scenario::NoopWasm | Scenario::OidcSession | Scenario::OidcSessionB | Scenario::OidcBearer
+        Scenario::NoopWasm
+            | Scenario::HostCallFloor
+            | Scenario::OidcSession
+            | Scenario::OidcSessionB
+            | Scenario::OidcBearer
     );
     match s {
         Scenario::NoopWasm => {
             gw.wasm = inp.noop_wasm.to_path_buf();
             gw.plugin_config = inp.noop_extra.map(|w| config::istio_plugin_json(&json!(w)));
+        }
+        Scenario::HostCallFloor => {
+            gw.wasm = inp.noop_wasm.to_path_buf();
+            gw.plugin_config = Some(config::istio_plugin_json(&json!("session_floor=1")));
         }
         Scenario::OidcSession | Scenario::OidcSessionB | Scenario::OidcBearer => {
             if let (Scenario::OidcSessionB, Some(b)) = (s, inp.oidc_b_wasm) {

@@ -22,7 +22,8 @@ usage: oidc-gate-bench [options]
   --connections N      wrk -c (default 16)
   --threads N          wrk -t (default 1)
   --scenarios LIST     comma-separated ids, e.g. 1,2,3 or bare,noop-wasm (default all:
-                       1-bare 2-noop-wasm 3-oidc-gate-session 4-envoy-oauth2 5-ext-authz
+                       1-bare 2-noop-wasm 2f-host-call-floor 3-oidc-gate-session
+                       4-envoy-oauth2 5-ext-authz
                        6a-oidc-gate-bearer 6b-jwt-authn 6c-jwt-authn-cached)
   --no-extras          only requests/s and latency
   --jwt-access-tokens  the IdP issues JWT access tokens (session cookie ~2.6 KB) instead of
