@@ -658,6 +658,8 @@ struct CachedSession {
 
 /// A verified bearer token and the identity headers it yields.
 struct CachedBearer {
+    /// The key set the token was verified against ([`Jwks::generation`]).
+    jwks_generation: u64,
     expires_at: UnixSeconds,
     /// The latest of `nbf` and `iat`: a clock that moves back must not make it valid early.
     valid_from: UnixSeconds,
@@ -1150,8 +1152,12 @@ impl Gate {
         };
         // A token this VM already verified: the signature check (about a millisecond for RS256
         // in wasm) is not repeated, expiry is.
+        // Only against the key set it was verified with: a JWKS fetched since (a key withdrawn)
+        // means one more signature check.
+        let generation = known.jwks.map(Jwks::generation);
         let hit = self.bearers.borrow().get(token).and_then(|c| {
-            (now <= c.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS)
+            (Some(c.jwks_generation) == generation
+                && now <= c.expires_at.saturating_add(DEFAULT_CLOCK_SKEW_SECS)
                 && now.saturating_add(DEFAULT_CLOCK_SKEW_SECS) >= c.valid_from)
                 .then(|| c.set_headers.clone())
         });
@@ -1192,6 +1198,7 @@ impl Gate {
                 self.bearers.borrow_mut().insert(
                     token,
                     CachedBearer {
+                        jwks_generation: jwks.generation(),
                         expires_at: verified.expires_at,
                         valid_from,
                         set_headers: set_headers.clone(),

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -61,6 +62,9 @@ impl VerifyKey {
 #[derive(Default)]
 pub struct Jwks {
     keys: Vec<VerifyKey>,
+    /// Unique to this parse in this VM: what was verified against another key set is checked
+    /// again (a key the IdP withdrew stops working for tokens already verified too).
+    generation: u64,
 }
 
 impl fmt::Debug for Jwks {
@@ -107,7 +111,16 @@ impl Jwks {
         if keys.is_empty() {
             return Err(JwksError::NoUsableKey);
         }
-        Ok(Self { keys })
+        static PARSED: AtomicU64 = AtomicU64::new(0);
+        Ok(Self {
+            keys,
+            generation: PARSED.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Distinct for every parse: two key sets with the same generation are the same one.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of usable keys.

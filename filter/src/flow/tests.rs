@@ -1659,7 +1659,12 @@ fn verified_bearer_tokens_are_cached_but_still_expire() {
         g.decide(&api_request(vec![&value]), known, NOW, &mut rng).0,
         Decision::Forward(_)
     ));
-    // Cached: accepted even without keys at hand.
+    // Cached for the key set it was verified with; without keys at hand it waits for them.
+    assert!(matches!(
+        g.decide(&api_request(vec![&value]), known, NOW + 10, &mut rng)
+            .0,
+        Decision::Forward(_)
+    ));
     let no_keys = Known {
         provider: Some(&p),
         jwks: None,
@@ -1667,6 +1672,28 @@ fn verified_bearer_tokens_are_cached_but_still_expire() {
     };
     assert!(matches!(
         g.decide(&api_request(vec![&value]), no_keys, NOW + 10, &mut rng)
+            .0,
+        Decision::NeedKeys
+    ));
+    // A JWKS fetched since without the key (withdrawn by the IdP) ends the cached token too; the
+    // same keys fetched again verify it again.
+    let other_idp = Idp::new().jwks();
+    let withdrawn = Known {
+        jwks: Some(&other_idp),
+        ..known
+    };
+    assert_eq!(
+        expect_reply(g.decide(&api_request(vec![&value]), withdrawn, NOW + 10, &mut rng)).status,
+        401
+    );
+    let refetched = idp.jwks();
+    assert_ne!(refetched.generation(), jwks.generation());
+    let same_keys = Known {
+        jwks: Some(&refetched),
+        ..known
+    };
+    assert!(matches!(
+        g.decide(&api_request(vec![&value]), same_keys, NOW + 10, &mut rng)
             .0,
         Decision::Forward(_)
     ));
