@@ -1164,6 +1164,13 @@ impl Gate {
         if let Some(set_headers) = hit {
             return forward(set_headers);
         }
+        // A value that cannot be a token of ours is refused before any key is fetched for it.
+        match token::check_shape(token) {
+            Ok(()) => {}
+            Err(TokenError::AlgorithmNotAllowed(_)) => return reject("algorithm"),
+            Err(TokenError::BadSignature) => return reject("signature"),
+            Err(_) => return reject("invalid"),
+        }
         let Some(jwks) = known.jwks else {
             return if known.provider.is_some() {
                 (Decision::NeedKeys, Note::none())

@@ -24,7 +24,7 @@ pub struct RemoteWaiter {
     pub follower: Follower,
     /// The refresh-token digest.
     pub key: [u8; 16],
-    /// When to give up and end the session.
+    /// When to stop waiting (a retryable 503).
     pub deadline: u64,
 }
 
@@ -140,6 +140,13 @@ pub fn abandon_local(shared: &Shared, key: &[u8; 16], restore: u32) {
     let _ = hostcalls::set_effective_context(restore);
 }
 
+/// A leader that stops before its refresh finished: the cross-worker lock goes, and this
+/// worker's streams waiting for the refresh get a retryable 503 instead of waiting forever.
+pub fn give_up_refresh(shared: &Shared, key: &[u8; 16], restore: u32) {
+    shared.cache.borrow().unlock_refresh(key);
+    abandon_local(shared, key, restore);
+}
+
 /// Root tick: completes remote waiters whose refresh finished elsewhere (or gave up).
 pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
     if shared.remote_waiters.borrow().is_empty() {
@@ -155,30 +162,31 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
     for w in waiters {
         let result = shared.cache.borrow().refresh_result(&w.key, now);
         let locked = shared.cache.borrow().refresh_locked(&w.key, now);
-        let (status, body) = match result {
-            Some(body) => (200, body),
+        let body = match result {
+            Some(body) => body,
             None if locked && now < w.deadline => {
                 still.push(w);
                 continue;
             }
-            // The other worker's refresh failed (lock released without an answer) or took too
-            // long: the session ends, as it would have here.
-            None => (503, Vec::new()),
+            // The other worker let go without an answer (its client left, or its refresh
+            // failed) or took too long: a retryable 503, as the streams waiting on that worker
+            // get. The next request refreshes here and meets the IdP's own verdict; a session
+            // never ends for want of an answer.
+            None => {
+                if hostcalls::set_effective_context(w.follower.context_id).is_ok() {
+                    let f = &w.follower.facts;
+                    send(&Failure::IdpUnavailable.reply(f.browser(), f.request_id()));
+                }
+                abandon_local(shared, &w.key, root_id);
+                continue;
+            }
         };
         let key = w.key;
         let context_id = w.follower.context_id;
         if hostcalls::set_effective_context(context_id).is_ok() {
-            complete_follower(shared, w.follower, status, &body, now, provider.as_deref());
+            complete_follower(shared, w.follower, 200, &body, now, provider.as_deref());
         }
-        release_local(
-            shared,
-            &key,
-            status,
-            &body,
-            now,
-            provider.as_deref(),
-            root_id,
-        );
+        release_local(shared, &key, 200, &body, now, provider.as_deref(), root_id);
     }
     shared.remote_waiters.borrow_mut().extend(still);
     let _ = hostcalls::set_effective_context(root_id);

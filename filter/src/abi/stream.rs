@@ -9,7 +9,9 @@ use proxy_wasm::types::Action;
 
 use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
-use super::refresh::{abandon_local, release_local, RemoteWaiter, REMOTE_WAIT_SECS};
+use super::refresh::{
+    abandon_local, give_up_refresh, release_local, RemoteWaiter, REMOTE_WAIT_SECS,
+};
 use super::root::{Follower, Shared, REMOTE_POLL_TICK};
 use super::timing::{self, Stage};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
@@ -499,10 +501,15 @@ impl Stream {
         let now = self.now();
         shared.endings.learn(&gate, now);
         let provider = self.known_provider(&shared, now);
-        let jwks = shared
-            .cache
-            .borrow_mut()
-            .jwks(now)
+        let cached_jwks = shared.cache.borrow_mut().jwks(now);
+        // A set past its refresh time is refetched first, under the same process-wide claim as
+        // an unknown key: without it (another stream refetched within 30 s), the stale set is
+        // used rather than fetching again for every request.
+        let stale_jwks = cached_jwks
+            .as_ref()
+            .filter(|f| f.stale && !self.keys_fetched)
+            .map(|f| f.value.clone());
+        let jwks = cached_jwks
             .filter(|f| !f.stale || self.keys_fetched)
             .map(|f| f.value);
         // Optimistic: the process-wide refetch right is claimed only when a decision needs it.
@@ -517,10 +524,11 @@ impl Stream {
             timing::end(Stage::Engine);
         }
         if matches!(decision, Decision::NeedKeys)
-            && jwks.is_some()
+            && (jwks.is_some() || stale_jwks.is_some())
             && !shared.cache.borrow().claim_jwks_refetch(now)
         {
             let known = Known {
+                jwks: jwks.as_deref().or(stale_jwks.as_deref()),
                 may_refetch_keys: false,
                 ..known
             };
@@ -557,7 +565,7 @@ impl Stream {
                 if self.keys_fetched {
                     return self.fail(Failure::IdpUnavailable);
                 }
-                self.fetch_jwks(&shared, AfterKeys::Decide, jwks);
+                self.fetch_jwks(&shared, AfterKeys::Decide, jwks.or(stale_jwks));
                 Action::Pause
             }
             Decision::ExchangeCode { call, pending } => match self.dispatch(&gate, &call) {
@@ -686,6 +694,9 @@ impl Stream {
                     })
                     .is_ok();
             if !started {
+                // This stream registered as the worker's leader for the session: its local
+                // followers are answered too, or they would wait for it forever.
+                abandon_local(shared, &key, self.id);
                 return self.fail(Failure::IdpUnavailable);
             }
             shared.remote_waiters.borrow_mut().push(RemoteWaiter {
@@ -810,7 +821,7 @@ impl Stream {
                 .map(|f| f.value)
         });
         let Some(provider) = provider else {
-            self.fail(Failure::IdpUnavailable);
+            self.fail_after_keys(shared, &then);
             return;
         };
         let call = gate.document_request(&provider.jwks_uri);
@@ -827,10 +838,19 @@ impl Stream {
                 if fallback.is_some() {
                     self.after_keys(then);
                 } else {
-                    self.fail(Failure::IdpUnavailable);
+                    self.fail_after_keys(shared, &then);
                 }
             }
         }
+    }
+
+    /// No keys to go on with: a 503, and a refresh this stream leads is given up first, so the
+    /// streams waiting for it do not wait forever.
+    fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: &AfterKeys) {
+        if let AfterKeys::Refresh { key, .. } = then {
+            give_up_refresh(shared, key, self.id);
+        }
+        self.fail(Failure::IdpUnavailable);
     }
 
     fn after_keys(&mut self, then: AfterKeys) {
@@ -1108,12 +1128,14 @@ impl Stream {
         };
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::RefreshFollower { key } => shared.refreshes.borrow_mut().forget(&key, self.id),
-            Waiting::Refresh { key, .. } => {
-                // The leader's client went away before the IdP answered; its callout dies with
-                // it. Waiting streams must not hang: they get a retryable 503.
-                shared.cache.borrow().unlock_refresh(&key);
-                abandon_local(&shared, &key, self.id);
-            }
+            // The leader's client went away before the IdP answered, or before the keys for
+            // its answer came; its callout dies with it. Waiting streams must not hang: they
+            // get a retryable 503.
+            Waiting::Refresh { key, .. }
+            | Waiting::Jwks {
+                then: AfterKeys::Refresh { key, .. },
+                ..
+            } => give_up_refresh(&shared, &key, self.id),
             Waiting::RemoteRefresh { key } => {
                 shared
                     .remote_waiters
@@ -1372,5 +1394,291 @@ mod tests {
         assert_eq!((r.authority, r.path, r.method), ("", "", ""));
         assert!(r.cookie_headers.is_empty());
         assert_eq!(r.scheme, "https");
+    }
+
+    // Host stubs so the glue links natively (no host: shared data is empty, calls succeed).
+    #[allow(unsafe_code)]
+    mod host_stubs {
+        #[no_mangle]
+        extern "C" fn proxy_get_shared_data(
+            _: *const u8,
+            _: usize,
+            _: *mut *mut u8,
+            _: *mut usize,
+            _: *mut u32,
+        ) -> u32 {
+            1
+        }
+        #[no_mangle]
+        extern "C" fn proxy_set_shared_data(
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: u32,
+        ) -> u32 {
+            0
+        }
+        thread_local! {
+            /// The status of the last local reply this thread's test sent.
+            pub static LAST_REPLY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        #[no_mangle]
+        extern "C" fn proxy_send_local_response(
+            status: u32,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: i32,
+        ) -> u32 {
+            LAST_REPLY.with(|r| r.set(status));
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_set_effective_context(_: u32) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_replace_header_map_value(
+            _: u32,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+        ) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_remove_header_map_value(_: u32, _: *const u8, _: usize) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_increment_metric(_: u32, _: i64) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_continue_stream(_: u32) -> u32 {
+            0
+        }
+    }
+
+    /// A refresh due on a session from a real login (through mock-idp's keys).
+    fn refresh_pending_for_test() -> (Gate, PendingRefresh) {
+        use crate::flow::{Keys, LoginStep};
+        use crate::types::testing::SeededRandom;
+        use serde_json::json;
+        const NOW: u64 = 1_800_000_000;
+        let g = gate();
+        let p = ProviderMetadata::parse(
+            json!({"issuer": "https://idp.example.com",
+                   "authorization_endpoint": "https://idp.example.com/authorize",
+                   "token_endpoint": "https://idp.example.com/token",
+                   "jwks_uri": "https://idp.example.com/keys"})
+            .to_string()
+            .as_bytes(),
+            "https://idp.example.com",
+        )
+        .unwrap();
+        let known = Known {
+            provider: Some(&p),
+            jwks: None,
+            may_refetch_keys: false,
+        };
+        let mut rng = SeededRandom(1);
+        // Start a login.
+        let req = Request {
+            method: "GET",
+            scheme: "https",
+            authority: "app.example.com",
+            path: "/x",
+            sec_fetch_mode: Some("navigate"),
+            has_sec_fetch: true,
+            accept: Some("text/html"),
+            ..Default::default()
+        };
+        let Decision::Reply(r) = g.decide(&req, known, NOW, &mut rng).0 else {
+            panic!()
+        };
+        let loc =
+            url::Url::parse(&r.headers.iter().find(|(k, _)| k == "location").unwrap().1).unwrap();
+        let q: std::collections::HashMap<_, _> = loc.query_pairs().into_owned().collect();
+        let set = &r.headers.iter().find(|(k, _)| k == "set-cookie").unwrap().1;
+        let login_cookie = set.split(';').next().unwrap().to_string();
+        // Callback.
+        let path = format!(
+            "/oauth2/callback?code=c&state={}&iss={}",
+            q["state"], "https%3A%2F%2Fidp.example.com"
+        );
+        let req = Request {
+            method: "GET",
+            scheme: "https",
+            authority: "app.example.com",
+            path: &path,
+            cookie_headers: vec![&login_cookie],
+            sec_fetch_mode: Some("navigate"),
+            has_sec_fetch: true,
+            accept: Some("text/html"),
+            ..Default::default()
+        };
+        let Decision::ExchangeCode { pending, .. } = g.decide(&req, known, NOW, &mut rng).0 else {
+            panic!()
+        };
+        let idp = mock_idp::IdpState::new(mock_idp::MockIdpConfig {
+            issuer: Some("https://idp.example.com".into()),
+            ..Default::default()
+        });
+        let id_token = idp.sign_jwt(
+            json!({}),
+            json!({"iss": "https://idp.example.com", "sub": "u", "aud": "gate",
+            "exp": NOW + 300, "iat": NOW, "nonce": q["nonce"]}),
+        );
+        let body = json!({"access_token": "a", "token_type": "Bearer", "expires_in": 300, "id_token": id_token, "refresh_token": "r1"}).to_string();
+        let jwks = Jwks::parse(idp.jwks().to_string().as_bytes()).unwrap();
+        let (LoginStep::Done(r), _) = g.complete_login(
+            &pending,
+            200,
+            body.as_bytes(),
+            Keys {
+                jwks: Some(&jwks),
+                may_refetch: false,
+            },
+            NOW,
+            &mut rng,
+        ) else {
+            panic!()
+        };
+        let session = r
+            .headers
+            .iter()
+            .find(|(k, v)| k == "set-cookie" && v.starts_with("__Host-oidc-gate="))
+            .unwrap()
+            .1
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        // The access token is about to expire: the request needs a refresh.
+        let req = Request {
+            method: "GET",
+            scheme: "https",
+            authority: "app.example.com",
+            path: "/y",
+            cookie_headers: vec![&session],
+            ..Default::default()
+        };
+        let Decision::Refresh { pending, .. } = g.decide(&req, known, NOW + 290, &mut rng).0 else {
+            panic!()
+        };
+        (g, pending)
+    }
+
+    fn shared_for(g: Gate) -> Rc<Shared> {
+        use super::super::cache::IdpCache;
+        use super::super::ended::SharedEndings;
+        use super::super::metrics::Metrics;
+        use super::super::root::RefreshRegistry;
+        use std::cell::RefCell;
+        Rc::new(Shared {
+            endings: SharedEndings::new("https://idp.example.com", "gate"),
+            cache: RefCell::new(IdpCache::new("https://idp.example.com", "idp")),
+            gate: Rc::new(g),
+            metrics: Metrics::default(),
+            refreshes: RefCell::new(RefreshRegistry::default()),
+            remote_waiters: RefCell::new(Vec::new()),
+        })
+    }
+
+    // Found in review: a leader that got the IdP's answer and waits for the keys to check it,
+    // then loses its client, left the refresh registered in flight, and every later request of
+    // the session on that worker followed it forever.
+    #[test]
+    fn a_refresh_leader_that_fails_for_want_of_keys_releases_the_refresh() {
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        let then = AfterKeys::Refresh {
+            pending,
+            key,
+            status: 200,
+            body: Vec::new(),
+        };
+        leader.fail_after_keys(&shared, &then);
+        assert!(shared.refreshes.borrow_mut().lead(key));
+    }
+
+    // Found in review: a waiter on another worker took "released without an answer" (the
+    // leader's client left) for a refusal and ended the session there.
+    #[test]
+    fn a_refresh_given_up_on_another_worker_is_a_retryable_503_not_a_logout() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        const NOW: u64 = 1_800_000_290;
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        // An API call: had its session ended, it would get a 401.
+        let api_call: &[(&[u8], &[u8])] = &[
+            (b":authority", b"app.example.com"),
+            (b":path", b"/api/orders"),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+        ];
+        let facts = Facts::read(
+            HeaderMapBytes::from_bytes(serialise(api_call)),
+            Some(&shared.gate),
+        );
+        shared.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending,
+                facts,
+            },
+            key,
+            deadline: NOW + 10,
+        });
+        host_stubs::LAST_REPLY.with(|r| r.set(0));
+        // No answer stored, no lock held (the stubbed shared data is empty).
+        poll_remote(&shared, NOW, 1);
+        assert!(shared.remote_waiters.borrow().is_empty());
+        assert_eq!(host_stubs::LAST_REPLY.with(std::cell::Cell::get), 503);
+    }
+
+    #[test]
+    fn a_refresh_leader_that_ends_during_its_jwks_fetch_releases_the_refresh() {
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        // start_refresh: this stream leads the refresh of the session...
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        // ...the IdP answered, the refreshed ID token needs the JWKS (cold cache or new kid):
+        // finish_refresh -> RefreshStep::NeedKeys -> fetch_jwks leaves the stream here.
+        leader.waiting = Waiting::Jwks {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            then: AfterKeys::Refresh {
+                pending,
+                key,
+                status: 200,
+                body: Vec::new(),
+            },
+        };
+        // The browser cancels that request before the JWKS answer (Envoy cancels the callout).
+        assert!(Stream::done(&mut leader));
+        // A later request of the same session on this worker must be able to refresh, not
+        // become a follower of a refresh nobody will ever finish.
+        assert!(
+            shared.refreshes.borrow_mut().lead(key),
+            "refresh still registered in flight after its leader ended: followers hang forever"
+        );
     }
 }

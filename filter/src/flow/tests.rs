@@ -1969,3 +1969,24 @@ fn a_session_cache_hit_allocates_twice_at_most() {
     // Envoy's V8 than the checks around it, so a new one on this path should be a choice.
     assert!(n <= 2, "{n} allocations on a session cache hit");
 }
+
+#[test]
+fn a_bearer_value_that_is_not_a_jws_never_costs_a_jwks_fetch() {
+    // The glue passes `jwks: None` whenever the cached set is past its 10-minute TTL (and no
+    // refetch was tried by this stream), and then fetches without the 30 s refetch claim.
+    let g = bearer_gate();
+    let p = provider();
+    let mut rng = SeededRandom(91);
+    let known = Known {
+        provider: Some(&p),
+        jwks: None,
+        may_refetch_keys: true,
+    };
+    for junk in ["Bearer x", "Bearer a.b.c"] {
+        let d = g.decide(&api_request(vec![junk]), known, NOW, &mut rng).0;
+        assert!(
+            matches!(d, Decision::Reply(ref r) if r.status == 401),
+            "{junk}: {d:?}"
+        );
+    }
+}
