@@ -515,6 +515,8 @@ pub struct Gate {
     sessions: RefCell<VerifiedCache<CachedSession>>,
     bearers: RefCell<VerifiedCache<CachedBearer>>,
     refused_refresh_tokens: RefCell<RefusedRefreshTokens>,
+    /// Refreshes the IdP could not answer, by refresh-token digest: when to ask again.
+    refresh_retry_at: RefCell<HashMap<[u8; 16], UnixSeconds>>,
     /// Logins ended before their cookies expire (this VM's view; the glue shares it).
     ended: RefCell<EndedLogins>,
     /// Endings decided here that the glue has not shared with the other VMs yet.
@@ -526,6 +528,9 @@ struct FoundSession {
     session: Rc<Session>,
     needs_reseal: bool,
 }
+
+/// How long a worker waits before asking the IdP again for a refresh it could not answer.
+pub const REFRESH_RETRY_SECS: u64 = 30;
 
 /// Verified sessions and bearer tokens kept per VM (a few MB at most per worker).
 pub const SESSION_CACHE_CAPACITY: usize = 1024;
@@ -680,6 +685,7 @@ impl Gate {
             sessions: RefCell::new(VerifiedCache::default()),
             bearers: RefCell::new(VerifiedCache::default()),
             refused_refresh_tokens: RefCell::new(RefusedRefreshTokens::default()),
+            refresh_retry_at: RefCell::new(HashMap::new()),
             ended: RefCell::new(EndedLogins::default()),
             unpublished_endings: RefCell::new(Vec::new()),
         }
@@ -829,7 +835,8 @@ impl Gate {
         let (found, mut note) = self.session_from(&host, &cookies, now);
         if let Some(found) = found {
             let session = found.session;
-            let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
+            let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at
+                && !(session.is_usable(now) && self.refresh_deferred(&session, now));
             if wants_refresh && session.refresh_token.is_some() {
                 let Some(provider) = known.provider else {
                     // Still valid: serve now rather than wait for discovery; refresh next time.
@@ -1682,6 +1689,25 @@ impl Gate {
                         .borrow_mut()
                         .insert(refresh_token_key(&pending.session));
                 }
+                // An IdP that is down or overloaded (5xx, 429, or no answer, which the glue
+                // reports as 503) refused nothing: while the access token is valid the session
+                // goes on with it, and its refresh is asked again after a pause.
+                let unavailable = status == 429 || status >= 500;
+                if unavailable && pending.session.is_usable(now) {
+                    self.defer_refresh(&pending.session, now);
+                    return (
+                        RefreshStep::Forward(
+                            self.forward_session(&pending.session, pending.cookie.clone()),
+                        ),
+                        Note::event(
+                            Event::RefreshFailed("idp unavailable"),
+                            format!(
+                                "refresh failed: {e}; the session goes on with its access token \
+                                 until it expires, and asks again in {REFRESH_RETRY_SECS} s"
+                            ),
+                        ),
+                    );
+                }
                 return end("refused", format!("refresh failed: {e}"));
             }
             Err(e) => return end("invalid response", format!("refresh failed: {e}")),
@@ -1761,6 +1787,30 @@ impl Gate {
                 "refresh failed: session too large for the cookie budget".into(),
             ),
         }
+    }
+
+    /// Whether a refresh the IdP could not answer is paused for this session.
+    fn refresh_deferred(&self, session: &Session, now: UnixSeconds) -> bool {
+        let retry_at = self.refresh_retry_at.borrow();
+        // Nothing to look up (and no digest to compute) unless the IdP failed lately.
+        !retry_at.is_empty()
+            && retry_at
+                .get(&refresh_token_key(session))
+                .is_some_and(|at| now < *at)
+    }
+
+    fn defer_refresh(&self, session: &Session, now: UnixSeconds) {
+        let mut retry_at = self.refresh_retry_at.borrow_mut();
+        retry_at.retain(|_, at| now < *at);
+        if retry_at.len() >= SESSION_CACHE_CAPACITY {
+            // Forgetting one only costs the IdP one more request.
+            let mut keep = every_other();
+            retry_at.retain(|_, _| keep());
+        }
+        retry_at.insert(
+            refresh_token_key(session),
+            now.saturating_add(REFRESH_RETRY_SECS),
+        );
     }
 
     fn kept_claims(

@@ -701,6 +701,39 @@ fn one_worker_short_ttl() -> StackOptions {
     }
 }
 
+/// An IdP that is down (its token endpoint answers 503) refused nothing: while the access token
+/// is valid the request goes upstream with it and the session cookie stays; the worker does not
+/// ask the IdP again on the next request (it waits `REFRESH_RETRY_SECS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idp_that_is_down_does_not_end_a_session_whose_token_is_valid() {
+    let stack = Stack::start(one_worker_short_ttl()).await;
+    let b = stack.browser();
+    let t_login = login(&stack, &b).await;
+    let r = b.get(&stack.url("/before-outage")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let token = bearer_of(&seen_at(&stack, "/before-outage"));
+    wait_refresh_due(t_login).await;
+    stack.idp.reset_stats();
+    stack.idp.set_fault(Fault::TokenStatus(503));
+    for path in ["/during-outage-1", "/during-outage-2"] {
+        let r = b.get(&stack.url(path)).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.describe());
+        assert!(
+            r.set_cookie(SESSION_COOKIE).is_none(),
+            "{path}: the session cookie is neither replaced nor cleared: {:?}",
+            r.set_cookies()
+        );
+        assert_eq!(bearer_of(&seen_at(&stack, path)), token, "{path}");
+    }
+    assert_eq!(
+        stack.idp.stats().refresh,
+        1,
+        "one refresh tried, not one per request"
+    );
+    assert_eq!(counter(&stack, "refreshes_failed_idp_unavailable").await, 1);
+    assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
+}
+
 /// Requests of one session waiting for a refresh that fails: each gets its own answer (login
 /// for navigations, 401 for API calls), the cookie cleared, nothing upstream, nobody hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1152,6 +1152,62 @@ fn failed_refresh_ends_the_session() {
     }
 }
 
+// An IdP that is down (5xx, 429, or no answer, reported as 503) refused nothing: a session whose
+// access token is still valid goes on with it, without asking the IdP on every request, and asks
+// again after a pause. Only a refusal, or a token that has expired, ends it.
+#[test]
+fn an_unavailable_idp_does_not_end_a_session_whose_token_is_valid() {
+    let idp = Idp::new();
+    let jwks = idp.jwks();
+    let keys = Keys {
+        jwks: Some(&jwks),
+        may_refetch: false,
+    };
+    for (i, status) in [503u16, 500, 502, 429].into_iter().enumerate() {
+        let g = gate();
+        let mut rng = SeededRandom(90 + i as u64);
+        let session = logged_in(&g, &idp, &mut rng);
+        // Due for refresh (60 s skew) but valid until NOW + 300.
+        let at = NOW + 250;
+        let (_, pending) = refresh_pending(&g, &session, at, &mut rng);
+        let (step, note) = g.complete_refresh(&pending, status, b"", keys, at, &mut rng);
+        match step {
+            RefreshStep::Forward(f) => {
+                assert_eq!(f.authorization.as_deref(), Some("Bearer access-abc"));
+                assert!(f.response_cookies.is_empty(), "{status}: the cookie stays");
+            }
+            other => panic!("{status}: {other:?}"),
+        }
+        assert!(matches!(
+            note.event,
+            Some(Event::RefreshFailed("idp unavailable"))
+        ));
+        let next = |now: u64, rng: &mut SeededRandom| {
+            g.decide(
+                &browser("/x", vec![&session]),
+                with_provider(&provider()),
+                now,
+                rng,
+            )
+            .0
+        };
+        // Not asked again at once...
+        assert!(matches!(next(at + 5, &mut rng), Decision::Forward(_)));
+        // ...but after the pause, while the token is still valid,
+        assert!(matches!(
+            next(at + REFRESH_RETRY_SECS, &mut rng),
+            Decision::Refresh { .. }
+        ));
+        // and once it has expired the session cannot go on without a refresh.
+        let (_, late) = refresh_pending(&g, &session, NOW + 300, &mut rng);
+        assert!(matches!(
+            g.complete_refresh(&late, status, b"", keys, NOW + 300, &mut rng)
+                .0,
+            RefreshStep::Ended(_)
+        ));
+    }
+}
+
 #[test]
 fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     let g = gate();
@@ -1167,10 +1223,10 @@ fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     let due = NOW + 270;
     let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
     assert!(g.end_if_refused_earlier(&pending).is_none());
-    // Answers that say nothing about the token itself are not remembered.
+    // Answers that say nothing about the token itself are not remembered (an IdP that is down
+    // does not even end the session: an_unavailable_idp_does_not_end_a_session_whose_token_is_valid).
     let refused = json!({"error": "invalid_grant"}).to_string();
     for (status, body) in [
-        (503, String::new()),
         (401, refused.clone()),
         (400, json!({"error": "invalid_request"}).to_string()),
         (200, "<html>".to_string()),
