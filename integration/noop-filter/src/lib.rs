@@ -17,6 +17,11 @@
 //! Built with the `stage-timing` feature, it logs the time of its stages at the same callback
 //! boundaries as oidc-gate (the filter's own timing module, included below).
 
+// oidc-gate's read of the request headers (one host call, no copy per header), for the floor.
+#[allow(dead_code)]
+#[path = "../../../filter/src/abi/header_map.rs"]
+mod header_map;
+
 // One definition of the stages for both filters; the no-op filter uses a few of them.
 #[allow(dead_code)]
 #[path = "../../../filter/src/abi/timing.rs"]
@@ -60,35 +65,6 @@ impl ExtraWork {
 /// The `authorization` value the floor adds: as long as oidc-gate's for the mock IdP's opaque
 /// access tokens (32 random bytes, base64url).
 pub const FLOOR_AUTHORIZATION: &str = "Bearer AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-
-/// Whether a header map serialised by the host (a `u32` count, a `u32` name and value length per
-/// header, then each name and value followed by a NUL) has a header named `name`. A malformed
-/// map has none.
-pub fn serialised_map_has(map: &[u8], name: &[u8]) -> bool {
-    let read_u32 = |at: usize| -> Option<usize> {
-        let b = map.get(at..at.checked_add(4)?)?;
-        usize::try_from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok()
-    };
-    let Some(count) = read_u32(0) else {
-        return false;
-    };
-    let Some(mut at) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
-        return false;
-    };
-    for i in 0..count {
-        let (Some(name_len), Some(value_len)) = (read_u32(4 + 8 * i), read_u32(8 + 8 * i)) else {
-            return false;
-        };
-        if map.get(at..at.saturating_add(name_len)) == Some(name) {
-            return true;
-        }
-        at = at
-            .saturating_add(name_len)
-            .saturating_add(value_len)
-            .saturating_add(2);
-    }
-    false
-}
 
 /// One byte-at-a-time pass: the shape of a naive parser's loop.
 pub fn byte_pass(bytes: &[u8]) -> u64 {
@@ -192,42 +168,12 @@ mod entry {
         }
     }
 
-    #[allow(unsafe_code)]
-    mod ffi {
-        #[link(wasm_import_module = "env")]
-        extern "C" {
-            /// proxy-wasm ABI 0.2.1, as the SDK and oidc-gate import it.
-            pub fn proxy_get_header_map_pairs(
-                map_type: u32,
-                return_map_data: *mut *mut u8,
-                return_map_size: *mut usize,
-            ) -> u32;
-        }
-    }
-
-    /// The request headers as the host serialises them, read as oidc-gate reads them (one host
-    /// call, no copy per header); empty when the host refuses.
-    #[allow(unsafe_code)]
-    fn request_header_map() -> Vec<u8> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: the host writes a pointer and a length into the two locals; the buffer comes
-        // from the SDK's `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes), so
-        // taking it back as a `Vec` of that length and capacity frees it as the SDK does.
-        let status = unsafe { ffi::proxy_get_header_map_pairs(0, &mut data, &mut size) };
-        if status != 0 || data.is_null() {
-            return Vec::new();
-        }
-        // SAFETY: see above.
-        unsafe { Vec::from_raw_parts(data, size, size) }
-    }
-
     impl Noop {
         /// oidc-gate's host calls on an authenticated request, and nothing else.
         fn session_floor(&mut self) -> Action {
-            let map = request_header_map();
+            let map = super::header_map::HeaderMapBytes::request();
             timing::end(Stage::HeaderRead);
-            if !super::serialised_map_has(&map, b"cookie") {
+            if !map.is_some_and(|m| m.pairs().any(|(name, _)| name == b"cookie")) {
                 self.send_http_response(401, vec![], None);
                 return Action::Pause;
             }
@@ -287,35 +233,6 @@ mod tests {
         assert_eq!(ExtraWork::parse("clock_reads"), None);
         assert_eq!(ExtraWork::parse("clock_reads=-1"), None);
         assert_eq!(ExtraWork::parse("sleep=1"), None);
-    }
-
-    fn serialise(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (n, v) in pairs {
-            out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (n, v) in pairs {
-            for s in [n, v] {
-                out.extend_from_slice(s.as_bytes());
-                out.push(0);
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn finds_a_header_by_name_only() {
-        let map = serialise(&[(":path", "/cookie"), ("x-cookie", "a"), ("cookie", "s=1")]);
-        assert!(serialised_map_has(&map, b"cookie"));
-        assert!(serialised_map_has(&map, b":path"));
-        let map = serialise(&[(":path", "/cookie"), ("x", "cookie")]);
-        assert!(!serialised_map_has(&map, b"cookie"));
-        assert!(!serialised_map_has(&[], b"cookie"));
-        // A count larger than the table: nothing is found, nothing panics.
-        let mut bad = serialise(&[("cookie", "1")]);
-        bad[0] = 9;
-        assert!(!serialised_map_has(&bad, b"cookie"));
     }
 
     #[test]
