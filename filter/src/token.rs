@@ -359,33 +359,14 @@ fn parse_header(part: &str) -> Result<Header, TokenError> {
 /// The checks of [`verify`] that need no key: three parts, a signature, and a header that
 /// allows a key of ours to apply. What fails them is refused without fetching keys for it.
 pub fn check_shape(token: &str) -> Result<(), TokenError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(TokenError::Malformed("too long"));
-    }
-    let mut parts = token.split('.');
-    let (Some(h), Some(_), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenError::Malformed("not three parts"));
-    };
-    if s.is_empty() {
-        return Err(TokenError::BadSignature);
-    }
-    parse_header(h).map(|_| ())
+    let (header, _, _) = split_jws(token)?;
+    parse_header(header).map(|_| ())
 }
 
-/// Verifies a compact JWS token: signature with a JWKS key, then every claim in `expect`.
-pub fn verify(
-    token: &str,
-    jwks: &Jwks,
-    expect: &Expectations<'_>,
-) -> Result<VerifiedToken, TokenError> {
+/// A compact JWS's header, payload and signature, none of them decoded yet.
+fn split_jws(token: &str) -> Result<(&str, &str, &str), TokenError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed("too long"));
-    }
-    // jwt-simple's clock is fixed-point over u32 seconds: past 2106 its arithmetic overflows.
-    if expect.now.saturating_add(expect.skew) >= u64::from(u32::MAX) {
-        return Err(TokenError::Malformed("clock out of range"));
     }
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(s), None) =
@@ -395,6 +376,20 @@ pub fn verify(
     };
     if s.is_empty() {
         return Err(TokenError::BadSignature);
+    }
+    Ok((h, p, s))
+}
+
+/// Verifies a compact JWS token: signature with a JWKS key, then every claim in `expect`.
+pub fn verify(
+    token: &str,
+    jwks: &Jwks,
+    expect: &Expectations<'_>,
+) -> Result<VerifiedToken, TokenError> {
+    let (h, p, _) = split_jws(token)?;
+    // jwt-simple's clock is fixed-point over u32 seconds: past 2106 its arithmetic overflows.
+    if expect.now.saturating_add(expect.skew) >= u64::from(u32::MAX) {
+        return Err(TokenError::Malformed("clock out of range"));
     }
     let header = parse_header(h)?;
     // Parse the payload before the signature so a duplicate member is reported as such, but
