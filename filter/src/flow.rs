@@ -293,6 +293,9 @@ pub enum RefreshStep {
     /// The session is over (refresh refused or impossible): clear these cookies and decide again
     /// as if there were no session (login for browsers, 401 for APIs).
     Ended(Vec<String>),
+    /// The IdP did not answer and the access token has expired: a retryable 503; the session
+    /// stays for when the IdP is back.
+    Unavailable,
 }
 
 /// Something worth counting, reported with each decision.
@@ -838,6 +841,16 @@ impl Gate {
             let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at
                 && !(session.is_usable(now) && self.refresh_deferred(&session, now));
             if wants_refresh && session.refresh_token.is_some() {
+                if self.refresh_deferred(&session, now) {
+                    // Expired, and the IdP did not answer its refresh moments ago: not asked
+                    // again on every request of an outage.
+                    return (
+                        Decision::Reply(
+                            Failure::IdpUnavailable.reply(req.is_navigation(), req.request_id),
+                        ),
+                        Note::log("refresh paused after the IdP did not answer; 503"),
+                    );
+                }
                 let Some(provider) = known.provider else {
                     // Still valid: serve now rather than wait for discovery; refresh next time.
                     if session.is_usable(now) {
@@ -1693,7 +1706,20 @@ impl Gate {
                 // reports as 503) refused nothing: while the access token is valid the session
                 // goes on with it, and its refresh is asked again after a pause.
                 let unavailable = status == 429 || status >= 500;
-                if unavailable && pending.session.is_usable(now) {
+                if unavailable && !pending.session.is_usable(now) {
+                    self.defer_refresh(&pending.session, now);
+                    return (
+                        RefreshStep::Unavailable,
+                        Note::event(
+                            Event::RefreshFailed("idp unavailable"),
+                            format!(
+                                "refresh failed: {e}; the access token has expired: a retryable \
+                                 503, the session stays, asked again in {REFRESH_RETRY_SECS} s"
+                            ),
+                        ),
+                    );
+                }
+                if unavailable {
                     self.defer_refresh(&pending.session, now);
                     return (
                         RefreshStep::Forward(

@@ -703,7 +703,8 @@ fn one_worker_short_ttl() -> StackOptions {
 
 /// An IdP that is down (its token endpoint answers 503) refused nothing: while the access token
 /// is valid the request goes upstream with it and the session cookie stays; the worker does not
-/// ask the IdP again on the next request (it waits `REFRESH_RETRY_SECS`).
+/// ask the IdP again on the next request (it waits `REFRESH_RETRY_SECS`); once the token has
+/// expired, requests get a retryable 503 and the session stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idp_that_is_down_does_not_end_a_session_whose_token_is_valid() {
     let stack = Stack::start(one_worker_short_ttl()).await;
@@ -731,6 +732,21 @@ async fn an_idp_that_is_down_does_not_end_a_session_whose_token_is_valid() {
         "one refresh tried, not one per request"
     );
     assert_eq!(counter(&stack, "refreshes_failed_idp_unavailable").await, 1);
+    assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
+
+    // Once the access token has expired the request cannot go on: a retryable 503, nothing
+    // upstream, the session kept for when the IdP is back (and the IdP not asked again yet).
+    wait_until(t_login + TTL as f64 + 0.1).await;
+    let upstream = stack.upstream.count();
+    let r = b.get(&stack.url("/after-expiry")).await;
+    assert_eq!(r.status, 503, "{}", r.describe());
+    assert!(
+        r.set_cookie(SESSION_COOKIE).is_none(),
+        "{:?}",
+        r.set_cookies()
+    );
+    assert_eq!(stack.upstream.count(), upstream, "nothing upstream");
+    assert_eq!(stack.idp.stats().refresh, 1, "not asked again within 30 s");
     assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
 }
 

@@ -81,6 +81,9 @@ pub fn complete_follower(
                 .insert(f.context_id, fwd.response_cookies);
             let _ = hostcalls::resume_http_request();
         }
+        RefreshStep::Unavailable => {
+            send(&Failure::IdpUnavailable.reply(f.facts.browser(), f.facts.request_id()));
+        }
         ended => {
             let clear = if let RefreshStep::Ended(c) = ended {
                 c

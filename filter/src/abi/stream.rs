@@ -791,6 +791,10 @@ impl Stream {
                     self.id,
                 );
             }
+            RefreshStep::Unavailable => {
+                give_up_refresh(&shared, &key, self.id);
+                self.fail(Failure::IdpUnavailable);
+            }
             RefreshStep::Ended(clear) => {
                 shared.cache.borrow().unlock_refresh(&key);
                 self.extra_reply_cookies = clear;

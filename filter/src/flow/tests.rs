@@ -1135,7 +1135,6 @@ fn failed_refresh_ends_the_session() {
     let other_sub = idp.0.sign_jwt(json!({}), json!({"iss": ISS, "sub": "someone-else", "aud": "gate", "exp": NOW + 900, "iat": NOW + 400}));
     for (status, body) in [
         (400, json!({"error": "invalid_grant"}).to_string()),
-        (503, String::new()),
         (200, "<html>".to_string()),
         (
             200,
@@ -1154,7 +1153,8 @@ fn failed_refresh_ends_the_session() {
 
 // An IdP that is down (5xx, 429, or no answer, reported as 503) refused nothing: a session whose
 // access token is still valid goes on with it, without asking the IdP on every request, and asks
-// again after a pause. Only a refusal, or a token that has expired, ends it.
+// again after a pause; one whose token has expired gets retryable 503s meanwhile, and stays.
+// Only a refusal ends it.
 #[test]
 fn an_unavailable_idp_does_not_end_a_session_whose_token_is_valid() {
     let idp = Idp::new();
@@ -1198,12 +1198,24 @@ fn an_unavailable_idp_does_not_end_a_session_whose_token_is_valid() {
             next(at + REFRESH_RETRY_SECS, &mut rng),
             Decision::Refresh { .. }
         ));
-        // and once it has expired the session cannot go on without a refresh.
+        // and once it has expired the request waits for a refresh: a retryable 503 (nothing
+        // forwarded, no cookie cleared), not asked again at once either.
         let (_, late) = refresh_pending(&g, &session, NOW + 300, &mut rng);
         assert!(matches!(
             g.complete_refresh(&late, status, b"", keys, NOW + 300, &mut rng)
                 .0,
-            RefreshStep::Ended(_)
+            RefreshStep::Unavailable
+        ));
+        match next(NOW + 310, &mut rng) {
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 503);
+                assert!(header(&r, "set-cookie").is_empty(), "{r:?}");
+            }
+            other => panic!("{status}: {other:?}"),
+        }
+        assert!(matches!(
+            next(NOW + 300 + REFRESH_RETRY_SECS, &mut rng),
+            Decision::Refresh { .. }
         ));
     }
 }
