@@ -262,9 +262,14 @@ fn is_dot_segment(segment: &[u8]) -> bool {
 /// ASCII-only `idna_adapter` 1.0, whose debug build asserts on hosts mixing capitals and
 /// non-ASCII. A percent-encoded host (`Z%c3%a9`) is non-ASCII in disguise and refused too.
 pub fn parse_url(raw: &str) -> Result<Url, url::ParseError> {
+    // The authority as the URL parser reads it: after the scheme and any run of slashes or
+    // backslashes (`https:host`, `https:\\host` parse as `https://host`).
     let authority = raw
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(rest))
+        .split_once(':')
+        .map(|(_, rest)| {
+            let rest = rest.trim_start_matches(['/', '\\']);
+            rest.split(['/', '\\', '?', '#']).next().unwrap_or(rest)
+        })
         .unwrap_or_default();
     if raw.is_ascii() && !authority.contains('%') {
         Url::parse(raw)
@@ -351,11 +356,14 @@ mod tests {
         }
 
         #[test]
-        fn parse_url_refuses_non_ascii_hosts_in_any_spelling(host in "[A-Za-z%c3a9]{1,8}") {
-            let url = format!("https://{host}/p?q=%41");
+        fn parse_url_refuses_non_ascii_hosts_in_any_spelling(
+            host in "[A-Za-z%c3a9]{1,8}",
+            after_scheme in prop_oneof![Just("//"), Just(""), Just("\\\\"), Just("//user@")],
+        ) {
+            let url = format!("https:{after_scheme}{host}/p?q=%41");
             let parsed = parse_url(&url);
             if host.contains('%') {
-                prop_assert!(parsed.is_err());
+                prop_assert!(parsed.is_err(), "{}", url);
             }
         }
 

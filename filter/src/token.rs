@@ -111,7 +111,8 @@ impl Jwks {
         if keys.is_empty() {
             return Err(JwksError::NoUsableKey);
         }
-        static PARSED: AtomicU64 = AtomicU64::new(0);
+        // From 1: no parsed set shares a generation with a default one.
+        static PARSED: AtomicU64 = AtomicU64::new(1);
         Ok(Self {
             keys,
             generation: PARSED.fetch_add(1, Ordering::Relaxed),

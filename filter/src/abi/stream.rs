@@ -1101,10 +1101,13 @@ impl Context for Stream {
                 key,
             } if token == token_id => {
                 match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
-                    Some((status, Some(body))) => {
-                        self.finish_refresh(pending, key, status, body, true)
+                    // An answer too large to read is still the IdP's answer: its status decides
+                    // (a refusal ends the session, a 200 without a readable body too), never
+                    // "no answer", which would keep the session as an outage does.
+                    Some((status, body)) => {
+                        self.finish_refresh(pending, key, status, body.unwrap_or_default(), true)
                     }
-                    _ => self.finish_refresh(pending, key, 503, Vec::new(), true),
+                    None => self.finish_refresh(pending, key, 503, Vec::new(), true),
                 }
             }
             other => {
@@ -1141,12 +1144,17 @@ impl Stream {
                 ..
             } => give_up_refresh(&shared, &key, self.id),
             Waiting::RemoteRefresh { key } => {
-                shared
-                    .remote_waiters
-                    .borrow_mut()
-                    .retain(|w| w.follower.context_id != self.id);
-                // Requests of this worker that waited on this one must not hang either.
-                abandon_local(&shared, &key, self.id);
+                let mut waiters = shared.remote_waiters.borrow_mut();
+                let before = waiters.len();
+                waiters.retain(|w| w.follower.context_id != self.id);
+                let still_waiting = waiters.len() != before;
+                drop(waiters);
+                // Requests of this worker that waited on this one must not hang either. Once
+                // the root's poll answered it (it cannot reset this state), they were answered
+                // too, and the key may belong to a newer refresh of the session by now.
+                if still_waiting {
+                    abandon_local(&shared, &key, self.id);
+                }
             }
             _ => {}
         }
@@ -1683,6 +1691,212 @@ mod tests {
         assert!(
             shared.refreshes.borrow_mut().lead(key),
             "refresh still registered in flight after its leader ended: followers hang forever"
+        );
+    }
+
+    // Host stubs for a refresh callout's answer: its `:status`, and the clock.
+    #[allow(unsafe_code)]
+    mod answer_stubs {
+        thread_local! {
+            pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        #[no_mangle]
+        extern "C" fn proxy_get_header_map_pairs(
+            _: u32,
+            data: *mut *mut u8,
+            size: *mut usize,
+        ) -> u32 {
+            let status = STATUS.with(|s| s.borrow().clone());
+            let mut buf = Vec::new();
+            buf.extend_from_slice(&1u32.to_le_bytes());
+            buf.extend_from_slice(&7u32.to_le_bytes());
+            buf.extend_from_slice(&(status.len() as u32).to_le_bytes());
+            buf.extend_from_slice(b":status\0");
+            buf.extend_from_slice(&status);
+            buf.push(0);
+            let b = buf.into_boxed_slice();
+            unsafe {
+                *size = b.len();
+                *data = Box::into_raw(b).cast::<u8>();
+            }
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_get_current_time_nanoseconds(t: *mut u64) -> u32 {
+            unsafe { *t = NOW_NS.with(std::cell::Cell::get) };
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_record_metric(_: u32, _: u64) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_get_buffer_bytes(
+            _: u32,
+            _: usize,
+            _: usize,
+            d: *mut *mut u8,
+            n: *mut usize,
+        ) -> u32 {
+            unsafe {
+                *d = std::ptr::null_mut();
+                *n = 0;
+            }
+            1
+        }
+        #[no_mangle]
+        extern "C" fn proxy_add_header_map_value(
+            _: u32,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+        ) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_http_call(
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: u32,
+            t: *mut u32,
+        ) -> u32 {
+            unsafe { *t = 99 };
+            0
+        }
+    }
+
+    /// Found in review: an answer too large to read is not "the IdP did not answer". A 400
+    /// invalid_grant (or a 200) over MAX_TOKEN_RESPONSE_BYTES was fed to the engine as 503, so
+    /// a refused refresh kept the session (forwarded on the old token) instead of ending it.
+    #[test]
+    fn an_oversized_refresh_answer_is_the_idps_answer_not_an_outage() {
+        use crate::flow::MAX_TOKEN_RESPONSE_BYTES;
+        for status in [&b"400"[..], b"200"] {
+            let (g, pending) = refresh_pending_for_test();
+            let key = pending.coalescing_key();
+            let shared = shared_for(g);
+            assert!(shared.refreshes.borrow_mut().lead(key));
+            let api_call: &[(&[u8], &[u8])] = &[
+                (b":authority", b"app.example.com"),
+                (b":path", b"/api/orders"),
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+            ];
+            let mut leader = Stream::new(7, Some(shared.clone()));
+            leader.facts = Facts::read(
+                HeaderMapBytes::from_bytes(serialise(api_call)),
+                Some(&shared.gate),
+            );
+            leader.waiting = Waiting::Refresh {
+                token: 1,
+                started: SystemTime::UNIX_EPOCH,
+                pending,
+                key,
+            };
+            answer_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
+            // The access token (exp NOW + 300) is still valid.
+            answer_stubs::NOW_NS.with(|t| t.set(1_800_000_291 * 1_000_000_000));
+            host_stubs::LAST_REPLY.with(|r| r.set(0));
+            leader.on_http_call_response(1, 1, MAX_TOKEN_RESPONSE_BYTES + 1, 0);
+            assert!(
+                leader.replied,
+                "{}: an unreadable answer was taken for an outage; the request was forwarded on \
+                 the old token and the session kept",
+                String::from_utf8_lossy(status)
+            );
+        }
+    }
+
+    // The wiring, not only the helper: fetch_jwks's own no-provider exit gives the refresh up.
+    #[test]
+    fn fetch_jwks_without_a_provider_releases_the_refresh() {
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        let then = AfterKeys::Refresh {
+            pending,
+            key,
+            status: 200,
+            body: Vec::new(),
+        };
+        leader.fetch_jwks(&shared, then, None);
+        assert!(shared.refreshes.borrow_mut().lead(key));
+    }
+
+    // Found in review: poll_remote answers a remote waiter (503) but cannot reset its `waiting`;
+    // when that stream ended later, done() ran abandon_local on the key again and took the
+    // followers of a newer local refresh of the same session (503 to them, entry removed).
+    #[test]
+    fn a_remote_waiter_answered_by_the_poll_does_not_abandon_a_later_refresh() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        const NOW: u64 = 1_800_000_290;
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        let api_call: &[(&[u8], &[u8])] = &[
+            (b":authority", b"app.example.com"),
+            (b":path", b"/api/orders"),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+        ];
+        let facts = || {
+            Facts::read(
+                HeaderMapBytes::from_bytes(serialise(api_call)),
+                Some(&shared.gate),
+            )
+        };
+        // X led locally, found the lock held elsewhere, waits remotely.
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut x = Stream::new(9, Some(shared.clone()));
+        x.waiting = Waiting::RemoteRefresh { key };
+        shared.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending,
+                facts: facts(),
+            },
+            key,
+            deadline: NOW + 10,
+        });
+        poll_remote(&shared, NOW, 1); // lock gone, no answer: X gets its 503
+                                      // Y leads a new refresh of the session on this worker; Z follows it.
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let (_, pending_z) = refresh_pending_for_test();
+        assert_eq!(pending_z.coalescing_key(), key);
+        shared.refreshes.borrow_mut().follow(
+            key,
+            Follower {
+                context_id: 11,
+                pending: pending_z,
+                facts: facts(),
+            },
+        );
+        host_stubs::LAST_REPLY.with(|r| r.set(0));
+        // X's stream ends (its 503 was sent).
+        assert!(Stream::done(&mut x));
+        assert_eq!(
+            host_stubs::LAST_REPLY.with(std::cell::Cell::get),
+            0,
+            "Z was answered 503 by X's end"
+        );
+        assert!(
+            !shared.refreshes.borrow_mut().lead(key),
+            "Y's refresh is no longer registered"
         );
     }
 }
