@@ -1591,6 +1591,24 @@ mod tests {
         (g, pending)
     }
 
+    /// A worker's shared state with a refresh due on a session, and that refresh's key.
+    fn refreshing() -> (Rc<Shared>, PendingRefresh, [u8; 16]) {
+        let (g, pending) = refresh_pending_for_test();
+        let key = pending.coalescing_key();
+        (shared_for(g), pending, key)
+    }
+
+    /// An API call of the session's host: had its session ended, it would get a 401.
+    fn api_call_facts(gate: &Gate) -> Facts {
+        let api_call: &[(&[u8], &[u8])] = &[
+            (b":authority", b"app.example.com"),
+            (b":path", b"/api/orders"),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+        ];
+        Facts::read(HeaderMapBytes::from_bytes(serialise(api_call)), Some(gate))
+    }
+
     fn shared_for(g: Gate) -> Rc<Shared> {
         use super::super::cache::IdpCache;
         use super::super::ended::SharedEndings;
@@ -1607,26 +1625,6 @@ mod tests {
         })
     }
 
-    // Found in review: a leader that got the IdP's answer and waits for the keys to check it,
-    // then loses its client, left the refresh registered in flight, and every later request of
-    // the session on that worker followed it forever.
-    #[test]
-    fn a_refresh_leader_that_fails_for_want_of_keys_releases_the_refresh() {
-        let (g, pending) = refresh_pending_for_test();
-        let key = pending.coalescing_key();
-        let shared = shared_for(g);
-        assert!(shared.refreshes.borrow_mut().lead(key));
-        let mut leader = Stream::new(7, Some(shared.clone()));
-        let then = AfterKeys::Refresh {
-            pending,
-            key,
-            status: 200,
-            body: Vec::new(),
-        };
-        leader.fail_after_keys(&shared, &then);
-        assert!(shared.refreshes.borrow_mut().lead(key));
-    }
-
     // Found in review: a waiter on another worker took "released without an answer" (the
     // leader's client left) for a refusal and ended the session there.
     #[test]
@@ -1634,20 +1632,9 @@ mod tests {
         use super::super::refresh::{poll_remote, RemoteWaiter};
         use super::super::root::Follower;
         const NOW: u64 = 1_800_000_290;
-        let (g, pending) = refresh_pending_for_test();
-        let key = pending.coalescing_key();
-        let shared = shared_for(g);
+        let (shared, pending, key) = refreshing();
         // An API call: had its session ended, it would get a 401.
-        let api_call: &[(&[u8], &[u8])] = &[
-            (b":authority", b"app.example.com"),
-            (b":path", b"/api/orders"),
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-        ];
-        let facts = Facts::read(
-            HeaderMapBytes::from_bytes(serialise(api_call)),
-            Some(&shared.gate),
-        );
+        let facts = api_call_facts(&shared.gate);
         shared.remote_waiters.borrow_mut().push(RemoteWaiter {
             follower: Follower {
                 context_id: 9,
@@ -1666,9 +1653,7 @@ mod tests {
 
     #[test]
     fn a_refresh_leader_that_ends_during_its_jwks_fetch_releases_the_refresh() {
-        let (g, pending) = refresh_pending_for_test();
-        let key = pending.coalescing_key();
-        let shared = shared_for(g);
+        let (shared, pending, key) = refreshing();
         // start_refresh: this stream leads the refresh of the session...
         assert!(shared.refreshes.borrow_mut().lead(key));
         let mut leader = Stream::new(7, Some(shared.clone()));
@@ -1784,21 +1769,10 @@ mod tests {
     fn an_oversized_refresh_answer_is_the_idps_answer_not_an_outage() {
         use crate::flow::MAX_TOKEN_RESPONSE_BYTES;
         for status in [&b"400"[..], b"200"] {
-            let (g, pending) = refresh_pending_for_test();
-            let key = pending.coalescing_key();
-            let shared = shared_for(g);
+            let (shared, pending, key) = refreshing();
             assert!(shared.refreshes.borrow_mut().lead(key));
-            let api_call: &[(&[u8], &[u8])] = &[
-                (b":authority", b"app.example.com"),
-                (b":path", b"/api/orders"),
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-            ];
             let mut leader = Stream::new(7, Some(shared.clone()));
-            leader.facts = Facts::read(
-                HeaderMapBytes::from_bytes(serialise(api_call)),
-                Some(&shared.gate),
-            );
+            leader.facts = api_call_facts(&shared.gate);
             leader.waiting = Waiting::Refresh {
                 token: 1,
                 started: SystemTime::UNIX_EPOCH,
@@ -1819,12 +1793,12 @@ mod tests {
         }
     }
 
-    // The wiring, not only the helper: fetch_jwks's own no-provider exit gives the refresh up.
+    // Found in review: a leader that got the IdP's answer and needs keys to check it, but can
+    // fetch none (here: no provider), left the refresh registered in flight, and every later
+    // request of the session on that worker followed it forever.
     #[test]
     fn fetch_jwks_without_a_provider_releases_the_refresh() {
-        let (g, pending) = refresh_pending_for_test();
-        let key = pending.coalescing_key();
-        let shared = shared_for(g);
+        let (shared, pending, key) = refreshing();
         assert!(shared.refreshes.borrow_mut().lead(key));
         let mut leader = Stream::new(7, Some(shared.clone()));
         let then = AfterKeys::Refresh {
@@ -1845,21 +1819,8 @@ mod tests {
         use super::super::refresh::{poll_remote, RemoteWaiter};
         use super::super::root::Follower;
         const NOW: u64 = 1_800_000_290;
-        let (g, pending) = refresh_pending_for_test();
-        let key = pending.coalescing_key();
-        let shared = shared_for(g);
-        let api_call: &[(&[u8], &[u8])] = &[
-            (b":authority", b"app.example.com"),
-            (b":path", b"/api/orders"),
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-        ];
-        let facts = || {
-            Facts::read(
-                HeaderMapBytes::from_bytes(serialise(api_call)),
-                Some(&shared.gate),
-            )
-        };
+        let (shared, pending, key) = refreshing();
+        let facts = || api_call_facts(&shared.gate);
         // X led locally, found the lock held elsewhere, waits remotely.
         assert!(shared.refreshes.borrow_mut().lead(key));
         let mut x = Stream::new(9, Some(shared.clone()));
