@@ -2085,4 +2085,4 @@ fn path_and_query(url: &Url) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

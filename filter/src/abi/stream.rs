@@ -1434,6 +1434,10 @@ mod tests {
         thread_local! {
             /// The status of the last local reply this thread's test sent.
             pub static LAST_REPLY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+            /// The `:status` of the callout answer the host hands over.
+            pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            /// The host clock, in nanoseconds.
+            pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
         }
         #[no_mangle]
         extern "C" fn proxy_send_local_response(
@@ -1479,121 +1483,79 @@ mod tests {
         extern "C" fn proxy_continue_stream(_: u32) -> u32 {
             0
         }
-    }
-
-    /// A refresh due on a session from a real login (through mock-idp's keys).
-    fn refresh_pending_for_test() -> (Gate, PendingRefresh) {
-        use crate::flow::{Keys, LoginStep};
-        use crate::types::testing::SeededRandom;
-        use serde_json::json;
-        const NOW: u64 = 1_800_000_000;
-        let g = gate();
-        let p = ProviderMetadata::parse(
-            json!({"issuer": "https://idp.example.com",
-                   "authorization_endpoint": "https://idp.example.com/authorize",
-                   "token_endpoint": "https://idp.example.com/token",
-                   "jwks_uri": "https://idp.example.com/keys"})
-            .to_string()
-            .as_bytes(),
-            "https://idp.example.com",
-        )
-        .unwrap();
-        let known = Known {
-            provider: Some(&p),
-            jwks: None,
-            may_refetch_keys: false,
-        };
-        let mut rng = SeededRandom(1);
-        // Start a login.
-        let req = Request {
-            method: "GET",
-            scheme: "https",
-            authority: "app.example.com",
-            path: "/x",
-            sec_fetch_mode: Some("navigate"),
-            has_sec_fetch: true,
-            accept: Some("text/html"),
-            ..Default::default()
-        };
-        let Decision::Reply(r) = g.decide(&req, known, NOW, &mut rng).0 else {
-            panic!()
-        };
-        let loc =
-            url::Url::parse(&r.headers.iter().find(|(k, _)| k == "location").unwrap().1).unwrap();
-        let q: std::collections::HashMap<_, _> = loc.query_pairs().into_owned().collect();
-        let set = &r.headers.iter().find(|(k, _)| k == "set-cookie").unwrap().1;
-        let login_cookie = set.split(';').next().unwrap().to_string();
-        // Callback.
-        let path = format!(
-            "/oauth2/callback?code=c&state={}&iss={}",
-            q["state"], "https%3A%2F%2Fidp.example.com"
-        );
-        let req = Request {
-            method: "GET",
-            scheme: "https",
-            authority: "app.example.com",
-            path: &path,
-            cookie_headers: vec![&login_cookie],
-            sec_fetch_mode: Some("navigate"),
-            has_sec_fetch: true,
-            accept: Some("text/html"),
-            ..Default::default()
-        };
-        let Decision::ExchangeCode { pending, .. } = g.decide(&req, known, NOW, &mut rng).0 else {
-            panic!()
-        };
-        let idp = mock_idp::IdpState::new(mock_idp::MockIdpConfig {
-            issuer: Some("https://idp.example.com".into()),
-            ..Default::default()
-        });
-        let id_token = idp.sign_jwt(
-            json!({}),
-            json!({"iss": "https://idp.example.com", "sub": "u", "aud": "gate",
-            "exp": NOW + 300, "iat": NOW, "nonce": q["nonce"]}),
-        );
-        let body = json!({"access_token": "a", "token_type": "Bearer", "expires_in": 300, "id_token": id_token, "refresh_token": "r1"}).to_string();
-        let jwks = Jwks::parse(idp.jwks().to_string().as_bytes()).unwrap();
-        let (LoginStep::Done(r), _) = g.complete_login(
-            &pending,
-            200,
-            body.as_bytes(),
-            Keys {
-                jwks: Some(&jwks),
-                may_refetch: false,
-            },
-            NOW,
-            &mut rng,
-        ) else {
-            panic!()
-        };
-        let session = r
-            .headers
-            .iter()
-            .find(|(k, v)| k == "set-cookie" && v.starts_with("__Host-oidc-gate="))
-            .unwrap()
-            .1
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
-        // The access token is about to expire: the request needs a refresh.
-        let req = Request {
-            method: "GET",
-            scheme: "https",
-            authority: "app.example.com",
-            path: "/y",
-            cookie_headers: vec![&session],
-            ..Default::default()
-        };
-        let Decision::Refresh { pending, .. } = g.decide(&req, known, NOW + 290, &mut rng).0 else {
-            panic!()
-        };
-        (g, pending)
+        #[no_mangle]
+        extern "C" fn proxy_get_header_map_pairs(
+            _: u32,
+            data: *mut *mut u8,
+            size: *mut usize,
+        ) -> u32 {
+            let status = STATUS.with(|s| s.borrow().clone());
+            let buf = super::serialise(&[(b":status", &status)]);
+            let b = buf.into_boxed_slice();
+            unsafe {
+                *size = b.len();
+                *data = Box::into_raw(b).cast::<u8>();
+            }
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_get_current_time_nanoseconds(t: *mut u64) -> u32 {
+            unsafe { *t = NOW_NS.with(std::cell::Cell::get) };
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_record_metric(_: u32, _: u64) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_get_buffer_bytes(
+            _: u32,
+            _: usize,
+            _: usize,
+            d: *mut *mut u8,
+            n: *mut usize,
+        ) -> u32 {
+            unsafe {
+                *d = std::ptr::null_mut();
+                *n = 0;
+            }
+            1
+        }
+        #[no_mangle]
+        extern "C" fn proxy_add_header_map_value(
+            _: u32,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+        ) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_http_call(
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: *const u8,
+            _: usize,
+            _: u32,
+            t: *mut u32,
+        ) -> u32 {
+            unsafe { *t = 99 };
+            0
+        }
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
     fn refreshing() -> (Rc<Shared>, PendingRefresh, [u8; 16]) {
-        let (g, pending) = refresh_pending_for_test();
+        let (g, pending) = crate::flow::tests::a_due_refresh();
         let key = pending.coalescing_key();
         (shared_for(g), pending, key)
     }
@@ -1679,89 +1641,6 @@ mod tests {
         );
     }
 
-    // Host stubs for a refresh callout's answer: its `:status`, and the clock.
-    #[allow(unsafe_code)]
-    mod answer_stubs {
-        thread_local! {
-            pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-            pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-        }
-        #[no_mangle]
-        extern "C" fn proxy_get_header_map_pairs(
-            _: u32,
-            data: *mut *mut u8,
-            size: *mut usize,
-        ) -> u32 {
-            let status = STATUS.with(|s| s.borrow().clone());
-            let mut buf = Vec::new();
-            buf.extend_from_slice(&1u32.to_le_bytes());
-            buf.extend_from_slice(&7u32.to_le_bytes());
-            buf.extend_from_slice(&(status.len() as u32).to_le_bytes());
-            buf.extend_from_slice(b":status\0");
-            buf.extend_from_slice(&status);
-            buf.push(0);
-            let b = buf.into_boxed_slice();
-            unsafe {
-                *size = b.len();
-                *data = Box::into_raw(b).cast::<u8>();
-            }
-            0
-        }
-        #[no_mangle]
-        extern "C" fn proxy_get_current_time_nanoseconds(t: *mut u64) -> u32 {
-            unsafe { *t = NOW_NS.with(std::cell::Cell::get) };
-            0
-        }
-        #[no_mangle]
-        extern "C" fn proxy_record_metric(_: u32, _: u64) -> u32 {
-            0
-        }
-        #[no_mangle]
-        extern "C" fn proxy_get_buffer_bytes(
-            _: u32,
-            _: usize,
-            _: usize,
-            d: *mut *mut u8,
-            n: *mut usize,
-        ) -> u32 {
-            unsafe {
-                *d = std::ptr::null_mut();
-                *n = 0;
-            }
-            1
-        }
-        #[no_mangle]
-        extern "C" fn proxy_add_header_map_value(
-            _: u32,
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
-        ) -> u32 {
-            0
-        }
-        #[no_mangle]
-        extern "C" fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
-            0
-        }
-        #[no_mangle]
-        extern "C" fn proxy_http_call(
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
-            _: u32,
-            t: *mut u32,
-        ) -> u32 {
-            unsafe { *t = 99 };
-            0
-        }
-    }
-
     /// Found in review: an answer too large to read is not "the IdP did not answer". A 400
     /// invalid_grant (or a 200) over MAX_TOKEN_RESPONSE_BYTES was fed to the engine as 503, so
     /// a refused refresh kept the session (forwarded on the old token) instead of ending it.
@@ -1779,9 +1658,9 @@ mod tests {
                 pending,
                 key,
             };
-            answer_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
+            host_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
             // The access token (exp NOW + 300) is still valid.
-            answer_stubs::NOW_NS.with(|t| t.set(1_800_000_291 * 1_000_000_000));
+            host_stubs::NOW_NS.with(|t| t.set(1_800_000_291 * 1_000_000_000));
             host_stubs::LAST_REPLY.with(|r| r.set(0));
             leader.on_http_call_response(1, 1, MAX_TOKEN_RESPONSE_BYTES + 1, 0);
             assert!(
@@ -1837,7 +1716,7 @@ mod tests {
         poll_remote(&shared, NOW, 1); // lock gone, no answer: X gets its 503
                                       // Y leads a new refresh of the session on this worker; Z follows it.
         assert!(shared.refreshes.borrow_mut().lead(key));
-        let (_, pending_z) = refresh_pending_for_test();
+        let (_, pending_z) = crate::flow::tests::a_due_refresh();
         assert_eq!(pending_z.coalescing_key(), key);
         shared.refreshes.borrow_mut().follow(
             key,

@@ -1054,6 +1054,16 @@ fn refresh_pending(
     }
 }
 
+/// A gate and a refresh due (at `NOW + 290`, its access token valid until `NOW + 300`) on a
+/// session from a real login: for the glue's tests of refresh coordination.
+pub(crate) fn a_due_refresh() -> (Gate, PendingRefresh) {
+    let g = gate();
+    let mut rng = SeededRandom(1);
+    let session = logged_in(&g, &Idp::new(), &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
+    (g, pending)
+}
+
 /// The IdP's answer to `pending`: a new access token `access-2` and a rotated refresh token.
 fn complete_rotating_refresh(
     g: &Gate,
