@@ -838,12 +838,13 @@ impl Gate {
         let (found, mut note) = self.session_from(&host, &cookies, now);
         if let Some(found) = found {
             let session = found.session;
-            let wants_refresh = now.saturating_add(self.config.refresh_skew) >= session.expires_at
-                && !(session.is_usable(now) && self.refresh_deferred(&session, now));
+            let due = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
+            // The IdP did not answer this session's refresh moments ago: not asked again on
+            // every request of an outage (served while the token is valid, 503 after).
+            let deferred = due && self.refresh_deferred(&session, now);
+            let wants_refresh = due && !(deferred && session.is_usable(now));
             if wants_refresh && session.refresh_token.is_some() {
-                if self.refresh_deferred(&session, now) {
-                    // Expired, and the IdP did not answer its refresh moments ago: not asked
-                    // again on every request of an outage.
+                if deferred {
                     return (
                         Decision::Reply(
                             Failure::IdpUnavailable.reply(req.is_navigation(), req.request_id),
