@@ -22,6 +22,8 @@ pub const JWKS_TTL_SECS: u64 = 600;
 pub const MAX_STALENESS_SECS: u64 = 24 * 3600;
 /// At most one JWKS refetch for an unknown `kid` per this many seconds, process-wide.
 pub const JWKS_REFETCH_INTERVAL_SECS: u64 = 30;
+/// The shared-data slot holding when the last JWKS refetch was claimed.
+const JWKS_REFETCH_SLOT: &str = "jwks-refetch";
 
 struct Parsed<T> {
     value: Rc<T>,
@@ -136,7 +138,7 @@ impl IdpCache {
     /// Claims the process-wide right to refetch the JWKS for an unknown `kid`; false if another
     /// refetch happened too recently (a flood of random `kid`s must not become a flood of fetches).
     pub fn claim_jwks_refetch(&self, now: UnixSeconds) -> bool {
-        let key = self.key("jwks-refetch");
+        let key = self.key(JWKS_REFETCH_SLOT);
         let (last, cas) = match hostcalls::get_shared_data(&key) {
             Ok((Some(bytes), cas)) => (read_u64(&bytes).unwrap_or(0), cas),
             Ok((None, cas)) => (0, cas),
@@ -259,10 +261,12 @@ impl IdpCache {
         self.key(&format!("refreshing/{}", key[0]))
     }
 
-    /// Creates the lock slots, so that taking a lock is always a compare-and-swap.
-    pub fn init_refresh_locks(&self) {
-        for slot in 0..REFRESH_SLOTS {
-            let name = self.key(&format!("refreshing/{slot}"));
+    /// Creates the slots that are taken by compare-and-swap (the refresh locks and the JWKS
+    /// refetch claim): a slot that does not exist yet has no CAS to compare, so two VMs creating
+    /// it at once would both win.
+    pub fn init_shared_slots(&self) {
+        let locks = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshing/{slot}")));
+        for name in locks.chain(std::iter::once(self.key(JWKS_REFETCH_SLOT))) {
             if let Ok((None, _)) = hostcalls::get_shared_data(&name) {
                 let _ = hostcalls::set_shared_data(&name, Some(&[]), None);
             }

@@ -122,7 +122,7 @@ impl RootContext for Root {
                     remote_waiters: RefCell::new(Vec::new()),
                 }));
                 if let Some(shared) = &self.shared {
-                    shared.cache.borrow().init_refresh_locks();
+                    shared.cache.borrow().init_shared_slots();
                     shared.endings.init();
                 }
                 timing::announce();

@@ -1408,30 +1408,69 @@ mod tests {
         assert_eq!(r.scheme, "https");
     }
 
-    // Host stubs so the glue links natively (no host: shared data is empty, calls succeed).
+    // Host stubs so the glue links natively (no host: calls succeed; shared data is this test
+    // thread's own, with Envoy's compare-and-swap rules).
     #[allow(unsafe_code)]
     mod host_stubs {
+        use std::collections::HashMap;
+
+        /// A key's value and its CAS, which every write advances.
+        type SharedData = HashMap<Vec<u8>, (Vec<u8>, u32)>;
+
+        unsafe fn bytes<'a>(data: *const u8, size: usize) -> &'a [u8] {
+            if size == 0 {
+                &[]
+            } else {
+                unsafe { std::slice::from_raw_parts(data, size) }
+            }
+        }
+
         #[no_mangle]
         extern "C" fn proxy_get_shared_data(
-            _: *const u8,
-            _: usize,
-            _: *mut *mut u8,
-            _: *mut usize,
-            _: *mut u32,
+            key: *const u8,
+            key_size: usize,
+            data: *mut *mut u8,
+            size: *mut usize,
+            cas: *mut u32,
         ) -> u32 {
-            1
+            let key = unsafe { bytes(key, key_size) };
+            let Some((value, at)) = SHARED.with(|m| m.borrow().get(key).cloned()) else {
+                return 1;
+            };
+            let b = value.into_boxed_slice();
+            unsafe {
+                *size = b.len();
+                *data = Box::into_raw(b).cast::<u8>();
+                *cas = at;
+            }
+            0
         }
         #[no_mangle]
         extern "C" fn proxy_set_shared_data(
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
-            _: u32,
+            key: *const u8,
+            key_size: usize,
+            value: *const u8,
+            value_size: usize,
+            cas: u32,
         ) -> u32 {
-            0
+            let key = unsafe { bytes(key, key_size) }.to_vec();
+            let value = unsafe { bytes(value, value_size) }.to_vec();
+            LAST_SET_CAS.with(|c| c.set(cas));
+            SHARED.with(|m| {
+                let mut m = m.borrow_mut();
+                let current = m.get(&key).map_or(0, |(_, at)| *at);
+                if cas != 0 && cas != current {
+                    return 8;
+                }
+                m.insert(key, (value, current + 1));
+                0
+            })
         }
         thread_local! {
+            /// This test thread's shared data.
+            pub static SHARED: std::cell::RefCell<SharedData> = std::cell::RefCell::new(HashMap::new());
+            /// The CAS the last shared-data write asked for (0: none).
+            pub static LAST_SET_CAS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The status of the last local reply this thread's test sent.
             pub static LAST_REPLY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The `:status` of the callout answer the host hands over.
@@ -1551,6 +1590,23 @@ mod tests {
             unsafe { *t = 99 };
             0
         }
+    }
+
+    #[test]
+    fn the_jwks_refetch_claim_is_a_compare_and_swap_from_the_first_claim_on() {
+        use crate::abi::cache::{IdpCache, JWKS_REFETCH_INTERVAL_SECS};
+        let cache = IdpCache::new("https://idp.example", "idp");
+        cache.init_shared_slots();
+        assert!(cache.claim_jwks_refetch(1_000));
+        assert_ne!(
+            host_stubs::LAST_SET_CAS.with(std::cell::Cell::get),
+            0,
+            "a claim without CAS wins even when another VM claimed at the same moment"
+        );
+        // Another VM configured later must not reset the claim.
+        IdpCache::new("https://idp.example", "idp").init_shared_slots();
+        assert!(!cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS - 1));
+        assert!(cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS));
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
