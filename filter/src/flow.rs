@@ -1816,6 +1816,22 @@ impl Gate {
         }
     }
 
+    /// A refresh that ends with no answer to apply (its leader's client left, or another
+    /// worker's refresh let go or took too long): the IdP refused nothing, so the session goes
+    /// on with its access token while that is valid, and gets a retryable 503 after. Nothing is
+    /// paused: the IdP may never have been asked, and the next request refreshes.
+    pub fn refresh_without_answer(
+        &self,
+        pending: &PendingRefresh,
+        now: UnixSeconds,
+    ) -> RefreshStep {
+        if pending.session.is_usable(now) {
+            RefreshStep::Forward(self.forward_session(&pending.session, pending.cookie.clone()))
+        } else {
+            RefreshStep::Unavailable
+        }
+    }
+
     /// Whether a refresh the IdP could not answer is paused for this session.
     fn refresh_deferred(&self, session: &Session, now: UnixSeconds) -> bool {
         let retry_at = self.refresh_retry_at.borrow();

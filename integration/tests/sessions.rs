@@ -750,6 +750,57 @@ async fn an_idp_that_is_down_does_not_end_a_session_whose_token_is_valid() {
     assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
 }
 
+/// A refresh whose own request is cancelled (the user navigated away) while the IdP is slow
+/// ended without an answer: the session's requests that waited for it on that worker go upstream
+/// with the access token, which is still valid, not with a 503; the cancelled one goes nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_cancelled_refresh_go_on_with_the_valid_token() {
+    let stack = Stack::start(one_worker_short_ttl()).await;
+    let b = Arc::new(stack.browser());
+    let t_login = login(&stack, &b).await;
+    let r = b.get(&stack.url("/before")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let token = bearer_of(&seen_at(&stack, "/before"));
+    wait_refresh_due(t_login).await;
+    stack.idp.reset_stats();
+    stack.idp.set_fault(Fault::TokenHang);
+    let get = |path: &str| {
+        let (b, url) = (b.clone(), stack.url(path));
+        tokio::spawn(async move { b.get(&url).await })
+    };
+    let leader = get("/leader");
+    let asked = Instant::now();
+    while stack.idp.stats().refresh == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "the refresh never reached the IdP"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let follower = get("/follower");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !follower.is_finished(),
+        "the second request waits for the first one's refresh"
+    );
+    leader.abort();
+    let r = tokio::time::timeout(Duration::from_secs(3), follower)
+        .await
+        .expect("the waiting request is answered once its leader is gone")
+        .expect("request task");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(bearer_of(&seen_at(&stack, "/follower")), token);
+    assert_eq!(stack.idp.stats().refresh, 1, "one refresh asked");
+    assert!(
+        stack
+            .upstream
+            .requests()
+            .iter()
+            .all(|r| r.path != "/leader"),
+        "the cancelled request went nowhere"
+    );
+}
+
 /// Requests of one session waiting for a refresh that fails: each gets its own answer (login
 /// for navigations, 401 for API calls), the cookie cleared, nothing upstream, nobody hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

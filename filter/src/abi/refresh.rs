@@ -59,6 +59,24 @@ pub fn complete_follower(
         shared
             .gate
             .complete_refresh(&f.pending, status, body, keys, now, &mut HostRandom);
+    apply(shared, f, step, now, provider);
+}
+
+/// Answers a waiting stream whose refresh ended without an answer: on its access token while
+/// valid, a retryable 503 after. The caller has made it the effective context.
+fn complete_without_answer(shared: &Shared, f: Follower, now: u64) {
+    let step = shared.gate.refresh_without_answer(&f.pending, now);
+    apply(shared, f, step, now, None);
+}
+
+/// Resumes a waiting stream, or answers it, as a refresh step says.
+fn apply(
+    shared: &Shared,
+    f: Follower,
+    step: RefreshStep,
+    now: u64,
+    provider: Option<&ProviderMetadata>,
+) {
     match step {
         RefreshStep::Forward(fwd) => {
             let _ = hostcalls::set_map_value(
@@ -132,22 +150,23 @@ pub fn release_local(
     let _ = hostcalls::set_effective_context(restore);
 }
 
-/// Answers waiting streams with a retryable 503 (their refresh's leader went away).
-pub fn abandon_local(shared: &Shared, key: &[u8; 16], restore: u32) {
+/// Answers the streams waiting for a refresh whose leader went away without an answer.
+pub fn abandon_local(shared: &Shared, key: &[u8; 16], now: u64, restore: u32) {
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
         if hostcalls::set_effective_context(f.context_id).is_ok() {
-            send(&Failure::IdpUnavailable.reply(f.facts.browser(), f.facts.request_id()));
+            complete_without_answer(shared, f, now);
         }
     }
     let _ = hostcalls::set_effective_context(restore);
 }
 
 /// A leader that stops before its refresh finished: the cross-worker lock goes, and this
-/// worker's streams waiting for the refresh get a retryable 503 instead of waiting forever.
-pub fn give_up_refresh(shared: &Shared, key: &[u8; 16], restore: u32) {
+/// worker's streams waiting for the refresh go on (or get a retryable 503) instead of waiting
+/// forever.
+pub fn give_up_refresh(shared: &Shared, key: &[u8; 16], now: u64, restore: u32) {
     shared.cache.borrow().unlock_refresh(key);
-    abandon_local(shared, key, restore);
+    abandon_local(shared, key, now, restore);
 }
 
 /// Root tick: completes remote waiters whose refresh finished elsewhere (or gave up).
@@ -171,16 +190,16 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
                 still.push(w);
                 continue;
             }
-            // The other worker let go without an answer (its client left, or its refresh
-            // failed) or took too long: a retryable 503, as the streams waiting on that worker
-            // get. The next request refreshes here and meets the IdP's own verdict; a session
-            // never ends for want of an answer.
+            // The other worker let go without an answer (its client left, or the IdP did not
+            // answer it) or took too long: on the access token while it is valid, a retryable
+            // 503 after, as the streams waiting on that worker get. The next request refreshes
+            // here and meets the IdP's own verdict; a session never ends for want of an answer.
             None => {
+                let key = w.key;
                 if hostcalls::set_effective_context(w.follower.context_id).is_ok() {
-                    let f = &w.follower.facts;
-                    send(&Failure::IdpUnavailable.reply(f.browser(), f.request_id()));
+                    complete_without_answer(shared, w.follower, now);
                 }
-                abandon_local(shared, &w.key, root_id);
+                abandon_local(shared, &key, now, root_id);
                 continue;
             }
         };

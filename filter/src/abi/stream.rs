@@ -696,7 +696,7 @@ impl Stream {
             if !started {
                 // This stream registered as the worker's leader for the session: its local
                 // followers are answered too, or they would wait for it forever.
-                abandon_local(shared, &key, self.id);
+                abandon_local(shared, &key, self.now(), self.id);
                 return self.fail(Failure::IdpUnavailable);
             }
             shared.remote_waiters.borrow_mut().push(RemoteWaiter {
@@ -792,7 +792,7 @@ impl Stream {
                 );
             }
             RefreshStep::Unavailable => {
-                give_up_refresh(&shared, &key, self.id);
+                give_up_refresh(&shared, &key, self.now(), self.id);
                 self.fail(Failure::IdpUnavailable);
             }
             RefreshStep::Ended(clear) => {
@@ -852,7 +852,7 @@ impl Stream {
     /// streams waiting for it do not wait forever.
     fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: &AfterKeys) {
         if let AfterKeys::Refresh { key, .. } = then {
-            give_up_refresh(shared, key, self.id);
+            give_up_refresh(shared, key, self.now(), self.id);
         }
         self.fail(Failure::IdpUnavailable);
     }
@@ -1142,7 +1142,7 @@ impl Stream {
             | Waiting::Jwks {
                 then: AfterKeys::Refresh { key, .. },
                 ..
-            } => give_up_refresh(&shared, &key, self.id),
+            } => give_up_refresh(&shared, &key, self.now(), self.id),
             Waiting::RemoteRefresh { key } => {
                 let mut waiters = shared.remote_waiters.borrow_mut();
                 let before = waiters.len();
@@ -1153,7 +1153,7 @@ impl Stream {
                 // the root's poll answered it (it cannot reset this state), they were answered
                 // too, and the key may belong to a newer refresh of the session by now.
                 if still_waiting {
-                    abandon_local(&shared, &key, self.id);
+                    abandon_local(&shared, &key, self.now(), self.id);
                 }
             }
             _ => {}
@@ -1469,6 +1469,10 @@ mod tests {
         thread_local! {
             /// This test thread's shared data.
             pub static SHARED: std::cell::RefCell<SharedData> = std::cell::RefCell::new(HashMap::new());
+            /// Whether a paused request was resumed.
+            pub static RESUMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            /// The last `authorization` request header the glue set.
+            pub static AUTHORIZATION_SET: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
             /// The CAS the last shared-data write asked for (0: none).
             pub static LAST_SET_CAS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The status of the last local reply this thread's test sent.
@@ -1503,11 +1507,16 @@ mod tests {
         #[no_mangle]
         extern "C" fn proxy_replace_header_map_value(
             _: u32,
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
+            name: *const u8,
+            name_size: usize,
+            value: *const u8,
+            value_size: usize,
         ) -> u32 {
+            let name = unsafe { bytes(name, name_size) };
+            if name == b"authorization" {
+                let value = unsafe { bytes(value, value_size) };
+                AUTHORIZATION_SET.with(|a| *a.borrow_mut() = Some(value.to_vec()));
+            }
             0
         }
         #[no_mangle]
@@ -1520,6 +1529,7 @@ mod tests {
         }
         #[no_mangle]
         extern "C" fn proxy_continue_stream(_: u32) -> u32 {
+            RESUMED.with(|r| r.set(true));
             0
         }
         #[no_mangle]
@@ -1643,30 +1653,98 @@ mod tests {
         })
     }
 
+    /// A waiting request's fate: forwarded (the `authorization` it went on with) or answered.
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Forwarded(String),
+        Answered(u32),
+        Waiting,
+    }
+
+    fn outcome_of(run: impl FnOnce()) -> Outcome {
+        host_stubs::LAST_REPLY.with(|r| r.set(0));
+        host_stubs::RESUMED.with(|r| r.set(false));
+        host_stubs::AUTHORIZATION_SET.with(|a| *a.borrow_mut() = None);
+        run();
+        let reply = host_stubs::LAST_REPLY.with(std::cell::Cell::get);
+        let authorization = host_stubs::AUTHORIZATION_SET.with(|a| a.borrow_mut().take());
+        match (reply, host_stubs::RESUMED.with(std::cell::Cell::get)) {
+            (0, true) => Outcome::Forwarded(
+                String::from_utf8_lossy(&authorization.unwrap_or_default()).into(),
+            ),
+            (0, false) => Outcome::Waiting,
+            (status, _) => Outcome::Answered(status),
+        }
+    }
+
+    /// The access token of `a_due_refresh`'s session: valid until NOW + 300.
+    const OLD_TOKEN: &str = "Bearer access-abc";
+    const VALID: u64 = 1_800_000_290;
+    const EXPIRED: u64 = 1_800_000_300;
+
     // Found in review: a waiter on another worker took "released without an answer" (the
-    // leader's client left) for a refusal and ended the session there.
+    // leader's client left) for a refusal and ended the session there. It is not a logout:
+    // the request goes on with the access token while that is valid, and gets a retryable 503
+    // after (before, a 503 even with a valid token, though that worker's own requests went on).
     #[test]
-    fn a_refresh_given_up_on_another_worker_is_a_retryable_503_not_a_logout() {
+    fn a_refresh_given_up_on_another_worker_goes_on_with_a_valid_token_else_a_retryable_503() {
         use super::super::refresh::{poll_remote, RemoteWaiter};
         use super::super::root::Follower;
-        const NOW: u64 = 1_800_000_290;
-        let (shared, pending, key) = refreshing();
-        // An API call: had its session ended, it would get a 401.
-        let facts = api_call_facts(&shared.gate);
-        shared.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
+        for (now, expected) in [
+            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
+            (EXPIRED, Outcome::Answered(503)),
+        ] {
+            let (shared, pending, key) = refreshing();
+            // An API call: had its session ended, it would get a 401.
+            let facts = api_call_facts(&shared.gate);
+            shared.remote_waiters.borrow_mut().push(RemoteWaiter {
+                follower: Follower {
+                    context_id: 9,
+                    pending,
+                    facts,
+                },
+                key,
+                deadline: now + 10,
+            });
+            // No answer stored, no lock held.
+            let outcome = outcome_of(|| poll_remote(&shared, now, 1));
+            assert!(shared.remote_waiters.borrow().is_empty());
+            assert_eq!(outcome, expected, "at {now}");
+        }
+    }
+
+    #[test]
+    fn a_refresh_leader_whose_client_leaves_lets_its_followers_go_on_with_a_valid_token() {
+        use super::super::root::Follower;
+        for (now, expected) in [
+            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
+            (EXPIRED, Outcome::Answered(503)),
+        ] {
+            let (shared, pending, key) = refreshing();
+            assert!(shared.refreshes.borrow_mut().lead(key));
+            let mut leader = Stream::new(7, Some(shared.clone()));
+            leader.waiting = Waiting::Refresh {
+                token: 1,
+                started: SystemTime::UNIX_EPOCH,
                 pending,
-                facts,
-            },
-            key,
-            deadline: NOW + 10,
-        });
-        host_stubs::LAST_REPLY.with(|r| r.set(0));
-        // No answer stored, no lock held (the stubbed shared data is empty).
-        poll_remote(&shared, NOW, 1);
-        assert!(shared.remote_waiters.borrow().is_empty());
-        assert_eq!(host_stubs::LAST_REPLY.with(std::cell::Cell::get), 503);
+                key,
+            };
+            let (_, pending_follower) = crate::flow::tests::a_due_refresh();
+            shared.refreshes.borrow_mut().follow(
+                key,
+                Follower {
+                    context_id: 11,
+                    pending: pending_follower,
+                    facts: api_call_facts(&shared.gate),
+                },
+            );
+            host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
+            // The leader's client goes away before the IdP answers.
+            let outcome = outcome_of(|| {
+                Stream::done(&mut leader);
+            });
+            assert_eq!(outcome, expected, "at {now}");
+        }
     }
 
     #[test]
