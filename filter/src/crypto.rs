@@ -31,6 +31,8 @@ pub enum Purpose {
     Session,
     /// A per-login (state, nonce, PKCE verifier) cookie.
     Login,
+    /// A refresh's token answer, kept in the host's shared data for the other workers.
+    RefreshResult,
 }
 
 impl Purpose {
@@ -38,6 +40,7 @@ impl Purpose {
         match self {
             Purpose::Session => b"session",
             Purpose::Login => b"login",
+            Purpose::RefreshResult => b"refresh-result",
         }
     }
 }
@@ -71,6 +74,7 @@ struct DerivedKey {
     id: [u8; KEY_ID_LEN],
     session: XChaCha20Poly1305,
     login: XChaCha20Poly1305,
+    refresh_result: XChaCha20Poly1305,
 }
 
 /// What a keyring's keys are bound to besides the secret: the policy's issuer and client. A
@@ -92,14 +96,20 @@ impl DerivedKey {
         let mut id = [0u8; KEY_ID_LEN];
         let mut session = [0u8; 32];
         let mut login = [0u8; 32];
+        let mut refresh_result = [0u8; 32];
         // HKDF-SHA256 can produce up to 8160 bytes; these lengths are fixed and far below that.
         let _ = hk.expand(b"key-id", &mut id);
         let _ = hk.expand_multi_info(&[Purpose::Session.label(), scope], &mut session);
         let _ = hk.expand_multi_info(&[Purpose::Login.label(), scope], &mut login);
+        let _ = hk.expand_multi_info(
+            &[Purpose::RefreshResult.label(), scope],
+            &mut refresh_result,
+        );
         Self {
             id,
             session: XChaCha20Poly1305::new(&session.into()),
             login: XChaCha20Poly1305::new(&login.into()),
+            refresh_result: XChaCha20Poly1305::new(&refresh_result.into()),
         }
     }
 
@@ -107,6 +117,7 @@ impl DerivedKey {
         match purpose {
             Purpose::Session => &self.session,
             Purpose::Login => &self.login,
+            Purpose::RefreshResult => &self.refresh_result,
         }
     }
 }

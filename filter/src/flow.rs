@@ -20,7 +20,7 @@ use url::Url;
 use crate::config::{
     port_is_well_formed, strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization,
 };
-use crate::crypto::{key_scope, Keyring};
+use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::claim_header_value;
@@ -1814,6 +1814,32 @@ impl Gate {
                 "refresh failed: session too large for the cookie budget".into(),
             ),
         }
+    }
+
+    /// Seals a refresh's token answer for the other workers: shared data is readable by every
+    /// plugin of the gateway's VM and keeps a slot's last value for as long as the process
+    /// lives, so the tokens in it are encrypted with a key only this policy's cookie secret
+    /// gives, bound to the refresh token it answers.
+    pub fn seal_refresh_result(
+        &self,
+        refresh_key: &[u8; 16],
+        body: &[u8],
+        rng: &mut dyn Random,
+    ) -> Option<Vec<u8>> {
+        self.keys
+            .seal(Purpose::RefreshResult, refresh_key, body, rng)
+            .ok()
+            .map(String::into_bytes)
+    }
+
+    /// Opens what [`Gate::seal_refresh_result`] sealed for the same refresh token; `None` for
+    /// anything else (another policy's secret, another refresh token, tampering).
+    pub fn open_refresh_result(&self, refresh_key: &[u8; 16], sealed: &[u8]) -> Option<Vec<u8>> {
+        let sealed = std::str::from_utf8(sealed).ok()?;
+        self.keys
+            .open(Purpose::RefreshResult, refresh_key, sealed)
+            .ok()
+            .map(|o| o.plaintext)
     }
 
     /// A refresh that ends with no answer to apply (its leader's client left, or another

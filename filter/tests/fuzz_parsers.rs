@@ -261,13 +261,18 @@ fn strs(values: &'static [&'static str]) -> BoxedStrategy<Value> {
 }
 
 fn purpose() -> impl Strategy<Value = Purpose> {
-    prop_oneof![Just(Purpose::Session), Just(Purpose::Login)]
+    prop_oneof![
+        Just(Purpose::Session),
+        Just(Purpose::Login),
+        Just(Purpose::RefreshResult)
+    ]
 }
 
 fn other_purpose(p: Purpose) -> Purpose {
     match p {
         Purpose::Session => Purpose::Login,
-        Purpose::Login => Purpose::Session,
+        Purpose::Login => Purpose::RefreshResult,
+        Purpose::RefreshResult => Purpose::Session,
     }
 }
 

@@ -10,7 +10,9 @@ use std::rc::Rc;
 use proxy_wasm::hostcalls;
 use sha2::{Digest, Sha256};
 
+use super::host::HostRandom;
 use crate::discovery::ProviderMetadata;
+use crate::flow::Gate;
 use crate::token::Jwks;
 use crate::types::UnixSeconds;
 
@@ -225,20 +227,24 @@ impl IdpCache {
 
     /// Remembers the token answer of a refresh for [`REFRESH_RESULT_TTL_SECS`], so a request of
     /// the same session on another worker reuses it instead of presenting the old (rotated)
-    /// refresh token again and losing the session.
-    pub fn store_refresh_result(&self, key: &[u8; 16], body: &[u8], now: UnixSeconds) {
+    /// refresh token again and losing the session. The answer is sealed by the gate: its tokens
+    /// never sit in shared data in the clear.
+    pub fn store_refresh_result(&self, gate: &Gate, key: &[u8; 16], body: &[u8], now: UnixSeconds) {
         if body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
             return;
         }
-        let mut value = Vec::with_capacity(24 + body.len());
+        let Some(sealed) = gate.seal_refresh_result(key, body, &mut HostRandom) else {
+            return;
+        };
+        let mut value = Vec::with_capacity(24 + sealed.len());
         value.extend_from_slice(key);
         value.extend_from_slice(&now.to_be_bytes());
-        value.extend_from_slice(body);
+        value.extend_from_slice(&sealed);
         let _ = hostcalls::set_shared_data(&self.refresh_slot(key), Some(&value), None);
     }
 
     /// A recent refresh answer for this refresh token, if another stream already got one.
-    pub fn refresh_result(&self, key: &[u8; 16], now: UnixSeconds) -> Option<Vec<u8>> {
+    pub fn refresh_result(&self, gate: &Gate, key: &[u8; 16], now: UnixSeconds) -> Option<Vec<u8>> {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_slot(key)) else {
             return None;
         };
@@ -249,7 +255,7 @@ impl IdpCache {
         if now > at.saturating_add(REFRESH_RESULT_TTL_SECS) {
             return None;
         }
-        bytes.get(24..).map(<[u8]>::to_vec)
+        gate.open_refresh_result(key, bytes.get(24..)?)
     }
 }
 

@@ -182,7 +182,10 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
         .map(|f| f.value);
     let mut still = Vec::new();
     for w in waiters {
-        let result = shared.cache.borrow().refresh_result(&w.key, now);
+        let result = shared
+            .cache
+            .borrow()
+            .refresh_result(&shared.gate, &w.key, now);
         let locked = shared.cache.borrow().refresh_locked(&w.key, now);
         let body = match result {
             Some(body) => body,

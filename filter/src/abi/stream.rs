@@ -650,7 +650,10 @@ impl Stream {
         let key = pending.coalescing_key();
         // Another worker may already have refreshed this session (and the IdP rotated the
         // refresh token): reuse its answer instead of presenting the old token again.
-        let reused = shared.cache.borrow().refresh_result(&key, now);
+        let reused = shared
+            .cache
+            .borrow()
+            .refresh_result(&shared.gate, &key, now);
         if let Some(body) = reused {
             self.finish_refresh(pending, key, 200, body, paused);
             return Action::Pause;
@@ -745,7 +748,10 @@ impl Stream {
             (status, body)
         } else {
             // Refused: another worker may have rotated the refresh token a moment ago.
-            let elsewhere = shared.cache.borrow().refresh_result(&key, now);
+            let elsewhere = shared
+                .cache
+                .borrow()
+                .refresh_result(&shared.gate, &key, now);
             match elsewhere {
                 Some(b) => (200, b),
                 None => (status, body),
@@ -776,7 +782,10 @@ impl Stream {
             }
             RefreshStep::Forward(fwd) => {
                 if status == 200 {
-                    shared.cache.borrow().store_refresh_result(&key, &body, now);
+                    shared
+                        .cache
+                        .borrow()
+                        .store_refresh_result(&shared.gate, &key, &body, now);
                 }
                 shared.cache.borrow().unlock_refresh(&key);
                 self.apply_forward(fwd);
@@ -1617,6 +1626,23 @@ mod tests {
         IdpCache::new("https://idp.example", "idp").init_shared_slots();
         assert!(!cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS - 1));
         assert!(cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS));
+    }
+
+    #[test]
+    fn a_refresh_answer_shared_with_the_other_workers_holds_no_token_in_the_clear() {
+        let (shared, _, key) = refreshing();
+        let body = br#"{"access_token":"access-secret-2","refresh_token":"refresh-secret-2"}"#;
+        let cache = shared.cache.borrow();
+        cache.store_refresh_result(&shared.gate, &key, body, 1_000);
+        let stored: Vec<Vec<u8>> =
+            host_stubs::SHARED.with(|m| m.borrow().values().map(|(v, _)| v.clone()).collect());
+        assert_eq!(stored.len(), 1);
+        let text = String::from_utf8_lossy(&stored[0]);
+        assert!(!text.contains("secret-2"), "tokens in shared data: {text}");
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &key, 1_000).as_deref(),
+            Some(&body[..])
+        );
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

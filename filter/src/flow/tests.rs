@@ -2068,3 +2068,46 @@ fn a_bearer_value_that_is_not_a_jws_never_costs_a_jwks_fetch() {
         );
     }
 }
+
+/// A refresh's answer is kept in shared data for the other workers, where every plugin of the
+/// gateway can read it and nothing deletes it: only this policy's secret opens it, and only for
+/// the refresh token it answers.
+#[test]
+fn a_shared_refresh_result_is_sealed_to_the_policy_and_the_refresh_token() {
+    let g = gate();
+    let mut rng = SeededRandom(60);
+    let body = br#"{"access_token":"access-secret-2","refresh_token":"refresh-secret-2"}"#;
+    let key = [7u8; 16];
+    let sealed = g.seal_refresh_result(&key, body, &mut rng).unwrap();
+    let text = String::from_utf8_lossy(&sealed);
+    assert!(!text.contains("secret-2"), "tokens in the clear: {text}");
+    assert_eq!(
+        g.open_refresh_result(&key, &sealed).as_deref(),
+        Some(&body[..])
+    );
+    assert_eq!(
+        g.open_refresh_result(&[8u8; 16], &sealed),
+        None,
+        "another refresh token"
+    );
+    let other =
+        gate_with(json!({"cookie_secret": "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldC1vdGhlci1zZWNyZXQ"}));
+    assert_eq!(
+        other.open_refresh_result(&key, &sealed),
+        None,
+        "another secret"
+    );
+    let rotated = gate_with(json!({
+        "cookie_secret": "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldC1vdGhlci1zZWNyZXQ",
+        "previous_cookie_secrets": [COOKIE_SECRET],
+    }));
+    assert_eq!(
+        rotated.open_refresh_result(&key, &sealed).as_deref(),
+        Some(&body[..]),
+        "a worker already on a rotated secret still reads it"
+    );
+    let mut tampered = sealed.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+    assert_eq!(g.open_refresh_result(&key, &tampered), None);
+}
