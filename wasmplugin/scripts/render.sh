@@ -13,8 +13,8 @@
 #   HOSTS    comma-separated hosts to protect (default: the overlay's)
 #   ISSUER   OpenID issuer URL (default: the overlay's)
 #   OUT      output directory (default: wasmplugin/out)
-#   CRD      WasmPlugin CRD to validate against (default: ../shared/reference/wasmplugin-crd.yaml
-#            beside the repository, if present)
+#   CRD      WasmPlugin CRD to validate against (default: Istio's, kept in
+#            wasmplugin/oci-image/tests/data/wasmplugin-crd.yaml)
 #   OCI_IMAGE_BIN  a built oci-image binary to use instead of `cargo run -p oci-image`
 # Then: kubectl apply -f wasmplugin/out/<overlay>.yaml
 set -euo pipefail
@@ -34,7 +34,7 @@ else
   overlay="$(abs "$overlay")"
 fi
 out="$(abs "${OUT:-$root/wasmplugin/out}")"
-crd="$(abs "${CRD:-$root/../shared/reference/wasmplugin-crd.yaml}")"
+crd="$(abs "${CRD:-$root/wasmplugin/oci-image/tests/data/wasmplugin-crd.yaml}")"
 
 if [ -z "$image" ] || [ -z "$digest" ]; then
   echo "render.sh: set IMAGE and DIGEST, or run wasmplugin/scripts/push.sh (make push) first" >&2

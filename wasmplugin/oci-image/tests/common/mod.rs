@@ -18,17 +18,17 @@ pub fn wasmplugin_dir() -> PathBuf {
     repo_root().join("wasmplugin")
 }
 
-/// The real WasmPlugin CRD: `../shared/reference/wasmplugin-crd.yaml` beside the repository
-/// (CI copies shared/ there), or `$WASMPLUGIN_CRD`. Missing is a failure, not a skip.
+/// The real WasmPlugin CRD: Istio's own, kept in `tests/data/` (with the commit it comes from),
+/// or `$WASMPLUGIN_CRD`. Missing is a failure, not a skip.
 pub fn crd_path() -> PathBuf {
     let path = std::env::var_os("WASMPLUGIN_CRD")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/reference/wasmplugin-crd.yaml"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/wasmplugin-crd.yaml")
+        });
     assert!(
         path.is_file(),
-        "WasmPlugin CRD not found at {}: the manifest tests validate against Istio's real CRD, \
-         expected at ../shared/reference/wasmplugin-crd.yaml relative to the repository root \
-         (CI copies shared/ beside the clone), or point WASMPLUGIN_CRD at a copy",
+        "WasmPlugin CRD not found at {}: the manifest tests validate against Istio's real CRD",
         path.display()
     );
     path
