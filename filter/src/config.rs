@@ -374,6 +374,21 @@ impl Config {
                 if url.fragment().is_some() {
                     return Err(ConfigError::new("redirect_uri", "must not have a fragment"));
                 }
+                // Every login's callback lands on this host, and its login cookie (host-only)
+                // is sent back only to the host the login started on: logins from any other
+                // host would fail, and a host outside `hosts` would hand codes to its upstream.
+                let callback_host = url.host_str().unwrap_or_default();
+                if !hosts
+                    .iter()
+                    .all(|p| matches!(p, HostPattern::Exact(h) if h == callback_host))
+                {
+                    return Err(ConfigError::new(
+                        "redirect_uri",
+                        format!(
+                            "sends every login back to {callback_host}, so `hosts` must list that                              host alone; for several hosts leave it out (and set redirect_path)"
+                        ),
+                    ));
+                }
                 Some(url)
             }
         };

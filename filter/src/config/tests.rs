@@ -220,10 +220,29 @@ fn openid_scope_is_always_first_and_unique() {
 
 #[test]
 fn redirect_uri_sets_callback_path() {
-    let c = parse(&with("redirect_uri", json!("https://login.example.com/cb"))).unwrap();
+    let mut v = with("redirect_uri", json!("https://APP.example.com:8443/cb"));
+    v["hosts"] = json!(["app.example.com"]);
+    let c = parse(&v).unwrap();
     assert_eq!(c.redirect_path, "/cb");
     let e = parse(&with("redirect_uri", json!("/relative"))).unwrap_err();
     assert_eq!(e.field, "redirect_uri");
+}
+
+/// Found in review: the login cookie is host-only, so a callback on another host never sees it,
+/// and a callback host outside `hosts` would hand authorization codes to its upstream.
+#[test]
+fn redirect_uri_must_be_the_one_protected_host() {
+    for hosts in [
+        json!(["app.example.com"]),                      // not the callback's host
+        json!(["login.example.com", "app.example.com"]), // logins from app would fail
+        json!(["*.example.com"]),                        // likewise, any other match
+    ] {
+        let mut v = with("redirect_uri", json!("https://login.example.com/cb"));
+        v["hosts"] = hosts.clone();
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "redirect_uri", "{hosts}");
+        assert!(e.to_string().contains("login.example.com"), "{e}");
+    }
 }
 
 #[test]

@@ -2111,3 +2111,46 @@ fn a_shared_refresh_result_is_sealed_to_the_policy_and_the_refresh_token() {
     tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
     assert_eq!(g.open_refresh_result(&key, &tampered), None);
 }
+
+/// A `redirect_uri` override (say, a gateway behind a load balancer on another port) is the
+/// `redirect_uri` of both the authorization request and the code exchange, and its path is the
+/// callback.
+#[test]
+fn a_redirect_uri_override_is_sent_to_the_idp_and_its_path_is_the_callback() {
+    const OVERRIDE: &str = "https://app.example.com:8443/sso/cb";
+    let g = gate_with(json!({"redirect_uri": OVERRIDE}));
+    let mut rng = SeededRandom(61);
+    let r = expect_reply(g.decide(
+        &browser("/app", vec![]),
+        with_provider(&provider()),
+        NOW,
+        &mut rng,
+    ));
+    let loc = Url::parse(header(&r, "location")[0]).unwrap();
+    let q: std::collections::HashMap<_, _> = loc.query_pairs().into_owned().collect();
+    assert_eq!(q["redirect_uri"], OVERRIDE);
+    let (name, value) = cookie_pair(header(&r, "set-cookie")[0]);
+    let cookie = format!("{name}={value}");
+    let path = format!(
+        "/sso/cb?{}",
+        form_encode(&[("code", "c"), ("state", &q["state"]), ("iss", ISS)])
+    );
+    match g
+        .decide(
+            &browser(&path, vec![&cookie]),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::ExchangeCode { call, .. } => {
+            let body = String::from_utf8(call.body.clone()).unwrap();
+            let form: std::collections::HashMap<_, _> = form_urlencoded::parse(body.as_bytes())
+                .into_owned()
+                .collect();
+            assert_eq!(form["redirect_uri"], OVERRIDE);
+        }
+        other => panic!("{other:?}"),
+    }
+}
