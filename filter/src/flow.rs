@@ -1800,13 +1800,21 @@ impl Gate {
             now,
             rng,
         ) {
-            Ok((mut cookies, _)) => {
+            Ok((mut cookies, dropped)) => {
                 let mut fwd = self.forward_session(&session, pending.cookie.clone());
                 cookies.shrink_to_fit();
                 fwd.response_cookies = cookies;
+                let log = if dropped.is_empty() {
+                    "session refreshed".to_string()
+                } else {
+                    format!(
+                        "session refreshed; dropped {} to fit the cookie budget",
+                        dropped.join(", ")
+                    )
+                };
                 (
                     RefreshStep::Forward(fwd),
-                    Note::event(Event::RefreshCompleted, "session refreshed"),
+                    Note::event(Event::RefreshCompleted, log),
                 )
             }
             Err(_) => end(

@@ -2154,3 +2154,77 @@ fn a_redirect_uri_override_is_sent_to_the_idp_and_its_path_is_the_callback() {
         other => panic!("{other:?}"),
     }
 }
+
+/// What a login or refresh log line says was dropped for the cookie budget, in its order.
+fn dropped_in(log: &str) -> Vec<String> {
+    log.split_once("dropped ")
+        .and_then(|(_, rest)| rest.split_once(" to fit"))
+        .map(|(list, _)| list.split(", ").map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Over the cookie budget a session sheds what the gateway can live without, in this order:
+/// claims, then the ID token, then the refresh token; at login and at refresh alike, and the
+/// log says what went.
+#[test]
+fn the_cookie_budget_drops_claims_then_the_id_token_then_the_refresh_token() {
+    const ORDER: [&str; 3] = ["claims", "id_token", "refresh_token"];
+    let g = gate_with(json!({"claims_to_headers": {"x-groups": "groups"}}));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(62);
+    let groups: Vec<String> = (0..40).map(|i| format!("group-{i:03}")).collect();
+    let id_token = |nonce: &str| {
+        idp.0.sign_jwt(
+            json!({}),
+            json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": nonce, "groups": groups}),
+        )
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    for len in (7_000..11_300).step_by(100) {
+        let (r, note) = login_with_body(&g, &idp, &mut rng, |nonce| {
+            json!({"access_token": "a".repeat(len), "token_type": "Bearer", "id_token": id_token(nonce), "refresh_token": "r".repeat(1500)}).to_string()
+        });
+        assert_eq!(r.status, 302, "{len}");
+        let log = note.log.unwrap_or_default();
+        let dropped = dropped_in(&log);
+        assert_eq!(dropped, ORDER[..dropped.len()], "{len}: {log}");
+        seen.entry(dropped.len()).or_insert(len);
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "{seen:?}"
+    );
+
+    // A refresh whose new access token no longer fits with the rest.
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "a", "token_type": "Bearer", "expires_in": 300, "id_token": id_token(nonce), "refresh_token": "r".repeat(1500)}).to_string()
+    });
+    // The session and its chunks, as the browser sends them back.
+    let session: Vec<String> = header(&r, "set-cookie")
+        .into_iter()
+        .filter(|c| !c.starts_with(LOGIN_COOKIE_PREFIX) && !c.contains("Max-Age=0"))
+        .map(|c| {
+            let (n, v) = cookie_pair(c);
+            format!("{n}={v}")
+        })
+        .collect();
+    let (_, pending) = refresh_pending(&g, &session.join("; "), NOW + 290, &mut rng);
+    let answer =
+        json!({"access_token": "a".repeat(seen[&2]), "token_type": "Bearer", "expires_in": 300})
+            .to_string();
+    let (step, note) = g.complete_refresh(
+        &pending,
+        200,
+        answer.as_bytes(),
+        Keys {
+            jwks: Some(&idp.jwks()),
+            may_refetch: false,
+        },
+        NOW + 290,
+        &mut rng,
+    );
+    assert!(matches!(step, RefreshStep::Forward(_)), "{step:?}");
+    let log = note.log.unwrap_or_default();
+    assert_eq!(dropped_in(&log), ["claims", "id_token"], "{log}");
+}
