@@ -174,3 +174,80 @@ async fn two_replicas_share_sessions_across_a_key_rotation() {
     assert_eq!(a.idp.stats().token, tokens_issued, "nobody logged in again");
     drop(b_envoy);
 }
+
+/// The cookie secret rotated the way wasmplugin/README.md says, in two phases, with the replicas
+/// disagreeing in between as they do during a rolling restart: first every replica learns the
+/// new key for opening cookies only, then the new key becomes current, replica by replica. At
+/// every step a session works on both replicas and nobody logs in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_phase_key_rotation_logs_nobody_out_while_replicas_disagree() {
+    let a = Stack::start(StackOptions::default().ecds()).await;
+    let dir_b = tempfile::Builder::new()
+        .prefix("oidc-gate-replica-")
+        .tempdir()
+        .expect("dir");
+    let b_envoy = Envoy::start(
+        &a.gateway.write(dir_b.path()),
+        dir_b.path(),
+        &EnvoyOptions::default(),
+    )
+    .await
+    .expect("replica B starts");
+    let b_addr = b_envoy
+        .listener(config::GATEWAY_LISTENER)
+        .expect("B listener");
+    let via_a = a.browser();
+    let via_b = via_a.with_mode(b_addr, TEST_HOSTS, Mode::Navigation);
+    let flow = a.login(&via_a, &a.url("/headers")).await;
+    assert_eq!(flow.landed.status, 200);
+    let tokens_issued = a.idp.stats().token;
+
+    let old_key = a.cookie_secret.clone();
+    let new_key = STANDARD.encode(random_bytes(32));
+    let with_keys = |current: &str, previous: &str| {
+        let mut c = a.filter_config.clone().expect("generated config");
+        config::merge(
+            &mut c,
+            &json!({"cookie_secret_env": null, "cookie_secret": current, "previous_cookie_secrets": [previous]}),
+        );
+        config::istio_plugin_json(&c)
+    };
+    let both_serve = |step: &'static str| {
+        let (via_a, via_b) = (&via_a, &via_b);
+        let url = a.url("/headers");
+        async move {
+            for (replica, via) in [("A", via_a), ("B", via_b)] {
+                let r = via.get(&url).await;
+                assert_eq!(r.status, 200, "{step}, on {replica}: {}", r.describe());
+            }
+        }
+    };
+
+    // Phase 1: the new key is added for opening only; B restarted first, A still on the old key
+    // alone. Everything is still sealed with the old key.
+    let phase_1 = with_keys(&old_key, &new_key);
+    push_replica(&a.gateway, dir_b.path(), &phase_1, 100);
+    wait_reloads(&b_envoy, 1).await;
+    both_serve("phase 1 half rolled out").await;
+    a.push_plugin_config(&phase_1);
+    wait_reloads(&a.envoy, 1).await;
+    both_serve("phase 1 rolled out").await;
+
+    // Phase 2: the new key becomes current, B first. B reseals the session with the new key,
+    // which A, still in phase 1, opens.
+    let phase_2 = with_keys(&new_key, &old_key);
+    push_replica(&a.gateway, dir_b.path(), &phase_2, 101);
+    wait_reloads(&b_envoy, 2).await;
+    let on_b = via_b.get(&a.url("/headers")).await;
+    assert_eq!(on_b.status, 200, "{}", on_b.describe());
+    assert!(
+        on_b.set_cookie(SESSION_COOKIE).is_some(),
+        "B reseals with the new key"
+    );
+    both_serve("phase 2 half rolled out").await;
+    a.push_plugin_config(&phase_2);
+    wait_reloads(&a.envoy, 2).await;
+    both_serve("phase 2 rolled out").await;
+    assert_eq!(a.idp.stats().token, tokens_issued, "nobody logged in again");
+    drop(b_envoy);
+}
