@@ -231,6 +231,7 @@ mod tests {
             id_token: None,
             refresh_token: None,
             expires_at: created_at + 300,
+            tokens_at: created_at,
             subject: sub.into(),
             created_at,
             max_expires_at: created_at + 3600,

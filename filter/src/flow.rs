@@ -838,7 +838,7 @@ impl Gate {
         let (found, mut note) = self.session_from(&host, &cookies, now);
         if let Some(found) = found {
             let session = found.session;
-            let due = now.saturating_add(self.config.refresh_skew) >= session.expires_at;
+            let due = session.refresh_due(now, self.config.refresh_skew);
             // The IdP did not answer this session's refresh moments ago: not asked again on
             // every request of an outage (served while the token is valid, 503 after).
             let deferred = due && self.refresh_deferred(&session, now);
@@ -1636,6 +1636,7 @@ impl Gate {
             id_token: tokens.id_token,
             refresh_token: tokens.refresh_token,
             expires_at: now.saturating_add(tokens.expires_in),
+            tokens_at: now,
             subject: verified.subject.unwrap_or_default(),
             created_at: now,
             max_expires_at: now.saturating_add(self.config.session_max_age),
@@ -1787,6 +1788,7 @@ impl Gate {
             id_token: tokens.id_token.or_else(|| old.id_token.clone()),
             refresh_token: tokens.refresh_token.or_else(|| old.refresh_token.clone()),
             expires_at: now.saturating_add(tokens.expires_in),
+            tokens_at: now,
             subject: old.subject.clone(),
             created_at: old.created_at,
             max_expires_at: old.max_expires_at,

@@ -32,6 +32,9 @@ pub struct Session {
     pub refresh_token: Option<Secret>,
     /// When the access token expires.
     pub expires_at: UnixSeconds,
+    /// When the access token was obtained (at login or the last refresh); 0 in cookies sealed
+    /// before it was kept.
+    pub tokens_at: UnixSeconds,
     /// The ID token's `sub`.
     pub subject: String,
     /// When the user logged in.
@@ -67,6 +70,8 @@ struct SessionWire {
     refresh_token: Option<String>,
     #[serde(rename = "e")]
     expires_at: u64,
+    #[serde(rename = "t", default)]
+    tokens_at: u64,
     #[serde(rename = "s")]
     subject: String,
     #[serde(rename = "c")]
@@ -119,6 +124,7 @@ impl Session {
             id_token: self.id_token.as_ref().map(|s| s.expose().to_string()),
             refresh_token: self.refresh_token.as_ref().map(|s| s.expose().to_string()),
             expires_at: self.expires_at,
+            tokens_at: self.tokens_at,
             subject: self.subject.clone(),
             created_at: self.created_at,
             max_expires_at: self.max_expires_at,
@@ -149,6 +155,7 @@ impl Session {
                 id_token: wire.id_token.map(Secret::new),
                 refresh_token: wire.refresh_token.map(Secret::new),
                 expires_at: wire.expires_at,
+                tokens_at: wire.tokens_at,
                 subject: wire.subject,
                 created_at: wire.created_at,
                 max_expires_at: wire.max_expires_at,
@@ -162,6 +169,18 @@ impl Session {
     /// Whether the session may serve a request at `now` without a refresh.
     pub fn is_usable(&self, now: UnixSeconds) -> bool {
         now < self.expires_at && now < self.max_expires_at
+    }
+
+    /// Whether the access token is to be refreshed at `now`: `skew` before it expires, but never
+    /// in the first half of its life, so that tokens the IdP issues for no longer than `skew` are
+    /// not refreshed on every request.
+    pub fn refresh_due(&self, now: UnixSeconds, skew: u64) -> bool {
+        let margin = if self.tokens_at == 0 {
+            skew
+        } else {
+            skew.min(self.expires_at.saturating_sub(self.tokens_at) / 2)
+        };
+        now.saturating_add(margin) >= self.expires_at
     }
 }
 
@@ -292,6 +311,7 @@ mod tests {
             id_token: Some(Secret::new("it")),
             refresh_token: None,
             expires_at: 2000,
+            tokens_at: 1000,
             subject: "u1".into(),
             created_at: 1000,
             max_expires_at: 5000,

@@ -2228,3 +2228,56 @@ fn the_cookie_budget_drops_claims_then_the_id_token_then_the_refresh_token() {
     let log = note.log.unwrap_or_default();
     assert_eq!(dropped_in(&log), ["claims", "id_token"], "{log}");
 }
+
+/// Found in review: with access tokens that live no longer than `refresh_skew` (60 s by
+/// default), every request was "due" from the moment of login and asked the IdP for a refresh.
+/// A token is now refreshed `refresh_skew` before it expires, but never in its first half.
+#[test]
+fn tokens_shorter_than_the_refresh_skew_are_refreshed_in_their_second_half() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(63);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "short-1", "token_type": "Bearer", "expires_in": 30, "id_token": idp.id_token(nonce), "refresh_token": "r1"}).to_string()
+    });
+    let set = header(&r, "set-cookie");
+    let (n, v) = cookie_pair(
+        set.iter()
+            .find(|c| c.starts_with("__Host-oidc-gate="))
+            .unwrap(),
+    );
+    let cookie = format!("{n}={v}");
+    let decide_at = |now: u64, rng: &mut SeededRandom| {
+        g.decide(
+            &browser("/x", vec![&cookie]),
+            with_provider(&provider()),
+            now,
+            rng,
+        )
+        .0
+    };
+    for now in [NOW, NOW + 1, NOW + 14] {
+        assert!(
+            matches!(decide_at(now, &mut rng), Decision::Forward(_)),
+            "at +{}: a 30 s token is not refreshed in its first half",
+            now - NOW
+        );
+    }
+    assert!(matches!(
+        decide_at(NOW + 15, &mut rng),
+        Decision::Refresh { .. }
+    ));
+    // Tokens long enough keep the configured margin: 300 s tokens, refreshed 60 s early.
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, _) = refresh_pending(&g, &session, NOW + 240, &mut rng);
+    assert!(matches!(
+        g.decide(
+            &browser("/x", vec![&session]),
+            with_provider(&provider()),
+            NOW + 239,
+            &mut rng
+        )
+        .0,
+        Decision::Forward(_)
+    ));
+}

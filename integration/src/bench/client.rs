@@ -266,6 +266,7 @@ mod tests {
                 id_token: None,
                 refresh_token: None,
                 expires_at: 10,
+                tokens_at: 1,
                 subject: "s".into(),
                 created_at: 1,
                 max_expires_at: 20,
