@@ -78,6 +78,17 @@ pub enum UpstreamAuthorization {
     None,
 }
 
+/// What a refresh the IdP does not answer (5xx, 429, timeout) does to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshUnavailable {
+    /// The session ends as on a refusal: browsers go to login, API calls get 401.
+    EndSession,
+    /// The session stays: requests go on with the access token while it is valid, get a
+    /// retryable 503 after, and the refresh is asked again after a pause.
+    KeepSession,
+}
+
 /// A protected host pattern: exact or a leading `*.` wildcard, lowercase, without port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
@@ -198,6 +209,8 @@ pub struct Config {
     pub session_max_age: u64,
     /// Refresh this long before the access token expires.
     pub refresh_skew: u64,
+    /// What a refresh the IdP does not answer does to the session.
+    pub refresh_unavailable: RefreshUnavailable,
     /// Path prefixes that always answer 401 instead of redirecting.
     pub api_paths: Vec<String>,
     /// Whether CORS preflights pass without login.
@@ -262,6 +275,8 @@ struct RawConfig {
     session_max_age: Option<u64>,
     #[serde(default, deserialize_with = "seconds")]
     refresh_skew: Option<u64>,
+    #[serde(default)]
+    refresh_unavailable: Option<RefreshUnavailable>,
     #[serde(default)]
     api_paths: Option<Vec<String>>,
     #[serde(default)]
@@ -552,6 +567,9 @@ impl Config {
             skip_paths,
             session_max_age,
             refresh_skew,
+            refresh_unavailable: raw
+                .refresh_unavailable
+                .unwrap_or(RefreshUnavailable::EndSession),
             api_paths,
             pass_cors_preflight: raw.pass_cors_preflight.unwrap_or(true),
             bearer_tokens,

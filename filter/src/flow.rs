@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::config::{
-    port_is_well_formed, strip_port, Config, TokenEndpointAuthMethod, UpstreamAuthorization,
+    port_is_well_formed, strip_port, Config, RefreshUnavailable, TokenEndpointAuthMethod,
+    UpstreamAuthorization,
 };
 use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
@@ -1705,9 +1706,17 @@ impl Gate {
                         .insert(refresh_token_key(&pending.session));
                 }
                 // An IdP that is down or overloaded (5xx, 429, or no answer, which the glue
-                // reports as 503) refused nothing: while the access token is valid the session
-                // goes on with it, and its refresh is asked again after a pause.
+                // reports as 503) refused nothing. By default the session ends all the same
+                // (nothing vouches for it any more); with `keep_session` it goes on with its
+                // access token while that is valid, and its refresh is asked again after a pause.
                 let unavailable = status == 429 || status >= 500;
+                if unavailable && self.config.refresh_unavailable == RefreshUnavailable::EndSession
+                {
+                    return end(
+                        "idp unavailable",
+                        format!("refresh failed: {e}; the session ends (refresh_unavailable)"),
+                    );
+                }
                 if unavailable && !pending.session.is_usable(now) {
                     self.defer_refresh(&pending.session, now);
                     return (

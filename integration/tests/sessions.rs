@@ -701,13 +701,44 @@ fn one_worker_short_ttl() -> StackOptions {
     }
 }
 
-/// An IdP that is down (its token endpoint answers 503) refused nothing: while the access token
-/// is valid the request goes upstream with it and the session cookie stays; the worker does not
-/// ask the IdP again on the next request (it waits `REFRESH_RETRY_SECS`); once the token has
-/// expired, requests get a retryable 503 and the session stays.
+/// By default a refresh the IdP does not answer (its token endpoint answers 503) ends the session
+/// as a refusal does: the browser goes to login with the session cookie cleared, an API call
+/// gets 401, and nothing reaches the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idp_that_is_down_does_not_end_a_session_whose_token_is_valid() {
+async fn an_idp_that_is_down_ends_a_session_due_for_refresh_by_default() {
     let stack = Stack::start(one_worker_short_ttl()).await;
+    let b = stack.browser();
+    let t_login = login(&stack, &b).await;
+    let api = stack.api_client();
+    copy_session(&b, &api);
+    wait_refresh_due(t_login).await;
+    stack.idp.set_fault(Fault::TokenStatus(503));
+    let upstream = stack.upstream.count();
+    let r = b.get(&stack.url("/during-outage")).await;
+    assert!(is_login_redirect(&stack, &r), "{}", r.describe());
+    assert!(
+        r.set_cookie(SESSION_COOKIE)
+            .is_some_and(|c| c.value().is_empty()),
+        "the session cookie is cleared: {:?}",
+        r.set_cookies()
+    );
+    let r = api.get(&stack.url("/api-during-outage")).await;
+    assert_eq!(r.status, 401, "{}", r.describe());
+    assert_eq!(stack.upstream.count(), upstream, "nothing upstream");
+    assert_eq!(counter(&stack, "refreshes_failed_idp_unavailable").await, 2);
+}
+
+/// With `refresh_unavailable: keep_session`, an IdP that is down (its token endpoint answers
+/// 503) refused nothing: while the access token is valid the request goes upstream with it and
+/// the session cookie stays; the worker does not ask the IdP again on the next request (it
+/// waits `REFRESH_RETRY_SECS`); once the token has expired, requests get a retryable 503 and the
+/// session stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idp_that_is_down_does_not_end_a_kept_session_whose_token_is_valid() {
+    let stack = Stack::start(
+        one_worker_short_ttl().with_config(json!({"refresh_unavailable": "keep_session"})),
+    )
+    .await;
     let b = stack.browser();
     let t_login = login(&stack, &b).await;
     let r = b.get(&stack.url("/before-outage")).await;

@@ -1808,7 +1808,12 @@ mod tests {
     fn an_oversized_refresh_answer_is_the_idps_answer_not_an_outage() {
         use crate::flow::MAX_TOKEN_RESPONSE_BYTES;
         for status in [&b"400"[..], b"200"] {
-            let (shared, pending, key) = refreshing();
+            // Only where an outage keeps the session can the two be told apart.
+            let (g, pending) = crate::flow::tests::a_due_refresh_with(
+                serde_json::json!({"refresh_unavailable": "keep_session"}),
+            );
+            let key = pending.coalescing_key();
+            let shared = shared_for(g);
             assert!(shared.refreshes.borrow_mut().lead(key));
             let mut leader = Stream::new(7, Some(shared.clone()));
             leader.facts = api_call_facts(&shared.gate);

@@ -277,3 +277,15 @@ fn debug_output_redacts_secrets() {
     assert!(!out.contains("s3cret"));
     assert!(!out.contains(SECRET32));
 }
+
+#[test]
+fn refresh_unavailable_ends_sessions_unless_told_to_keep_them() {
+    assert_eq!(
+        parse(&base()).unwrap().refresh_unavailable,
+        RefreshUnavailable::EndSession
+    );
+    let c = parse(&with("refresh_unavailable", json!("keep_session"))).unwrap();
+    assert_eq!(c.refresh_unavailable, RefreshUnavailable::KeepSession);
+    let e = parse(&with("refresh_unavailable", json!("keep"))).unwrap_err();
+    assert_eq!(e.field, "refresh_unavailable");
+}

@@ -1057,7 +1057,12 @@ fn refresh_pending(
 /// A gate and a refresh due (at `NOW + 290`, its access token valid until `NOW + 300`) on a
 /// session from a real login: for the glue's tests of refresh coordination.
 pub(crate) fn a_due_refresh() -> (Gate, PendingRefresh) {
-    let g = gate();
+    a_due_refresh_with(json!({}))
+}
+
+/// [`a_due_refresh`] with more configuration.
+pub(crate) fn a_due_refresh_with(extra: serde_json::Value) -> (Gate, PendingRefresh) {
+    let g = gate_with(extra);
     let mut rng = SeededRandom(1);
     let session = logged_in(&g, &Idp::new(), &mut rng);
     let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
@@ -1161,12 +1166,10 @@ fn failed_refresh_ends_the_session() {
     }
 }
 
-// An IdP that is down (5xx, 429, or no answer, reported as 503) refused nothing: a session whose
-// access token is still valid goes on with it, without asking the IdP on every request, and asks
-// again after a pause; one whose token has expired gets retryable 503s meanwhile, and stays.
-// Only a refusal ends it.
+// By default a refresh the IdP does not answer (5xx, 429, or no answer, reported as 503) ends
+// the session like a refusal: browsers go to login, API calls get 401, the cookies are cleared.
 #[test]
-fn an_unavailable_idp_does_not_end_a_session_whose_token_is_valid() {
+fn an_unavailable_idp_ends_the_session_by_default() {
     let idp = Idp::new();
     let jwks = idp.jwks();
     let keys = Keys {
@@ -1175,6 +1178,39 @@ fn an_unavailable_idp_does_not_end_a_session_whose_token_is_valid() {
     };
     for (i, status) in [503u16, 500, 502, 429].into_iter().enumerate() {
         let g = gate();
+        let mut rng = SeededRandom(80 + i as u64);
+        let session = logged_in(&g, &idp, &mut rng);
+        let at = NOW + 250;
+        let (_, pending) = refresh_pending(&g, &session, at, &mut rng);
+        let (step, note) = g.complete_refresh(&pending, status, b"", keys, at, &mut rng);
+        match step {
+            RefreshStep::Ended(clear) => assert!(
+                clear.iter().any(|c| c.starts_with("__Host-oidc-gate=;")),
+                "{status}: {clear:?}"
+            ),
+            other => panic!("{status}: {other:?}"),
+        }
+        assert!(matches!(
+            note.event,
+            Some(Event::RefreshFailed("idp unavailable"))
+        ));
+    }
+}
+
+// With `refresh_unavailable: keep_session`, an IdP that is down refused nothing: a session whose
+// access token is still valid goes on with it, without asking the IdP on every request, and asks
+// again after a pause; one whose token has expired gets retryable 503s meanwhile, and stays.
+// Only a refusal ends it.
+#[test]
+fn an_unavailable_idp_does_not_end_a_kept_session_whose_token_is_valid() {
+    let idp = Idp::new();
+    let jwks = idp.jwks();
+    let keys = Keys {
+        jwks: Some(&jwks),
+        may_refetch: false,
+    };
+    for (i, status) in [503u16, 500, 502, 429].into_iter().enumerate() {
+        let g = gate_with(json!({"refresh_unavailable": "keep_session"}));
         let mut rng = SeededRandom(90 + i as u64);
         let session = logged_in(&g, &idp, &mut rng);
         // Due for refresh (60 s skew) but valid until NOW + 300.
