@@ -400,7 +400,8 @@ impl Config {
                     return Err(ConfigError::new(
                         "redirect_uri",
                         format!(
-                            "sends every login back to {callback_host}, so `hosts` must list that                              host alone; for several hosts leave it out (and set redirect_path)"
+                            "sends every login back to {callback_host}, so `hosts` must list that host \
+                             alone; for several hosts leave it out (and set redirect_path)"
                         ),
                     ));
                 }

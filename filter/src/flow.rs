@@ -249,6 +249,14 @@ fn ended_note() -> Note {
     )
 }
 
+/// What a shared refresh answer is bound to: the refresh token it answers and when it came.
+fn refresh_result_context(refresh_key: &[u8; 16], at: UnixSeconds) -> [u8; 24] {
+    let mut context = [0u8; 24];
+    context[..16].copy_from_slice(refresh_key);
+    context[16..].copy_from_slice(&at.to_be_bytes());
+    context
+}
+
 /// A digest of a session's refresh token: the token itself never becomes a map key or a log line.
 fn refresh_token_key(session: &Session) -> [u8; 16] {
     let digest = Sha256::digest(
@@ -1695,6 +1703,23 @@ impl Gate {
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (RefreshStep, Note) {
+        self.complete_refresh_answered_at(pending, status, body, keys, now, now, rng)
+    }
+
+    /// [`Gate::complete_refresh`] for an answer the IdP gave at `answered_at` (another worker's,
+    /// reused): the new access token's lifetime counts from then, not from its reuse.
+    #[allow(clippy::too_many_arguments)]
+    pub fn complete_refresh_answered_at(
+        &self,
+        pending: &PendingRefresh,
+        status: u16,
+        body: &[u8],
+        keys: Keys<'_>,
+        now: UnixSeconds,
+        answered_at: UnixSeconds,
+        rng: &mut dyn Random,
+    ) -> (RefreshStep, Note) {
+        let answered_at = answered_at.min(now);
         let end = |reason: &'static str, detail: String| ended_refresh(pending, reason, detail);
         let tokens = match parse_token_response(status, body, false) {
             Ok(t) => t,
@@ -1796,8 +1821,8 @@ impl Gate {
             access_token: tokens.access_token,
             id_token: tokens.id_token.or_else(|| old.id_token.clone()),
             refresh_token: tokens.refresh_token.or_else(|| old.refresh_token.clone()),
-            expires_at: now.saturating_add(tokens.expires_in),
-            tokens_at: now,
+            expires_at: answered_at.saturating_add(tokens.expires_in),
+            tokens_at: answered_at,
             subject: old.subject.clone(),
             created_at: old.created_at,
             max_expires_at: old.max_expires_at,
@@ -1835,30 +1860,54 @@ impl Gate {
         }
     }
 
-    /// Seals a refresh's token answer for the other workers: shared data is readable by every
-    /// plugin of the gateway's VM and keeps a slot's last value for as long as the process
-    /// lives, so the tokens in it are encrypted with a key only this policy's cookie secret
-    /// gives, bound to the refresh token it answers.
+    /// Seals a refresh's answer (the IdP's status and body, received at `at`) for the other
+    /// workers: shared data is readable by every plugin of the gateway's VM and keeps a slot's
+    /// last value for as long as the process lives, so the tokens in it are encrypted with a key
+    /// only this policy's cookie secret gives, bound to the refresh token it answers and to `at`.
     pub fn seal_refresh_result(
         &self,
         refresh_key: &[u8; 16],
+        at: UnixSeconds,
+        status: u16,
         body: &[u8],
         rng: &mut dyn Random,
     ) -> Option<Vec<u8>> {
+        let mut plaintext = Vec::with_capacity(2 + body.len());
+        plaintext.extend_from_slice(&status.to_be_bytes());
+        plaintext.extend_from_slice(body);
         self.keys
-            .seal(Purpose::RefreshResult, refresh_key, body, rng)
+            .seal(
+                Purpose::RefreshResult,
+                &refresh_result_context(refresh_key, at),
+                &plaintext,
+                rng,
+            )
             .ok()
             .map(String::into_bytes)
     }
 
-    /// Opens what [`Gate::seal_refresh_result`] sealed for the same refresh token; `None` for
-    /// anything else (another policy's secret, another refresh token, tampering).
-    pub fn open_refresh_result(&self, refresh_key: &[u8; 16], sealed: &[u8]) -> Option<Vec<u8>> {
+    /// Opens what [`Gate::seal_refresh_result`] sealed for the same refresh token and time: the
+    /// status and body; `None` for anything else (another policy's secret, another refresh
+    /// token, another time, tampering).
+    pub fn open_refresh_result(
+        &self,
+        refresh_key: &[u8; 16],
+        at: UnixSeconds,
+        sealed: &[u8],
+    ) -> Option<(u16, Vec<u8>)> {
         let sealed = std::str::from_utf8(sealed).ok()?;
-        self.keys
-            .open(Purpose::RefreshResult, refresh_key, sealed)
-            .ok()
-            .map(|o| o.plaintext)
+        let mut plaintext = self
+            .keys
+            .open(
+                Purpose::RefreshResult,
+                &refresh_result_context(refresh_key, at),
+                sealed,
+            )
+            .ok()?
+            .plaintext;
+        let status = u16::from_be_bytes(plaintext.get(..2)?.try_into().ok()?);
+        plaintext.drain(..2);
+        Some((status, plaintext))
     }
 
     /// A refresh that ends with no answer to apply (its leader's client left, or another
@@ -1870,6 +1919,10 @@ impl Gate {
         pending: &PendingRefresh,
         now: UnixSeconds,
     ) -> RefreshStep {
+        if self.ended.borrow().ends(&SessionIds::of(&pending.session)) {
+            // Logged out while it waited.
+            return ended_refresh(pending, "ended", String::new()).0;
+        }
         if pending.session.is_usable(now) {
             RefreshStep::Forward(self.forward_session(&pending.session, pending.cookie.clone()))
         } else {

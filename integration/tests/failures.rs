@@ -165,3 +165,53 @@ async fn ecds_updates_switch_between_deny_all_and_the_plugin() {
     assert_eq!(r.status, 302, "plugin back: {}", r.describe());
     assert_eq!(stack.upstream.count(), 0);
 }
+
+/// Whether `id` looks like the UUID Envoy generates for `x-request-id`.
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The filter's error answers carry the request id Envoy gave the request (so a user's report
+/// can be matched to Envoy's log), as an HTML page for navigations and as JSON for API calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_carry_envoys_request_id_as_html_or_json() {
+    let stack = Stack::start(StackOptions {
+        idp_unreachable: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let page = stack.browser().get(&stack.url("/anything")).await;
+    assert_eq!(page.status, 503, "{}", page.describe());
+    assert!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{}",
+        page.describe()
+    );
+    let id = page
+        .body
+        .split_once("Request id: <code>")
+        .and_then(|(_, rest)| rest.split_once("</code>"))
+        .map(|(id, _)| id.to_string())
+        .unwrap_or_default();
+    assert!(is_uuid(&id), "request id {id:?} in {}", page.body);
+
+    let api = stack.api_client().get(&stack.url("/anything")).await;
+    assert_eq!(api.status, 503, "{}", api.describe());
+    assert!(
+        api.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{}",
+        api.describe()
+    );
+    let api_id = api.json()["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(is_uuid(&api_id), "request id {api_id:?} in {}", api.body);
+    assert_ne!(id, api_id, "one id per request");
+}

@@ -43,7 +43,12 @@ fi
 args=(render --overlay "$overlay" --image "$image" --digest "$digest" --out "$out")
 [ -n "${HOSTS:-}" ] && args+=(--hosts "$HOSTS")
 [ -n "${ISSUER:-}" ] && args+=(--issuer "$ISSUER")
-[ -f "$crd" ] && args+=(--crd "$crd")
+if [ -f "$crd" ]; then
+  args+=(--crd "$crd")
+elif [ -n "${CRD:-}" ]; then
+  echo "render.sh: CRD=$CRD is not a file" >&2
+  exit 2
+fi
 if [ -n "${OCI_IMAGE_BIN:-}" ]; then
   "$OCI_IMAGE_BIN" "${args[@]}"
 else

@@ -211,6 +211,17 @@ fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fres
 /// digest's first byte (bounded: shared data has no delete). Two sessions refreshing within the
 /// same minute share a slot with a chance of 1 in 256, and the later one takes it over: its
 /// stale cookies on other workers may then present the old token and lose the session.
+/// The IdP's answer to a refresh: this stream's own, or another's from shared data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshAnswer {
+    /// The HTTP status (503 when the IdP did not answer in time).
+    pub status: u16,
+    /// The body (empty when unreadable or absent).
+    pub body: Vec<u8>,
+    /// When it came.
+    pub at: UnixSeconds,
+}
+
 const REFRESH_SLOTS: usize = 256;
 // Slot names are the digest's first byte.
 const _: () = assert!(REFRESH_SLOTS == u8::MAX as usize + 1);
@@ -222,29 +233,39 @@ pub const REFRESH_RESULT_TTL_SECS: u64 = 60;
 
 impl IdpCache {
     fn refresh_slot(&self, key: &[u8; 16]) -> String {
-        self.key(&format!("refreshed/{}", key[0]))
+        // v2: sealed status and body. Builds that stored the body in the clear use the old
+        // name, so the two never read each other's answers during a rollout.
+        self.key(&format!("refreshed/v2/{}", key[0]))
     }
 
-    /// Remembers the token answer of a refresh for [`REFRESH_RESULT_TTL_SECS`], so a request of
-    /// the same session on another worker reuses it instead of presenting the old (rotated)
-    /// refresh token again and losing the session. The answer is sealed by the gate: its tokens
-    /// never sit in shared data in the clear.
-    pub fn store_refresh_result(&self, gate: &Gate, key: &[u8; 16], body: &[u8], now: UnixSeconds) {
-        if body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
+    /// Remembers the IdP's answer to a refresh for [`REFRESH_RESULT_TTL_SECS`] from when it
+    /// came, whatever it says: a request of the same session on another worker applies it
+    /// instead of presenting the old (perhaps rotated) refresh token again, and requests waiting
+    /// there get the same verdict as this worker's. Sealed by the gate: its tokens never sit in
+    /// shared data in the clear.
+    pub fn store_refresh_result(&self, gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer) {
+        if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
             return;
         }
-        let Some(sealed) = gate.seal_refresh_result(key, body, &mut HostRandom) else {
+        let Some(sealed) =
+            gate.seal_refresh_result(key, answer.at, answer.status, &answer.body, &mut HostRandom)
+        else {
             return;
         };
         let mut value = Vec::with_capacity(24 + sealed.len());
         value.extend_from_slice(key);
-        value.extend_from_slice(&now.to_be_bytes());
+        value.extend_from_slice(&answer.at.to_be_bytes());
         value.extend_from_slice(&sealed);
         let _ = hostcalls::set_shared_data(&self.refresh_slot(key), Some(&value), None);
     }
 
-    /// A recent refresh answer for this refresh token, if another stream already got one.
-    pub fn refresh_result(&self, gate: &Gate, key: &[u8; 16], now: UnixSeconds) -> Option<Vec<u8>> {
+    /// A recent answer to a refresh with this refresh token, if another stream already got one.
+    pub fn refresh_result(
+        &self,
+        gate: &Gate,
+        key: &[u8; 16],
+        now: UnixSeconds,
+    ) -> Option<RefreshAnswer> {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_slot(key)) else {
             return None;
         };
@@ -255,7 +276,8 @@ impl IdpCache {
         if now > at.saturating_add(REFRESH_RESULT_TTL_SECS) {
             return None;
         }
-        gate.open_refresh_result(key, bytes.get(24..)?)
+        let (status, body) = gate.open_refresh_result(key, at, bytes.get(24..)?)?;
+        Some(RefreshAnswer { status, body, at })
     }
 }
 

@@ -9,6 +9,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
+use super::cache::RefreshAnswer;
 use super::host::HostRandom;
 use super::root::{Follower, Shared};
 use crate::discovery::ProviderMetadata;
@@ -45,8 +46,7 @@ fn send(reply: &Reply) {
 pub fn complete_follower(
     shared: &Shared,
     f: Follower,
-    status: u16,
-    body: &[u8],
+    answer: &RefreshAnswer,
     now: u64,
     provider: Option<&ProviderMetadata>,
 ) {
@@ -55,10 +55,15 @@ pub fn complete_follower(
         jwks: jwks.as_deref(),
         may_refetch: false,
     };
-    let (step, _) =
-        shared
-            .gate
-            .complete_refresh(&f.pending, status, body, keys, now, &mut HostRandom);
+    let (step, _) = shared.gate.complete_refresh_answered_at(
+        &f.pending,
+        answer.status,
+        &answer.body,
+        keys,
+        now,
+        answer.at,
+        &mut HostRandom,
+    );
     apply(shared, f, step, now, provider);
 }
 
@@ -99,15 +104,12 @@ fn apply(
                 .insert(f.context_id, fwd.response_cookies);
             let _ = hostcalls::resume_http_request();
         }
-        RefreshStep::Unavailable => {
+        // No keys here to check the refreshed ID token with: the answer stays in shared data
+        // for the next request, which may fetch them; nothing is ended for want of keys.
+        RefreshStep::Unavailable | RefreshStep::NeedKeys => {
             send(&Failure::IdpUnavailable.reply(f.facts.browser(), f.facts.request_id()));
         }
-        ended => {
-            let clear = if let RefreshStep::Ended(c) = ended {
-                c
-            } else {
-                Vec::new()
-            };
+        RefreshStep::Ended(clear) => {
             // Decide again without the session: a login redirect for browsers, 401 for APIs.
             let facts = f.facts.without_session();
             let known = Known {
@@ -135,8 +137,7 @@ fn apply(
 pub fn release_local(
     shared: &Shared,
     key: &[u8; 16],
-    status: u16,
-    body: &[u8],
+    answer: &RefreshAnswer,
     now: u64,
     provider: Option<&ProviderMetadata>,
     restore: u32,
@@ -144,7 +145,7 @@ pub fn release_local(
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
         if hostcalls::set_effective_context(f.context_id).is_ok() {
-            complete_follower(shared, f, status, body, now, provider);
+            complete_follower(shared, f, answer, now, provider);
         }
     }
     let _ = hostcalls::set_effective_context(restore);
@@ -187,16 +188,17 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             .borrow()
             .refresh_result(&shared.gate, &w.key, now);
         let locked = shared.cache.borrow().refresh_locked(&w.key, now);
-        let body = match result {
-            Some(body) => body,
+        let answer = match result {
+            Some(answer) => answer,
             None if locked && now < w.deadline => {
                 still.push(w);
                 continue;
             }
-            // The other worker let go without an answer (its client left, or the IdP did not
-            // answer it) or took too long: on the access token while it is valid, a retryable
-            // 503 after, as the streams waiting on that worker get. The next request refreshes
-            // here and meets the IdP's own verdict; a session never ends for want of an answer.
+            // The other worker let go with no answer to share (its client left before the IdP
+            // answered, or the callout could not be made) or took too long: on the access
+            // token while it is valid, a retryable 503 after, as the streams waiting on that
+            // worker get. Every answer the IdP gave is shared, refusals included, so this is
+            // never a refusal. The next request refreshes here and meets the IdP's own verdict.
             None => {
                 let key = w.key;
                 if hostcalls::set_effective_context(w.follower.context_id).is_ok() {
@@ -209,9 +211,9 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
         let key = w.key;
         let context_id = w.follower.context_id;
         if hostcalls::set_effective_context(context_id).is_ok() {
-            complete_follower(shared, w.follower, 200, &body, now, provider.as_deref());
+            complete_follower(shared, w.follower, &answer, now, provider.as_deref());
         }
-        release_local(shared, &key, 200, &body, now, provider.as_deref(), root_id);
+        release_local(shared, &key, &answer, now, provider.as_deref(), root_id);
     }
     shared.remote_waiters.borrow_mut().extend(still);
     let _ = hostcalls::set_effective_context(root_id);

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
+use super::cache::RefreshAnswer;
 use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
 use super::refresh::{
@@ -276,9 +277,15 @@ enum AfterKeys {
     Refresh {
         pending: PendingRefresh,
         key: [u8; 16],
-        status: u16,
-        body: Vec<u8>,
+        answer: RefreshAnswer,
     },
+}
+
+/// Whether a refresh answer is this stream's own, to be shared with the other workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    Yes,
+    No,
 }
 
 enum Waiting {
@@ -654,8 +661,8 @@ impl Stream {
             .cache
             .borrow()
             .refresh_result(&shared.gate, &key, now);
-        if let Some(body) = reused {
-            self.finish_refresh(pending, key, 200, body, paused);
+        if let Some(answer) = reused {
+            self.finish_refresh(pending, key, answer, Publish::No, paused);
             return Action::Pause;
         }
         if let Some((RefreshStep::Ended(clear), note)) =
@@ -725,7 +732,13 @@ impl Stream {
                 Action::Pause
             }
             None => {
-                self.finish_refresh(pending, key, 503, Vec::new(), paused);
+                // The IdP was not asked: nothing to tell the other workers.
+                let answer = RefreshAnswer {
+                    status: 503,
+                    body: Vec::new(),
+                    at: now,
+                };
+                self.finish_refresh(pending, key, answer, Publish::No, paused);
                 Action::Pause
             }
         }
@@ -736,25 +749,37 @@ impl Stream {
         &mut self,
         pending: PendingRefresh,
         key: [u8; 16],
-        status: u16,
-        body: Vec<u8>,
+        answer: RefreshAnswer,
+        publish: Publish,
         paused: bool,
     ) {
         let Some(shared) = self.shared.clone() else {
             return;
         };
         let now = self.now();
-        let (status, body) = if status == 200 {
-            (status, body)
-        } else {
-            // Refused: another worker may have rotated the refresh token a moment ago.
-            let elsewhere = shared
-                .cache
-                .borrow()
-                .refresh_result(&shared.gate, &key, now);
-            match elsewhere {
-                Some(b) => (200, b),
-                None => (status, body),
+        // Refused: another worker may have rotated the refresh token a moment ago.
+        let rotated_elsewhere = (answer.status != 200)
+            .then(|| {
+                shared
+                    .cache
+                    .borrow()
+                    .refresh_result(&shared.gate, &key, now)
+            })
+            .flatten()
+            .filter(|elsewhere| elsewhere.status == 200);
+        let answer = match rotated_elsewhere {
+            Some(elsewhere) => elsewhere,
+            None => {
+                if publish == Publish::Yes {
+                    // Shared before it is checked, whatever it says: the workers waiting for it
+                    // get this verdict (a refusal too), and a new refresh token survives this
+                    // stream's end while it fetches keys.
+                    shared
+                        .cache
+                        .borrow()
+                        .store_refresh_result(&shared.gate, &key, &answer);
+                }
+                answer
             }
         };
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
@@ -764,7 +789,17 @@ impl Stream {
             jwks.as_deref(),
             now,
             |(step, _)| matches!(step, RefreshStep::NeedKeys),
-            |keys| gate.complete_refresh(&pending, status, &body, keys, now, &mut HostRandom),
+            |keys| {
+                gate.complete_refresh_answered_at(
+                    &pending,
+                    answer.status,
+                    &answer.body,
+                    keys,
+                    now,
+                    answer.at,
+                    &mut HostRandom,
+                )
+            },
         );
         self.note(note);
         match step {
@@ -774,27 +809,19 @@ impl Stream {
                     AfterKeys::Refresh {
                         pending,
                         key,
-                        status,
-                        body,
+                        answer,
                     },
                     jwks,
                 );
             }
             RefreshStep::Forward(fwd) => {
-                if status == 200 {
-                    shared
-                        .cache
-                        .borrow()
-                        .store_refresh_result(&shared.gate, &key, &body, now);
-                }
                 shared.cache.borrow().unlock_refresh(&key);
                 self.apply_forward(fwd);
                 self.resume_http_request();
                 release_local(
                     &shared,
                     &key,
-                    status,
-                    &body,
+                    &answer,
                     now,
                     self.provider.as_deref(),
                     self.id,
@@ -811,8 +838,7 @@ impl Stream {
                 release_local(
                     &shared,
                     &key,
-                    status,
-                    &body,
+                    &answer,
                     now,
                     self.provider.as_deref(),
                     self.id,
@@ -876,12 +902,12 @@ impl Stream {
                 status,
                 body,
             } => self.finish_login(pending, status, body),
+            // Already shared when it came.
             AfterKeys::Refresh {
                 pending,
                 key,
-                status,
-                body,
-            } => self.finish_refresh(pending, key, status, body, true),
+                answer,
+            } => self.finish_refresh(pending, key, answer, Publish::No, true),
         }
     }
 
@@ -1065,8 +1091,15 @@ impl Stream {
             self.after_keys(then);
         } else {
             match then {
+                // No keys to check the answer with: for this stream like no answer; the answer
+                // itself stays shared for the next request.
                 AfterKeys::Refresh { pending, key, .. } => {
-                    self.finish_refresh(pending, key, 503, Vec::new(), true)
+                    let answer = RefreshAnswer {
+                        status: 503,
+                        body: Vec::new(),
+                        at: now,
+                    };
+                    self.finish_refresh(pending, key, answer, Publish::No, true)
                 }
                 AfterKeys::Login { pending, .. } => {
                     let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
@@ -1114,9 +1147,22 @@ impl Context for Stream {
                     // (a refusal ends the session, a 200 without a readable body too), never
                     // "no answer", which would keep the session as an outage does.
                     Some((status, body)) => {
-                        self.finish_refresh(pending, key, status, body.unwrap_or_default(), true)
+                        let answer = RefreshAnswer {
+                            status,
+                            body: body.unwrap_or_default(),
+                            at: self.now(),
+                        };
+                        self.finish_refresh(pending, key, answer, Publish::Yes, true)
                     }
-                    None => self.finish_refresh(pending, key, 503, Vec::new(), true),
+                    // Timed out or reset: the IdP's failure, the same for every worker.
+                    None => {
+                        let answer = RefreshAnswer {
+                            status: 503,
+                            body: Vec::new(),
+                            at: self.now(),
+                        };
+                        self.finish_refresh(pending, key, answer, Publish::Yes, true)
+                    }
                 }
             }
             other => {
@@ -1145,8 +1191,8 @@ impl Stream {
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::RefreshFollower { key } => shared.refreshes.borrow_mut().forget(&key, self.id),
             // The leader's client went away before the IdP answered, or before the keys for
-            // its answer came; its callout dies with it. Waiting streams must not hang: they
-            // get a retryable 503.
+            // its answer came; its callout dies with it. Waiting streams must not hang: they go
+            // on with a still-valid access token, or get a retryable 503.
             Waiting::Refresh { key, .. }
             | Waiting::Jwks {
                 then: AfterKeys::Refresh { key, .. },
@@ -1581,13 +1627,13 @@ mod tests {
         }
         #[no_mangle]
         extern "C" fn proxy_add_header_map_value(
-            _: u32,
-            _: *const u8,
-            _: usize,
-            _: *const u8,
-            _: usize,
+            map: u32,
+            name: *const u8,
+            name_size: usize,
+            value: *const u8,
+            value_size: usize,
         ) -> u32 {
-            0
+            proxy_replace_header_map_value(map, name, name_size, value, value_size)
         }
         #[no_mangle]
         extern "C" fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
@@ -1633,16 +1679,99 @@ mod tests {
         let (shared, _, key) = refreshing();
         let body = br#"{"access_token":"access-secret-2","refresh_token":"refresh-secret-2"}"#;
         let cache = shared.cache.borrow();
-        cache.store_refresh_result(&shared.gate, &key, body, 1_000);
+        let answer = RefreshAnswer {
+            status: 200,
+            body: body.to_vec(),
+            at: 1_000,
+        };
+        cache.store_refresh_result(&shared.gate, &key, &answer);
         let stored: Vec<Vec<u8>> =
             host_stubs::SHARED.with(|m| m.borrow().values().map(|(v, _)| v.clone()).collect());
         assert_eq!(stored.len(), 1);
         let text = String::from_utf8_lossy(&stored[0]);
         assert!(!text.contains("secret-2"), "tokens in shared data: {text}");
         assert_eq!(
-            cache.refresh_result(&shared.gate, &key, 1_000).as_deref(),
-            Some(&body[..])
+            cache.refresh_result(&shared.gate, &key, 1_010),
+            Some(answer)
         );
+        // The time it came is sealed with it: moved on in shared data, it no longer opens.
+        host_stubs::SHARED.with(|m| {
+            for (v, _) in m.borrow_mut().values_mut() {
+                v[16..24].copy_from_slice(&1_050u64.to_be_bytes());
+            }
+        });
+        assert_eq!(cache.refresh_result(&shared.gate, &key, 1_070), None);
+    }
+
+    // Found in review: a refresh the IdP refused on one worker stored nothing, so the requests
+    // of that session waiting on another worker saw "let go, no answer" and went upstream with
+    // the old token. Every answer the IdP gives is now shared; they get its verdict.
+    #[test]
+    fn a_refusal_on_one_worker_reaches_the_requests_waiting_on_another() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        let (worker_a, pending, key) = refreshing();
+        let mut leader = Stream::new(7, Some(worker_a.clone()));
+        leader.facts = api_call_facts(&worker_a.gate);
+        leader.waiting = Waiting::Refresh {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            pending,
+            key,
+        };
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        leader.on_http_call_response(1, 1, 0, 0);
+        assert!(leader.replied, "the leader's own request is refused");
+
+        let (g, pending_b) = crate::flow::tests::a_due_refresh();
+        let worker_b = shared_for(g);
+        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending: pending_b,
+                facts: api_call_facts(&worker_b.gate),
+            },
+            key,
+            deadline: VALID + 10,
+        });
+        let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
+        assert_eq!(outcome, Outcome::Answered(401));
+    }
+
+    // Found in review: an answer reused from shared data was stored again with the time of its
+    // reuse, so replaying the old cookie kept it alive past its 60 s.
+    #[test]
+    fn a_reused_refresh_answer_keeps_the_time_the_idp_gave_it() {
+        let (shared, pending, key) = refreshing();
+        let body = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        let answer = RefreshAnswer {
+            status: 200,
+            body: body.to_vec(),
+            at: VALID - 10,
+        };
+        shared
+            .cache
+            .borrow()
+            .store_refresh_result(&shared.gate, &key, &answer);
+        let mut reuser = Stream::new(7, Some(shared.clone()));
+        reuser.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        let outcome = outcome_of(|| {
+            let reused = shared
+                .cache
+                .borrow()
+                .refresh_result(&shared.gate, &key, VALID)
+                .unwrap();
+            reuser.finish_refresh(pending, key, reused, Publish::No, true);
+        });
+        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
+        let kept = shared
+            .cache
+            .borrow()
+            .refresh_result(&shared.gate, &key, VALID)
+            .unwrap();
+        assert_eq!(kept.at, VALID - 10);
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
@@ -1787,8 +1916,11 @@ mod tests {
             then: AfterKeys::Refresh {
                 pending,
                 key,
-                status: 200,
-                body: Vec::new(),
+                answer: RefreshAnswer {
+                    status: 200,
+                    body: Vec::new(),
+                    at: 0,
+                },
             },
         };
         // The browser cancels that request before the JWKS answer (Envoy cancels the callout).
@@ -1848,8 +1980,11 @@ mod tests {
         let then = AfterKeys::Refresh {
             pending,
             key,
-            status: 200,
-            body: Vec::new(),
+            answer: RefreshAnswer {
+                status: 200,
+                body: Vec::new(),
+                at: 0,
+            },
         };
         leader.fetch_jwks(&shared, then, None);
         assert!(shared.refreshes.borrow_mut().lead(key));

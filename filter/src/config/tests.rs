@@ -242,6 +242,7 @@ fn redirect_uri_must_be_the_one_protected_host() {
         let e = parse(&v).unwrap_err();
         assert_eq!(e.field, "redirect_uri", "{hosts}");
         assert!(e.to_string().contains("login.example.com"), "{e}");
+        assert!(!e.to_string().contains("  "), "{e}");
     }
 }
 

@@ -2114,22 +2114,27 @@ fn a_shared_refresh_result_is_sealed_to_the_policy_and_the_refresh_token() {
     let mut rng = SeededRandom(60);
     let body = br#"{"access_token":"access-secret-2","refresh_token":"refresh-secret-2"}"#;
     let key = [7u8; 16];
-    let sealed = g.seal_refresh_result(&key, body, &mut rng).unwrap();
+    let sealed = g
+        .seal_refresh_result(&key, 1_000, 400, body, &mut rng)
+        .unwrap();
     let text = String::from_utf8_lossy(&sealed);
     assert!(!text.contains("secret-2"), "tokens in the clear: {text}");
+    let opened = Some((400, body.to_vec()));
+    assert_eq!(g.open_refresh_result(&key, 1_000, &sealed), opened);
     assert_eq!(
-        g.open_refresh_result(&key, &sealed).as_deref(),
-        Some(&body[..])
-    );
-    assert_eq!(
-        g.open_refresh_result(&[8u8; 16], &sealed),
+        g.open_refresh_result(&[8u8; 16], 1_000, &sealed),
         None,
         "another refresh token"
+    );
+    assert_eq!(
+        g.open_refresh_result(&key, 1_001, &sealed),
+        None,
+        "another time"
     );
     let other =
         gate_with(json!({"cookie_secret": "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldC1vdGhlci1zZWNyZXQ"}));
     assert_eq!(
-        other.open_refresh_result(&key, &sealed),
+        other.open_refresh_result(&key, 1_000, &sealed),
         None,
         "another secret"
     );
@@ -2138,14 +2143,14 @@ fn a_shared_refresh_result_is_sealed_to_the_policy_and_the_refresh_token() {
         "previous_cookie_secrets": [COOKIE_SECRET],
     }));
     assert_eq!(
-        rotated.open_refresh_result(&key, &sealed).as_deref(),
-        Some(&body[..]),
+        rotated.open_refresh_result(&key, 1_000, &sealed),
+        opened,
         "a worker already on a rotated secret still reads it"
     );
     let mut tampered = sealed.clone();
     let middle = tampered.len() / 2;
     tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
-    assert_eq!(g.open_refresh_result(&key, &tampered), None);
+    assert_eq!(g.open_refresh_result(&key, 1_000, &tampered), None);
 }
 
 /// A `redirect_uri` override (say, a gateway behind a load balancer on another port) is the
@@ -2315,5 +2320,85 @@ fn tokens_shorter_than_the_refresh_skew_are_refreshed_in_their_second_half() {
         )
         .0,
         Decision::Forward(_)
+    ));
+}
+
+/// Found in review: a refresh answer reused from another worker counted the new token's
+/// lifetime from its reuse, so a stale token looked fresher than the IdP issued it.
+#[test]
+fn a_reused_refresh_answer_counts_the_token_lifetime_from_when_the_idp_gave_it() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(64);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
+    // Answered by the IdP at NOW + 250 (another worker), applied here at NOW + 290.
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
+    let (step, _) = g.complete_refresh_answered_at(
+        &pending,
+        200,
+        answer.as_bytes(),
+        Keys {
+            jwks: Some(&idp.jwks()),
+            may_refetch: false,
+        },
+        NOW + 290,
+        NOW + 250,
+        &mut rng,
+    );
+    let RefreshStep::Forward(fwd) = step else {
+        panic!("{step:?}")
+    };
+    let refreshed: Vec<String> = fwd
+        .response_cookies
+        .iter()
+        .map(|c| {
+            let (n, v) = cookie_pair(c);
+            format!("{n}={v}")
+        })
+        .collect();
+    let refreshed = refreshed.join("; ");
+    let decide_at = |now: u64, rng: &mut SeededRandom| {
+        g.decide(
+            &browser("/x", vec![&refreshed]),
+            with_provider(&provider()),
+            now,
+            rng,
+        )
+        .0
+    };
+    // Expires at NOW + 550, so due 60 s before.
+    assert!(matches!(
+        decide_at(NOW + 489, &mut rng),
+        Decision::Forward(_)
+    ));
+    assert!(matches!(
+        decide_at(NOW + 491, &mut rng),
+        Decision::Refresh { .. }
+    ));
+}
+
+/// Found in review: a request that waited on a refresh with no answer went on with the old
+/// token even when the login was ended (logout) while it waited.
+#[test]
+fn a_refresh_without_answer_does_not_serve_a_login_ended_meanwhile() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(65);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    assert!(matches!(
+        g.refresh_without_answer(&pending, NOW + 250),
+        RefreshStep::Forward(_)
+    ));
+    expect_reply(g.decide(
+        &browser("/oauth2/sign_out", vec![&session]),
+        with_provider(&provider()),
+        NOW + 251,
+        &mut rng,
+    ));
+    assert!(matches!(
+        g.refresh_without_answer(&pending, NOW + 252),
+        RefreshStep::Ended(_)
     ));
 }

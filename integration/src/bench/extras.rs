@@ -363,10 +363,11 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The refresh path: a gateway whose IdP issues 30 s access tokens (below the filter's default
-/// 60 s refresh skew, so every session wants a refresh at once); `n` logins stop at the
-/// callback, so each session cookie is fresh and holds its own refresh token (no coalescing).
-/// A quarter of them are sent one at a time (latency), the rest `concurrency` at a time (rate).
+/// The refresh path: `n` logins stop at the callback, so each session cookie is fresh and holds
+/// its own refresh token (no coalescing); each is then resealed as if its 30 s access token had
+/// been issued an hour ago (a token is not refreshed in the first half of its life), so every
+/// session wants a refresh at once. A quarter of them are sent one at a time (latency), the rest
+/// `concurrency` at a time (rate).
 pub async fn refresh(
     wasm: &WasmModules,
     n: usize,
@@ -405,6 +406,14 @@ pub async fn refresh(
         );
     }
     let sealer = Sealer::new(&fx.cookie_secret, &fx.idp.issuer(), CLIENT_ID)?;
+    let cookies = cookies
+        .iter()
+        .map(|c| {
+            let mut s = sealer.open(c)?;
+            s.tokens_at = s.expires_at.saturating_sub(3600);
+            sealer.cookie_header(&s)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut base = sealer.open(&cookies[0])?;
     base.expires_at = unix_now() + 3600;
     let base_cookie = sealer.cookie_header(&base)?;
