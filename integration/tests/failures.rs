@@ -200,8 +200,9 @@ async fn error_answers_carry_envoys_request_id_as_html_or_json() {
         .unwrap_or_default();
     assert!(is_uuid(&id), "request id {id:?} in {}", page.body);
 
+    // An API call needs no IdP to be told it is not signed in.
     let api = stack.api_client().get(&stack.url("/anything")).await;
-    assert_eq!(api.status, 503, "{}", api.describe());
+    assert_eq!(api.status, 401, "{}", api.describe());
     assert!(
         api.header("content-type")
             .is_some_and(|t| t.starts_with("application/json")),
