@@ -273,6 +273,12 @@ fn refresh_token_key(session: &Session) -> [u8; 16] {
 }
 
 impl PendingRefresh {
+    /// Whether the session already holds what an answer given at `answered_at` brought (an
+    /// IdP that does not rotate refresh tokens is answered for the same token again and again).
+    pub fn already_reflects(&self, answered_at: UnixSeconds) -> bool {
+        answered_at <= self.session.tokens_at
+    }
+
     /// A key identifying the refresh token, for coalescing concurrent refreshes of one session
     /// (a digest: the token itself never becomes a map key or a log line).
     pub fn coalescing_key(&self) -> [u8; 16] {
@@ -1721,6 +1727,10 @@ impl Gate {
     ) -> (RefreshStep, Note) {
         let answered_at = answered_at.min(now);
         let end = |reason: &'static str, detail: String| ended_refresh(pending, reason, detail);
+        if self.ended.borrow().ends(&SessionIds::of(&pending.session)) {
+            // Logged out while the refresh was under way.
+            return end("ended", "refresh dropped: the login ended meanwhile".into());
+        }
         let tokens = match parse_token_response(status, body, false) {
             Ok(t) => t,
             Err(e @ TokenResponseError::Status { .. }) => {
@@ -1809,6 +1819,18 @@ impl Gate {
                         Note::log("refreshed ID token key not in cached JWKS; refetching"),
                     )
                 }
+                // Signed with a key this VM may not fetch now (another stream holds the
+                // refetch right, or already fetched): the IdP rotated its keys, it refused
+                // nothing. The answer stays shared for a request that can check it.
+                Err(TokenError::UnknownKey) => {
+                    return (
+                        self.refresh_without_answer(pending, now),
+                        Note::log(
+                            "refreshed ID token signed with a key not known here yet; the \
+                             session goes on as it was",
+                        ),
+                    )
+                }
                 Err(e) => {
                     return end(
                         "id token",
@@ -1829,6 +1851,14 @@ impl Gate {
             login_id: old.login_id.clone(),
             claims,
         };
+        if answered_at < now && session.expires_at <= now {
+            // Another worker's answer, reused after its access token expired: nothing to
+            // forward on.
+            return (
+                self.refresh_without_answer(pending, now),
+                Note::log("a shared refresh answer's access token has already expired"),
+            );
+        }
         match self.session_cookies(
             &mut session,
             &pending.host,

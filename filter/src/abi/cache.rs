@@ -207,29 +207,62 @@ fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fres
     })
 }
 
-/// Slots of the process-wide refresh lock and result rings, one per value of a refresh-token
-/// digest's first byte (bounded: shared data has no delete). Two sessions refreshing within the
-/// same minute share a slot with a chance of 1 in 256, and the later one takes it over: its
-/// stale cookies on other workers may then present the old token and lose the session.
 /// The IdP's answer to a refresh: this stream's own, or another's from shared data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RefreshAnswer {
     /// The HTTP status (503 when the IdP did not answer in time).
     pub status: u16,
-    /// The body (empty when unreadable or absent).
+    /// The body (empty when unreadable or absent); holds tokens.
     pub body: Vec<u8>,
     /// When it came.
     pub at: UnixSeconds,
 }
 
+impl std::fmt::Debug for RefreshAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshAnswer")
+            .field("status", &self.status)
+            .field(
+                "body",
+                &format_args!("[{} bytes redacted]", self.body.len()),
+            )
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+impl RefreshAnswer {
+    /// Whether the answer settles the refresh for as long as it is kept: tokens or a refusal.
+    /// An IdP that was down or busy (429, 5xx, no answer) may answer the next request.
+    fn is_verdict(&self) -> bool {
+        self.status == 200 || ((400..500).contains(&self.status) && self.status != 429)
+    }
+
+    /// How long other workers may apply it.
+    fn ttl(&self) -> u64 {
+        if self.is_verdict() {
+            REFRESH_RESULT_TTL_SECS
+        } else {
+            UNAVAILABLE_RESULT_TTL_SECS
+        }
+    }
+}
+
+/// Slots of the process-wide refresh lock and result rings, one per value of a refresh-token
+/// digest's first byte (bounded: shared data has no delete). Two sessions refreshing within the
+/// same minute share a slot with a chance of 1 in 256, and the later one takes it over: its
+/// stale cookies on other workers may then present the old token and lose the session.
 const REFRESH_SLOTS: usize = 256;
 // Slot names are the digest's first byte.
 const _: () = assert!(REFRESH_SLOTS == u8::MAX as usize + 1);
-/// Refresh answers longer than this are not shared, so the result ring stays within
-/// 256 × 32 KB; sessions fit a few KB of cookie, so real answers are far smaller.
+/// Refresh answers longer than this are shared without their body (its status still decides),
+/// so the result ring stays within 256 × 32 KB; real answers are far smaller.
 const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
-/// How long a refresh result may be reused by another worker holding the same old refresh token.
+/// How long a refresh's tokens or refusal may be applied by another worker holding the same old
+/// refresh token.
 pub const REFRESH_RESULT_TTL_SECS: u64 = 60;
+/// How long "the IdP did not answer" is shared: long enough for the requests already waiting.
+const UNAVAILABLE_RESULT_TTL_SECS: u64 = 10;
 
 impl IdpCache {
     fn refresh_slot(&self, key: &[u8; 16]) -> String {
@@ -238,17 +271,19 @@ impl IdpCache {
         self.key(&format!("refreshed/v2/{}", key[0]))
     }
 
-    /// Remembers the IdP's answer to a refresh for [`REFRESH_RESULT_TTL_SECS`] from when it
-    /// came, whatever it says: a request of the same session on another worker applies it
-    /// instead of presenting the old (perhaps rotated) refresh token again, and requests waiting
-    /// there get the same verdict as this worker's. Sealed by the gate: its tokens never sit in
-    /// shared data in the clear.
+    /// Remembers the IdP's answer to a refresh from when it came, whatever it says: a request of
+    /// the same session on another worker applies it instead of presenting the old (perhaps
+    /// rotated) refresh token again, and requests waiting there get the same verdict as this
+    /// worker's. Sealed by the gate: its tokens never sit in shared data in the clear. New tokens
+    /// for a refresh token are never replaced by a later refusal or failure of the same one.
     pub fn store_refresh_result(&self, gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer) {
-        if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
-            return;
-        }
+        let body: &[u8] = if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
+            &[]
+        } else {
+            &answer.body
+        };
         let Some(sealed) =
-            gate.seal_refresh_result(key, answer.at, answer.status, &answer.body, &mut HostRandom)
+            gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)
         else {
             return;
         };
@@ -256,7 +291,26 @@ impl IdpCache {
         value.extend_from_slice(key);
         value.extend_from_slice(&answer.at.to_be_bytes());
         value.extend_from_slice(&sealed);
-        let _ = hostcalls::set_shared_data(&self.refresh_slot(key), Some(&value), None);
+        let slot = self.refresh_slot(key);
+        // Compare-and-swap, read again on a race: a few rounds at most (one writer per refresh).
+        for _ in 0..4 {
+            let Ok((current, cas)) = hostcalls::get_shared_data(&slot) else {
+                return;
+            };
+            let holds_tokens = current
+                .as_deref()
+                .and_then(|bytes| read_result(gate, key, bytes))
+                .is_some_and(|held| {
+                    held.status == 200
+                        && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS)
+                });
+            if holds_tokens && answer.status != 200 {
+                return;
+            }
+            if hostcalls::set_shared_data(&slot, Some(&value), cas).is_ok() {
+                return;
+            }
+        }
     }
 
     /// A recent answer to a refresh with this refresh token, if another stream already got one.
@@ -269,16 +323,18 @@ impl IdpCache {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_slot(key)) else {
             return None;
         };
-        if bytes.get(..16)? != key.as_slice() {
-            return None;
-        }
-        let at = read_u64(bytes.get(16..24)?)?;
-        if now > at.saturating_add(REFRESH_RESULT_TTL_SECS) {
-            return None;
-        }
-        let (status, body) = gate.open_refresh_result(key, at, bytes.get(24..)?)?;
-        Some(RefreshAnswer { status, body, at })
+        read_result(gate, key, &bytes).filter(|a| now <= a.at.saturating_add(a.ttl()))
     }
+}
+
+/// The answer in a result slot's bytes, if it is for `key` and opens.
+fn read_result(gate: &Gate, key: &[u8; 16], bytes: &[u8]) -> Option<RefreshAnswer> {
+    if bytes.get(..16)? != key.as_slice() {
+        return None;
+    }
+    let at = read_u64(bytes.get(16..24)?)?;
+    let (status, body) = gate.open_refresh_result(key, at, bytes.get(24..)?)?;
+    Some(RefreshAnswer { status, body, at })
 }
 
 /// A cross-VM refresh lock expires after this long (a refresh callout times out after 5 s).

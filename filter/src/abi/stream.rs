@@ -661,7 +661,9 @@ impl Stream {
             .cache
             .borrow()
             .refresh_result(&shared.gate, &key, now);
-        if let Some(answer) = reused {
+        // Not one this session already reflects (an IdP that does not rotate refresh tokens
+        // answers the same token again and again).
+        if let Some(answer) = reused.filter(|a| !pending.already_reflects(a.at)) {
             self.finish_refresh(pending, key, answer, Publish::No, paused);
             return Action::Pause;
         }
@@ -733,12 +735,7 @@ impl Stream {
             }
             None => {
                 // The IdP was not asked: nothing to tell the other workers.
-                let answer = RefreshAnswer {
-                    status: 503,
-                    body: Vec::new(),
-                    at: now,
-                };
-                self.finish_refresh(pending, key, answer, Publish::No, paused);
+                self.finish_without_answer(shared, pending, key);
                 Action::Pause
             }
         }
@@ -766,7 +763,7 @@ impl Stream {
                     .refresh_result(&shared.gate, &key, now)
             })
             .flatten()
-            .filter(|elsewhere| elsewhere.status == 200);
+            .filter(|elsewhere| elsewhere.status == 200 && !pending.already_reflects(elsewhere.at));
         let answer = match rotated_elsewhere {
             Some(elsewhere) => elsewhere,
             None => {
@@ -803,6 +800,10 @@ impl Stream {
         );
         self.note(note);
         match step {
+            // Keys were fetched for this stream already and still none are at hand.
+            RefreshStep::NeedKeys if self.keys_fetched => {
+                self.finish_without_answer(&shared, pending, key);
+            }
             RefreshStep::NeedKeys => {
                 self.fetch_jwks(
                     &shared,
@@ -860,7 +861,7 @@ impl Stream {
                 .map(|f| f.value)
         });
         let Some(provider) = provider else {
-            self.fail_after_keys(shared, &then);
+            self.fail_after_keys(shared, then);
             return;
         };
         let call = gate.document_request(&provider.jwks_uri);
@@ -877,19 +878,48 @@ impl Stream {
                 if fallback.is_some() {
                     self.after_keys(then);
                 } else {
-                    self.fail_after_keys(shared, &then);
+                    self.fail_after_keys(shared, then);
                 }
             }
         }
     }
 
-    /// No keys to go on with: a 503, and a refresh this stream leads is given up first, so the
-    /// streams waiting for it do not wait forever.
-    fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: &AfterKeys) {
-        if let AfterKeys::Refresh { key, .. } = then {
-            give_up_refresh(shared, key, self.now(), self.id);
+    /// No keys to go on with: a 503, or for a refresh this stream leads, what a refresh with no
+    /// answer gives (its answer, if any, stays shared for a request that can check it).
+    fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: AfterKeys) {
+        if let AfterKeys::Refresh { pending, key, .. } = then {
+            self.finish_without_answer(shared, pending, key);
+            return;
         }
         self.fail(Failure::IdpUnavailable);
+    }
+
+    /// A refresh this stream leads ends with no answer to apply here (the IdP was not asked, or
+    /// its answer cannot be checked for want of keys): the streams waiting for it, and this
+    /// one, go on with the access token while it is valid and get a retryable 503 after; a
+    /// login ended meanwhile ends here too.
+    fn finish_without_answer(
+        &mut self,
+        shared: &Rc<Shared>,
+        pending: PendingRefresh,
+        key: [u8; 16],
+    ) {
+        let now = self.now();
+        give_up_refresh(shared, &key, now, self.id);
+        match shared.gate.refresh_without_answer(&pending, now) {
+            RefreshStep::Forward(fwd) => {
+                self.apply_forward(fwd);
+                self.resume_http_request();
+            }
+            RefreshStep::Ended(clear) => {
+                self.extra_reply_cookies = clear;
+                self.facts = self.facts.without_session();
+                self.run(true);
+            }
+            _ => {
+                self.fail(Failure::IdpUnavailable);
+            }
+        }
     }
 
     fn after_keys(&mut self, then: AfterKeys) {
@@ -1094,12 +1124,7 @@ impl Stream {
                 // No keys to check the answer with: for this stream like no answer; the answer
                 // itself stays shared for the next request.
                 AfterKeys::Refresh { pending, key, .. } => {
-                    let answer = RefreshAnswer {
-                        status: 503,
-                        body: Vec::new(),
-                        at: now,
-                    };
-                    self.finish_refresh(pending, key, answer, Publish::No, true)
+                    self.finish_without_answer(&shared, pending, key)
                 }
                 AfterKeys::Login { pending, .. } => {
                     let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
@@ -1772,6 +1797,122 @@ mod tests {
             .refresh_result(&shared.gate, &key, VALID)
             .unwrap();
         assert_eq!(kept.at, VALID - 10);
+    }
+
+    // Found in review: a leader whose refreshed ID token needed keys it could not get (the JWKS
+    // fetch failed, a cold cache) fed itself a made-up 503: under end_session that ended the
+    // session though the IdP had answered, and with the IdP's own answer already shared it went
+    // back to fetching keys again and again. It now ends as a refresh without answer does.
+    #[test]
+    fn a_leader_that_cannot_get_keys_for_the_answer_goes_on_as_without_answer() {
+        for (now, expected) in [
+            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
+            (EXPIRED, Outcome::Answered(503)),
+        ] {
+            let (shared, pending, key) = refreshing();
+            assert!(shared.refreshes.borrow_mut().lead(key));
+            let answer = RefreshAnswer {
+                status: 200,
+                body: br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"id_token":"a.b.c"}"#.to_vec(),
+                at: now,
+            };
+            // Shared when it came, as finish_refresh does with its own answer.
+            shared
+                .cache
+                .borrow()
+                .store_refresh_result(&shared.gate, &key, &answer);
+            let mut leader = Stream::new(7, Some(shared.clone()));
+            leader.facts = api_call_facts(&shared.gate);
+            leader.waiting = Waiting::Jwks {
+                token: 1,
+                started: SystemTime::UNIX_EPOCH,
+                then: AfterKeys::Refresh {
+                    pending,
+                    key,
+                    answer,
+                },
+            };
+            host_stubs::STATUS.with(|s| *s.borrow_mut() = b"500".to_vec());
+            host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
+            let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
+            assert_eq!(outcome, expected, "at {now}");
+            assert!(
+                matches!(leader.waiting, Waiting::Nothing),
+                "at {now}: the leader fetches keys again"
+            );
+            assert!(
+                shared.refreshes.borrow_mut().lead(key),
+                "at {now}: the refresh is released"
+            );
+        }
+    }
+
+    // Found in review: with an IdP that does not rotate refresh tokens, a session due again
+    // within a minute found its own earlier answer in shared data and reused it instead of
+    // asking the IdP (forwarding its token again, expired or not).
+    #[test]
+    fn a_session_does_not_reuse_an_answer_it_already_holds() {
+        // 60 s tokens from NOW (1_800_000_000): due from NOW + 30, within the minute an answer
+        // is shared.
+        const DUE: u64 = 1_800_000_035;
+        let (g, pending) = crate::flow::tests::a_due_refresh_of_tokens_living(60, DUE);
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        // The session's tokens came at NOW from this very answer.
+        let answer = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"access-abc","token_type":"Bearer","expires_in":60}"#
+                .to_vec(),
+            at: 1_800_000_000,
+        };
+        shared
+            .cache
+            .borrow()
+            .store_refresh_result(&shared.gate, &key, &answer);
+        let mut stream = Stream::new(7, Some(shared.clone()));
+        stream.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(DUE * 1_000_000_000));
+        let call = Callout {
+            method: "POST",
+            path: "/token".into(),
+            authority: "idp.example.com".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        };
+        stream.start_refresh(&shared, call, pending, DUE, true);
+        assert!(
+            matches!(stream.waiting, Waiting::Refresh { .. }),
+            "the IdP is asked"
+        );
+    }
+
+    // Found in review: a refusal or failure for a refresh token could overwrite the new tokens
+    // another worker had got for it, and "the IdP did not answer" was kept as long as a verdict.
+    #[test]
+    fn shared_tokens_outlast_later_failures_and_failures_are_kept_briefly() {
+        let (shared, _, key) = refreshing();
+        let cache = shared.cache.borrow();
+        let answer = |status: u16, at: u64| RefreshAnswer {
+            status,
+            body: Vec::new(),
+            at,
+        };
+        cache.store_refresh_result(&shared.gate, &key, &answer(200, 1_000));
+        for status in [400, 503] {
+            cache.store_refresh_result(&shared.gate, &key, &answer(status, 1_001));
+        }
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &key, 1_059),
+            Some(answer(200, 1_000))
+        );
+        // A failure for a token with no shared answer: for the requests already waiting only.
+        let other_key = [9u8; 16];
+        assert_ne!(other_key, key);
+        cache.store_refresh_result(&shared.gate, &other_key, &answer(503, 2_000));
+        assert!(cache
+            .refresh_result(&shared.gate, &other_key, 2_010)
+            .is_some());
+        assert_eq!(cache.refresh_result(&shared.gate, &other_key, 2_011), None);
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

@@ -1069,6 +1069,28 @@ pub(crate) fn a_due_refresh_with(extra: serde_json::Value) -> (Gate, PendingRefr
     (g, pending)
 }
 
+/// A gate and a refresh due at `due_at` on a session from a login at `NOW` whose access token
+/// lives `expires_in` seconds.
+pub(crate) fn a_due_refresh_of_tokens_living(
+    expires_in: u64,
+    due_at: u64,
+) -> (Gate, PendingRefresh) {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(1);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        json!({"access_token": "access-abc", "token_type": "Bearer", "expires_in": expires_in, "id_token": idp.id_token(nonce), "refresh_token": "r1"}).to_string()
+    });
+    let set = header(&r, "set-cookie");
+    let (n, v) = cookie_pair(
+        set.iter()
+            .find(|c| c.starts_with("__Host-oidc-gate="))
+            .unwrap(),
+    );
+    let (_, pending) = refresh_pending(&g, &format!("{n}={v}"), due_at, &mut rng);
+    (g, pending)
+}
+
 /// The IdP's answer to `pending`: a new access token `access-2` and a rotated refresh token.
 fn complete_rotating_refresh(
     g: &Gate,
@@ -2401,4 +2423,71 @@ fn a_refresh_without_answer_does_not_serve_a_login_ended_meanwhile() {
         g.refresh_without_answer(&pending, NOW + 252),
         RefreshStep::Ended(_)
     ));
+}
+
+/// Found in review: while the IdP rotates its signing keys, a worker that may not fetch keys
+/// now (another stream holds the refetch right) met the refreshed ID token's new `kid` and
+/// ended the session. The IdP refused nothing: the session goes on as it was.
+#[test]
+fn a_refreshed_id_token_with_a_key_not_known_yet_does_not_end_the_session() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(66);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let old_keys = idp.jwks();
+    idp.0.rotate_keys();
+    let id_token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 600, "iat": NOW + 250}),
+    );
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}).to_string();
+    let complete = |may_refetch: bool, rng: &mut SeededRandom| {
+        g.complete_refresh(
+            &pending,
+            200,
+            answer.as_bytes(),
+            Keys {
+                jwks: Some(&old_keys),
+                may_refetch,
+            },
+            NOW + 250,
+            rng,
+        )
+        .0
+    };
+    assert!(matches!(complete(true, &mut rng), RefreshStep::NeedKeys));
+    match complete(false, &mut rng) {
+        RefreshStep::Forward(f) => {
+            assert_eq!(f.authorization.as_deref(), Some("Bearer access-abc"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Found in review: with an IdP that does not rotate refresh tokens, another worker's answer for
+/// the same token, reused after its access token expired, was forwarded expired.
+#[test]
+fn a_shared_answer_whose_token_has_expired_is_not_forwarded() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(67);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 310, &mut rng);
+    let answer =
+        json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 30}).to_string();
+    let (step, _) = g.complete_refresh_answered_at(
+        &pending,
+        200,
+        answer.as_bytes(),
+        Keys {
+            jwks: Some(&idp.jwks()),
+            may_refetch: false,
+        },
+        NOW + 310,
+        NOW + 270,
+        &mut rng,
+    );
+    // Both tokens have expired: a retryable 503, nothing forwarded.
+    assert!(matches!(step, RefreshStep::Unavailable), "{step:?}");
 }
