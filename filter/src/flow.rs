@@ -279,6 +279,11 @@ impl PendingRefresh {
         answered_at <= self.session.tokens_at
     }
 
+    /// When the session's tokens were obtained.
+    pub fn tokens_at(&self) -> UnixSeconds {
+        self.session.tokens_at
+    }
+
     /// A key identifying the refresh token, for coalescing concurrent refreshes of one session
     /// (a digest: the token itself never becomes a map key or a log line).
     pub fn coalescing_key(&self) -> [u8; 16] {
@@ -398,6 +403,8 @@ pub struct Keys<'a> {
     pub jwks: Option<&'a Jwks>,
     /// Whether an unknown `kid` may trigger a refetch (rate limit not yet used).
     pub may_refetch: bool,
+    /// Whether `jwks` was fetched for this very answer: a key missing from it is not coming.
+    pub fetched_for_it: bool,
 }
 
 /// The next step after the token endpoint answered.
@@ -1820,9 +1827,9 @@ impl Gate {
                     )
                 }
                 // Signed with a key this VM may not fetch now (another stream holds the
-                // refetch right, or already fetched): the IdP rotated its keys, it refused
-                // nothing. The answer stays shared for a request that can check it.
-                Err(TokenError::UnknownKey) => {
+                // refetch right): the IdP is rotating its keys and refused nothing. The answer
+                // stays shared for a request that can check it.
+                Err(TokenError::UnknownKey) if !keys.fetched_for_it => {
                     return (
                         self.refresh_without_answer(pending, now),
                         Note::log(
@@ -1851,12 +1858,12 @@ impl Gate {
             login_id: old.login_id.clone(),
             claims,
         };
-        if answered_at < now && session.expires_at <= now {
-            // Another worker's answer, reused after its access token expired: nothing to
-            // forward on.
+        if session.expires_at <= now {
+            // Another worker's answer, reused after its access token expired (or one issued
+            // already expired): nothing to forward on.
             return (
                 self.refresh_without_answer(pending, now),
-                Note::log("a shared refresh answer's access token has already expired"),
+                Note::log("the refreshed access token has already expired"),
             );
         }
         match self.session_cookies(

@@ -2964,6 +2964,7 @@ fn gate_login_round_trip() {
             let step_keys = oidc_filter::flow::Keys {
                 jwks: jwks_present.then(jwks),
                 may_refetch,
+                fetched_for_it: !may_refetch,
             };
             let (step, _) = g.complete_login(&pending, status, &body, step_keys, now, &mut rng);
             match step {

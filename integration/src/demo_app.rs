@@ -85,6 +85,7 @@ async fn handle(State(cfg): State<Arc<DemoAppConfig>>, req: Request) -> Response
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
     let seen = SeenRequest {
+        body: Vec::new(),
         method: req.method().to_string(),
         path: req
             .uri()
@@ -477,6 +478,7 @@ mod tests {
             headers.push(("authorization".into(), a.into()));
         }
         SeenRequest {
+            body: Vec::new(),
             method: "GET".into(),
             path: "/".into(),
             headers,

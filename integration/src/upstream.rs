@@ -21,6 +21,8 @@ pub struct SeenRequest {
     pub path: String,
     /// Headers in arrival order, names lowercase.
     pub headers: Vec<(String, String)>,
+    /// The request body (up to 1 MiB).
+    pub body: Vec<u8>,
 }
 
 impl SeenRequest {
@@ -115,6 +117,12 @@ impl Drop for Upstream {
 }
 
 async fn echo(State(log): State<Log>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    let req = Request::from_parts(parts, Body::empty());
     let seen = SeenRequest {
         method: req.method().to_string(),
         path: req
@@ -132,6 +140,7 @@ async fn echo(State(log): State<Log>, req: Request) -> Response {
                 )
             })
             .collect(),
+        body,
     };
     let body = if req.uri().path() == "/headers" {
         json!({ "headers": seen.headers_json() })

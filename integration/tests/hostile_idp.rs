@@ -2200,6 +2200,69 @@ async fn refresh_with_a_replayed_pre_refresh_cookie_does_not_crash() {
     assert_no_crash(&stack);
 }
 
+/// A POST with a body whose refresh is answered at once from another refresh's shared answer
+/// (a replayed pre-refresh cookie): the request goes upstream whole, body included, with the
+/// refreshed token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_refreshed_from_a_shared_answer_keeps_its_body() {
+    let stack = Arc::new(
+        Stack::start(StackOptions {
+            idp: MockIdpConfig {
+                access_token_ttl: Duration::from_secs(SHORT_TTL_SECS),
+                rotate_refresh_tokens: true,
+                ..MockIdpConfig::default()
+            },
+            concurrency: 1,
+            ..StackOptions::default()
+        })
+        .await,
+    );
+    let b = stack.browser();
+    let flow = stack.login(&b, &stack.url("/r0")).await;
+    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
+    let url = url::Url::parse(&stack.url("/")).unwrap();
+    let old_cookie = b
+        .jar()
+        .header_for(&url, &reqwest::Method::GET, false)
+        .unwrap();
+    until_due().await;
+    let r = b.get(&stack.url("/r1")).await; // refreshes and shares the answer
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let refreshed = upstream_token(&stack);
+    let refreshes = stack.idp.stats().refresh;
+
+    let data = "x".repeat(100_000);
+    let replay = stack.api_client();
+    let sent = replay
+        .send(
+            reqwest::Method::POST,
+            url::Url::parse(&stack.url("/orders")).unwrap(),
+            &[("cookie", &old_cookie)],
+            Some(vec![("data".to_string(), data.clone())]),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.describe());
+    assert_eq!(
+        stack.idp.stats().refresh,
+        refreshes,
+        "answered from the shared answer"
+    );
+    let seen = stack.upstream.last().expect("upstream saw the POST");
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/orders")
+    );
+    assert_eq!(upstream_token(&stack), refreshed);
+    assert_eq!(
+        seen.body.len(),
+        "data=".len() + data.len(),
+        "the body reached the upstream whole"
+    );
+    assert_no_crash(&stack);
+}
+
 /// I85 and I86. The upstream receives the ID token here, so which ID token the session holds is
 /// visible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

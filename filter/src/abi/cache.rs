@@ -232,18 +232,13 @@ impl std::fmt::Debug for RefreshAnswer {
 }
 
 impl RefreshAnswer {
-    /// Whether the answer settles the refresh for as long as it is kept: tokens or a refusal.
-    /// An IdP that was down or busy (429, 5xx, no answer) may answer the next request.
-    fn is_verdict(&self) -> bool {
-        self.status == 200 || ((400..500).contains(&self.status) && self.status != 429)
-    }
-
-    /// How long other workers may apply it.
+    /// How long other workers may apply it: an IdP that was down or busy (429, 5xx, no answer,
+    /// as the engine reads them) may answer the next request; anything else settles the refresh.
     fn ttl(&self) -> u64 {
-        if self.is_verdict() {
-            REFRESH_RESULT_TTL_SECS
-        } else {
+        if self.status == 429 || self.status >= 500 {
             UNAVAILABLE_RESULT_TTL_SECS
+        } else {
+            REFRESH_RESULT_TTL_SECS
         }
     }
 }
@@ -255,8 +250,10 @@ impl RefreshAnswer {
 const REFRESH_SLOTS: usize = 256;
 // Slot names are the digest's first byte.
 const _: () = assert!(REFRESH_SLOTS == u8::MAX as usize + 1);
-/// Refresh answers longer than this are shared without their body (its status still decides),
-/// so the result ring stays within 256 × 32 KB; real answers are far smaller.
+/// Refresh answers longer than this are not shared if they carry tokens (a 200 without its body
+/// would read as garbage and end the session elsewhere), and shared without their body otherwise
+/// (the status decides), so the result ring stays within 256 × 32 KB; real answers are far
+/// smaller.
 const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
 /// How long a refresh's tokens or refusal may be applied by another worker holding the same old
 /// refresh token.
@@ -275,12 +272,22 @@ impl IdpCache {
     /// the same session on another worker applies it instead of presenting the old (perhaps
     /// rotated) refresh token again, and requests waiting there get the same verdict as this
     /// worker's. Sealed by the gate: its tokens never sit in shared data in the clear. New tokens
-    /// for a refresh token are never replaced by a later refusal or failure of the same one.
-    pub fn store_refresh_result(&self, gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer) {
-        let body: &[u8] = if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
-            &[]
-        } else {
+    /// for a refresh token are not replaced by a later refusal or failure of the same one,
+    /// unless the session refused already held them (tokens up to `held_up_to`): an IdP that
+    /// does not rotate refresh tokens answered it, then refused it.
+    pub fn store_refresh_result(
+        &self,
+        gate: &Gate,
+        key: &[u8; 16],
+        answer: &RefreshAnswer,
+        held_up_to: UnixSeconds,
+    ) {
+        let body: &[u8] = if answer.body.len() <= MAX_SHARED_REFRESH_RESULT_BYTES {
             &answer.body
+        } else if answer.status == 200 {
+            return;
+        } else {
+            &[]
         };
         let Some(sealed) =
             gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)
@@ -302,6 +309,7 @@ impl IdpCache {
                 .and_then(|bytes| read_result(gate, key, bytes))
                 .is_some_and(|held| {
                     held.status == 200
+                        && held.at > held_up_to
                         && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS)
                 });
             if holds_tokens && answer.status != 200 {
@@ -350,7 +358,11 @@ impl IdpCache {
     /// it at once would both win.
     pub fn init_shared_slots(&self) {
         let locks = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshing/{slot}")));
-        for name in locks.chain(std::iter::once(self.key(JWKS_REFETCH_SLOT))) {
+        let results = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshed/v2/{slot}")));
+        for name in locks
+            .chain(results)
+            .chain(std::iter::once(self.key(JWKS_REFETCH_SLOT)))
+        {
             if let Ok((None, _)) = hostcalls::get_shared_data(&name) {
                 let _ = hostcalls::set_shared_data(&name, Some(&[]), None);
             }

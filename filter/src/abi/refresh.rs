@@ -54,6 +54,7 @@ pub fn complete_follower(
     let keys = Keys {
         jwks: jwks.as_deref(),
         may_refetch: false,
+        fetched_for_it: false,
     };
     let (step, _) = shared.gate.complete_refresh_answered_at(
         &f.pending,
@@ -104,9 +105,13 @@ fn apply(
                 .insert(f.context_id, fwd.response_cookies);
             let _ = hostcalls::resume_http_request();
         }
-        // No keys here to check the refreshed ID token with: the answer stays in shared data
-        // for the next request, which may fetch them; nothing is ended for want of keys.
-        RefreshStep::Unavailable | RefreshStep::NeedKeys => {
+        // No keys here to check the refreshed ID token with: as without an answer (the answer
+        // stays in shared data for a request that can fetch them).
+        RefreshStep::NeedKeys => {
+            let step = shared.gate.refresh_without_answer(&f.pending, now);
+            apply(shared, f, step, now, provider);
+        }
+        RefreshStep::Unavailable => {
             send(&Failure::IdpUnavailable.reply(f.facts.browser(), f.facts.request_id()));
         }
         RefreshStep::Ended(clear) => {
@@ -183,10 +188,13 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
         .map(|f| f.value);
     let mut still = Vec::new();
     for w in waiters {
+        // Not one the waiting session already holds (an IdP that does not rotate refresh
+        // tokens is answered for the same token again and again): wait for the new one.
         let result = shared
             .cache
             .borrow()
-            .refresh_result(&shared.gate, &w.key, now);
+            .refresh_result(&shared.gate, &w.key, now)
+            .filter(|a| !w.follower.pending.already_reflects(a.at));
         let locked = shared.cache.borrow().refresh_locked(&w.key, now);
         let answer = match result {
             Some(answer) => answer,

@@ -278,14 +278,27 @@ enum AfterKeys {
         pending: PendingRefresh,
         key: [u8; 16],
         answer: RefreshAnswer,
+        from: AnswerFrom,
     },
 }
 
-/// Whether a refresh answer is this stream's own, to be shared with the other workers.
+/// Where a refresh answer this stream applies came from, which decides whether it is shared and
+/// whether this stream leads the refresh (holds the worker's registration and the cross-worker
+/// lock, and answers the streams that wait for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Publish {
-    Yes,
-    No,
+enum AnswerFrom {
+    /// The IdP, to this stream's own callout: not shared yet.
+    OwnCallout,
+    /// The IdP, to this stream's own callout: already shared.
+    OwnShared,
+    /// Another stream's refresh, from shared data: this stream leads nothing.
+    Shared,
+}
+
+impl AnswerFrom {
+    fn leading(self) -> bool {
+        self != Self::Shared
+    }
 }
 
 enum Waiting {
@@ -572,8 +585,7 @@ impl Stream {
                 if self.keys_fetched {
                     return self.fail(Failure::IdpUnavailable);
                 }
-                self.fetch_jwks(&shared, AfterKeys::Decide, jwks.or(stale_jwks));
-                Action::Pause
+                self.fetch_jwks(&shared, AfterKeys::Decide, jwks.or(stale_jwks), paused)
             }
             Decision::ExchangeCode { call, pending } => match self.dispatch(&gate, &call) {
                 Some(token) => {
@@ -606,6 +618,7 @@ impl Stream {
         let keys = Keys {
             jwks,
             may_refetch: !self.keys_fetched,
+            fetched_for_it: self.keys_fetched,
         };
         let out = step(keys);
         if needs_keys(&out)
@@ -664,8 +677,7 @@ impl Stream {
         // Not one this session already reflects (an IdP that does not rotate refresh tokens
         // answers the same token again and again).
         if let Some(answer) = reused.filter(|a| !pending.already_reflects(a.at)) {
-            self.finish_refresh(pending, key, answer, Publish::No, paused);
-            return Action::Pause;
+            return self.finish_refresh(pending, key, answer, AnswerFrom::Shared, paused);
         }
         if let Some((RefreshStep::Ended(clear), note)) =
             shared.gate.end_if_refused_earlier(&pending)
@@ -733,27 +745,27 @@ impl Stream {
                 };
                 Action::Pause
             }
-            None => {
-                // The IdP was not asked: nothing to tell the other workers.
-                self.finish_without_answer(shared, pending, key);
-                Action::Pause
-            }
+            // The IdP was not asked: nothing to tell the other workers.
+            None => self.finish_without_answer(shared, pending, key, true, paused),
         }
     }
 
-    /// Applies a refresh answer to this stream and to every stream that waited for it.
+    /// Applies a refresh answer to this stream and, when it leads the refresh, to every stream
+    /// that waited for it. `paused`: whether this stream's request is paused (it is not while
+    /// its request-headers callback runs, and must then not be resumed from inside it).
     fn finish_refresh(
         &mut self,
         pending: PendingRefresh,
         key: [u8; 16],
         answer: RefreshAnswer,
-        publish: Publish,
+        from: AnswerFrom,
         paused: bool,
-    ) {
+    ) -> Action {
         let Some(shared) = self.shared.clone() else {
-            return;
+            return self.fail(Failure::Internal);
         };
         let now = self.now();
+        let leading = from.leading();
         // Refused: another worker may have rotated the refresh token a moment ago.
         let rotated_elsewhere = (answer.status != 200)
             .then(|| {
@@ -764,20 +776,21 @@ impl Stream {
             })
             .flatten()
             .filter(|elsewhere| elsewhere.status == 200 && !pending.already_reflects(elsewhere.at));
-        let answer = match rotated_elsewhere {
-            Some(elsewhere) => elsewhere,
-            None => {
-                if publish == Publish::Yes {
-                    // Shared before it is checked, whatever it says: the workers waiting for it
-                    // get this verdict (a refusal too), and a new refresh token survives this
-                    // stream's end while it fetches keys.
-                    shared
-                        .cache
-                        .borrow()
-                        .store_refresh_result(&shared.gate, &key, &answer);
-                }
-                answer
+        let (answer, from) = match rotated_elsewhere {
+            Some(elsewhere) => (elsewhere, from),
+            None if from == AnswerFrom::OwnCallout => {
+                // Shared before it is checked, whatever it says: the workers waiting for it get
+                // this verdict (a refusal too), and a new refresh token survives this stream's
+                // end while it fetches keys.
+                shared.cache.borrow().store_refresh_result(
+                    &shared.gate,
+                    &key,
+                    &answer,
+                    pending.tokens_at(),
+                );
+                (answer, AnswerFrom::OwnShared)
             }
+            None => (answer, from),
         };
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
         let gate = shared.gate.clone();
@@ -802,55 +815,64 @@ impl Stream {
         match step {
             // Keys were fetched for this stream already and still none are at hand.
             RefreshStep::NeedKeys if self.keys_fetched => {
-                self.finish_without_answer(&shared, pending, key);
+                self.finish_without_answer(&shared, pending, key, leading, paused)
             }
             RefreshStep::NeedKeys => {
-                self.fetch_jwks(
-                    &shared,
-                    AfterKeys::Refresh {
-                        pending,
-                        key,
-                        answer,
-                    },
-                    jwks,
-                );
+                let then = AfterKeys::Refresh {
+                    pending,
+                    key,
+                    answer,
+                    from,
+                };
+                self.fetch_jwks(&shared, then, jwks, paused)
             }
             RefreshStep::Forward(fwd) => {
-                shared.cache.borrow().unlock_refresh(&key);
                 self.apply_forward(fwd);
-                self.resume_http_request();
-                release_local(
-                    &shared,
-                    &key,
-                    &answer,
-                    now,
-                    self.provider.as_deref(),
-                    self.id,
-                );
+                if leading {
+                    shared.cache.borrow().unlock_refresh(&key);
+                    release_local(
+                        &shared,
+                        &key,
+                        &answer,
+                        now,
+                        self.provider.as_deref(),
+                        self.id,
+                    );
+                }
+                self.continue_or_resume(paused)
             }
             RefreshStep::Unavailable => {
-                give_up_refresh(&shared, &key, self.now(), self.id);
-                self.fail(Failure::IdpUnavailable);
+                if leading {
+                    give_up_refresh(&shared, &key, now, self.id);
+                }
+                self.fail(Failure::IdpUnavailable)
             }
             RefreshStep::Ended(clear) => {
-                shared.cache.borrow().unlock_refresh(&key);
+                if leading {
+                    shared.cache.borrow().unlock_refresh(&key);
+                    release_local(
+                        &shared,
+                        &key,
+                        &answer,
+                        now,
+                        self.provider.as_deref(),
+                        self.id,
+                    );
+                }
                 self.extra_reply_cookies = clear;
                 self.facts = self.facts.without_session();
-                release_local(
-                    &shared,
-                    &key,
-                    &answer,
-                    now,
-                    self.provider.as_deref(),
-                    self.id,
-                );
-                let _ = paused;
-                self.run(true);
+                self.run(paused)
             }
         }
     }
 
-    fn fetch_jwks(&mut self, shared: &Rc<Shared>, then: AfterKeys, fallback: Option<Rc<Jwks>>) {
+    fn fetch_jwks(
+        &mut self,
+        shared: &Rc<Shared>,
+        then: AfterKeys,
+        fallback: Option<Rc<Jwks>>,
+        paused: bool,
+    ) -> Action {
         let gate = shared.gate.clone();
         let now = self.now();
         let provider = self.known_provider(shared, now).or_else(|| {
@@ -861,8 +883,7 @@ impl Stream {
                 .map(|f| f.value)
         });
         let Some(provider) = provider else {
-            self.fail_after_keys(shared, then);
-            return;
+            return self.fail_after_keys(shared, then, paused);
         };
         let call = gate.document_request(&provider.jwks_uri);
         match self.dispatch(&gate, &call) {
@@ -871,73 +892,79 @@ impl Stream {
                     token,
                     started: self.get_current_time(),
                     then,
-                }
+                };
+                Action::Pause
             }
             None => {
                 self.keys_fetched = true;
                 if fallback.is_some() {
-                    self.after_keys(then);
+                    self.after_keys(then, paused)
                 } else {
-                    self.fail_after_keys(shared, then);
+                    self.fail_after_keys(shared, then, paused)
                 }
             }
         }
     }
 
-    /// No keys to go on with: a 503, or for a refresh this stream leads, what a refresh with no
-    /// answer gives (its answer, if any, stays shared for a request that can check it).
-    fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: AfterKeys) {
-        if let AfterKeys::Refresh { pending, key, .. } = then {
-            self.finish_without_answer(shared, pending, key);
-            return;
+    /// No keys to go on with: a 503, or for a refresh, what a refresh with no answer gives (its
+    /// answer, if any, stays shared for a request that can check it).
+    fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: AfterKeys, paused: bool) -> Action {
+        if let AfterKeys::Refresh {
+            pending, key, from, ..
+        } = then
+        {
+            return self.finish_without_answer(shared, pending, key, from.leading(), paused);
         }
-        self.fail(Failure::IdpUnavailable);
+        self.fail(Failure::IdpUnavailable)
     }
 
-    /// A refresh this stream leads ends with no answer to apply here (the IdP was not asked, or
-    /// its answer cannot be checked for want of keys): the streams waiting for it, and this
-    /// one, go on with the access token while it is valid and get a retryable 503 after; a
-    /// login ended meanwhile ends here too.
+    /// A refresh ends with no answer to apply here (the IdP was not asked, or its answer cannot
+    /// be checked for want of keys): this stream, and when it leads the refresh the streams
+    /// waiting for it, go on with the access token while it is valid and get a retryable 503
+    /// after; a login ended meanwhile ends here too.
     fn finish_without_answer(
         &mut self,
         shared: &Rc<Shared>,
         pending: PendingRefresh,
         key: [u8; 16],
-    ) {
+        leading: bool,
+        paused: bool,
+    ) -> Action {
         let now = self.now();
-        give_up_refresh(shared, &key, now, self.id);
+        if leading {
+            give_up_refresh(shared, &key, now, self.id);
+        }
         match shared.gate.refresh_without_answer(&pending, now) {
             RefreshStep::Forward(fwd) => {
                 self.apply_forward(fwd);
-                self.resume_http_request();
+                self.continue_or_resume(paused)
             }
             RefreshStep::Ended(clear) => {
                 self.extra_reply_cookies = clear;
                 self.facts = self.facts.without_session();
-                self.run(true);
+                self.run(paused)
             }
-            _ => {
-                self.fail(Failure::IdpUnavailable);
-            }
+            _ => self.fail(Failure::IdpUnavailable),
         }
     }
 
-    fn after_keys(&mut self, then: AfterKeys) {
+    fn after_keys(&mut self, then: AfterKeys, paused: bool) -> Action {
         match then {
-            AfterKeys::Decide => {
-                self.run(true);
-            }
+            AfterKeys::Decide => self.run(paused),
             AfterKeys::Login {
                 pending,
                 status,
                 body,
-            } => self.finish_login(pending, status, body),
-            // Already shared when it came.
+            } => {
+                self.finish_login(pending, status, body);
+                Action::Pause
+            }
             AfterKeys::Refresh {
                 pending,
                 key,
                 answer,
-            } => self.finish_refresh(pending, key, answer, Publish::No, true),
+                from,
+            } => self.finish_refresh(pending, key, answer, from, paused),
         }
     }
 
@@ -1075,15 +1102,15 @@ impl Stream {
                 let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
                 self.reply(r);
             }
-            LoginStep::NeedKeys => self.fetch_jwks(
-                &shared,
-                AfterKeys::Login {
+            LoginStep::NeedKeys => {
+                let then = AfterKeys::Login {
                     pending,
                     status,
                     body,
-                },
-                cached.map(|f| f.value),
-            ),
+                };
+                // After the token callout: the request is paused.
+                self.fetch_jwks(&shared, then, cached.map(|f| f.value), true);
+            }
         }
     }
 
@@ -1117,14 +1144,17 @@ impl Stream {
             ),
         }
         let have_keys = shared.cache.borrow_mut().jwks(now).is_some();
+        // After the JWKS callout: the request is paused.
         if have_keys {
-            self.after_keys(then);
+            self.after_keys(then, true);
         } else {
             match then {
                 // No keys to check the answer with: for this stream like no answer; the answer
                 // itself stays shared for the next request.
-                AfterKeys::Refresh { pending, key, .. } => {
-                    self.finish_without_answer(&shared, pending, key)
+                AfterKeys::Refresh {
+                    pending, key, from, ..
+                } => {
+                    self.finish_without_answer(&shared, pending, key, from.leading(), true);
                 }
                 AfterKeys::Login { pending, .. } => {
                     let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
@@ -1177,7 +1207,7 @@ impl Context for Stream {
                             body: body.unwrap_or_default(),
                             at: self.now(),
                         };
-                        self.finish_refresh(pending, key, answer, Publish::Yes, true)
+                        self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
                     }
                     // Timed out or reset: the IdP's failure, the same for every worker.
                     None => {
@@ -1186,7 +1216,7 @@ impl Context for Stream {
                             body: Vec::new(),
                             at: self.now(),
                         };
-                        self.finish_refresh(pending, key, answer, Publish::Yes, true)
+                        self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
                     }
                 }
             }
@@ -1220,7 +1250,12 @@ impl Stream {
             // on with a still-valid access token, or get a retryable 503.
             Waiting::Refresh { key, .. }
             | Waiting::Jwks {
-                then: AfterKeys::Refresh { key, .. },
+                then:
+                    AfterKeys::Refresh {
+                        key,
+                        from: AnswerFrom::OwnCallout | AnswerFrom::OwnShared,
+                        ..
+                    },
                 ..
             } => give_up_refresh(&shared, &key, self.now(), self.id),
             Waiting::RemoteRefresh { key } => {
@@ -1709,7 +1744,7 @@ mod tests {
             body: body.to_vec(),
             at: 1_000,
         };
-        cache.store_refresh_result(&shared.gate, &key, &answer);
+        cache.store_refresh_result(&shared.gate, &key, &answer, 0);
         let stored: Vec<Vec<u8>> =
             host_stubs::SHARED.with(|m| m.borrow().values().map(|(v, _)| v.clone()).collect());
         assert_eq!(stored.len(), 1);
@@ -1778,7 +1813,7 @@ mod tests {
         shared
             .cache
             .borrow()
-            .store_refresh_result(&shared.gate, &key, &answer);
+            .store_refresh_result(&shared.gate, &key, &answer, 0);
         let mut reuser = Stream::new(7, Some(shared.clone()));
         reuser.facts = api_call_facts(&shared.gate);
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
@@ -1788,7 +1823,7 @@ mod tests {
                 .borrow()
                 .refresh_result(&shared.gate, &key, VALID)
                 .unwrap();
-            reuser.finish_refresh(pending, key, reused, Publish::No, true);
+            reuser.finish_refresh(pending, key, reused, AnswerFrom::Shared, true);
         });
         assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
         let kept = shared
@@ -1820,9 +1855,11 @@ mod tests {
             shared
                 .cache
                 .borrow()
-                .store_refresh_result(&shared.gate, &key, &answer);
+                .store_refresh_result(&shared.gate, &key, &answer, 0);
             let mut leader = Stream::new(7, Some(shared.clone()));
             leader.facts = api_call_facts(&shared.gate);
+            // Discovery at hand: fetching the keys again would be possible, and must not happen.
+            leader.provider = Some(Rc::new(crate::flow::tests::provider()));
             leader.waiting = Waiting::Jwks {
                 token: 1,
                 started: SystemTime::UNIX_EPOCH,
@@ -1830,6 +1867,7 @@ mod tests {
                     pending,
                     key,
                     answer,
+                    from: AnswerFrom::OwnShared,
                 },
             };
             host_stubs::STATUS.with(|s| *s.borrow_mut() = b"500".to_vec());
@@ -1868,7 +1906,7 @@ mod tests {
         shared
             .cache
             .borrow()
-            .store_refresh_result(&shared.gate, &key, &answer);
+            .store_refresh_result(&shared.gate, &key, &answer, 0);
         let mut stream = Stream::new(7, Some(shared.clone()));
         stream.facts = api_call_facts(&shared.gate);
         host_stubs::NOW_NS.with(|t| t.set(DUE * 1_000_000_000));
@@ -1897,22 +1935,57 @@ mod tests {
             body: Vec::new(),
             at,
         };
-        cache.store_refresh_result(&shared.gate, &key, &answer(200, 1_000));
+        cache.store_refresh_result(&shared.gate, &key, &answer(200, 1_000), 0);
         for status in [400, 503] {
-            cache.store_refresh_result(&shared.gate, &key, &answer(status, 1_001));
+            cache.store_refresh_result(&shared.gate, &key, &answer(status, 1_001), 0);
         }
         assert_eq!(
             cache.refresh_result(&shared.gate, &key, 1_059),
             Some(answer(200, 1_000))
         );
+        // Unless the session refused already held those tokens: an IdP that does not rotate
+        // refresh tokens answered the token, then refused it; the refusal is the news.
+        cache.store_refresh_result(&shared.gate, &key, &answer(400, 1_002), 1_000);
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &key, 1_003),
+            Some(answer(400, 1_002))
+        );
         // A failure for a token with no shared answer: for the requests already waiting only.
         let other_key = [9u8; 16];
         assert_ne!(other_key, key);
-        cache.store_refresh_result(&shared.gate, &other_key, &answer(503, 2_000));
+        cache.store_refresh_result(&shared.gate, &other_key, &answer(503, 2_000), 0);
         assert!(cache
             .refresh_result(&shared.gate, &other_key, 2_010)
             .is_some());
         assert_eq!(cache.refresh_result(&shared.gate, &other_key, 2_011), None);
+    }
+
+    // Found in review: a 200 too large to share, shared without its body, read as garbage on
+    // the other workers and ended the session there.
+    #[test]
+    fn answers_too_large_to_share_keep_their_status_but_never_lose_their_tokens() {
+        let (shared, _, key) = refreshing();
+        let cache = shared.cache.borrow();
+        let big = |status: u16| RefreshAnswer {
+            status,
+            body: vec![b' '; 40 * 1024],
+            at: 1_000,
+        };
+        assert!(
+            !format!("{:?}", big(200)).contains("   "),
+            "Debug shows no body"
+        );
+        cache.store_refresh_result(&shared.gate, &key, &big(200), 0);
+        assert_eq!(cache.refresh_result(&shared.gate, &key, 1_001), None);
+        cache.store_refresh_result(&shared.gate, &key, &big(400), 0);
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &key, 1_001),
+            Some(RefreshAnswer {
+                status: 400,
+                body: Vec::new(),
+                at: 1_000
+            })
+        );
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
@@ -2057,6 +2130,7 @@ mod tests {
             then: AfterKeys::Refresh {
                 pending,
                 key,
+                from: AnswerFrom::OwnShared,
                 answer: RefreshAnswer {
                     status: 200,
                     body: Vec::new(),
@@ -2121,13 +2195,14 @@ mod tests {
         let then = AfterKeys::Refresh {
             pending,
             key,
+            from: AnswerFrom::OwnShared,
             answer: RefreshAnswer {
                 status: 200,
                 body: Vec::new(),
                 at: 0,
             },
         };
-        leader.fetch_jwks(&shared, then, None);
+        leader.fetch_jwks(&shared, then, None, true);
         assert!(shared.refreshes.borrow_mut().lead(key));
     }
 

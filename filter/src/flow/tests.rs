@@ -31,7 +31,7 @@ fn gate() -> Gate {
     gate_with(json!({}))
 }
 
-fn provider() -> ProviderMetadata {
+pub(crate) fn provider() -> ProviderMetadata {
     ProviderMetadata::parse(
         json!({
             "issuer": ISS,
@@ -549,6 +549,7 @@ fn logged_in_at(g: &Gate, idp: &Idp, rng: &mut SeededRandom, at: u64) -> String 
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: true,
+            fetched_for_it: false,
         },
         at,
         rng,
@@ -644,6 +645,7 @@ fn id_token_problems_end_the_login_with_502() {
             Keys {
                 jwks: Some(&idp.jwks()),
                 may_refetch: false,
+                fetched_for_it: false,
             },
             NOW,
             &mut rng,
@@ -673,6 +675,7 @@ fn token_type_is_case_insensitive_and_expires_in_optional() {
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW,
         &mut rng,
@@ -698,6 +701,7 @@ fn unknown_key_asks_for_a_jwks_refetch_once() {
         Keys {
             jwks: Some(&old_keys),
             may_refetch: true,
+            fetched_for_it: false,
         },
         NOW,
         &mut rng,
@@ -710,6 +714,7 @@ fn unknown_key_asks_for_a_jwks_refetch_once() {
         Keys {
             jwks: Some(&old_keys),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW,
         &mut rng,
@@ -722,6 +727,7 @@ fn unknown_key_asks_for_a_jwks_refetch_once() {
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW,
         &mut rng,
@@ -857,6 +863,7 @@ fn return_url_cannot_leave_the_origin() {
             Keys {
                 jwks: Some(&idp.jwks()),
                 may_refetch: false,
+                fetched_for_it: false,
             },
             NOW,
             &mut rng,
@@ -913,6 +920,7 @@ fn login_with_body(
         Keys {
             jwks: Some(&jwks),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW,
         rng,
@@ -1005,6 +1013,7 @@ fn smaller_session_deletes_stale_chunks() {
         Keys {
             jwks: Some(&jwks),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW,
         &mut rng,
@@ -1107,6 +1116,7 @@ fn complete_rotating_refresh(
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         now,
         rng,
@@ -1168,6 +1178,7 @@ fn failed_refresh_ends_the_session() {
     let keys = Keys {
         jwks: Some(&jwks),
         may_refetch: false,
+        fetched_for_it: false,
     };
     let other_sub = idp.0.sign_jwt(json!({}), json!({"iss": ISS, "sub": "someone-else", "aud": "gate", "exp": NOW + 900, "iat": NOW + 400}));
     for (status, body) in [
@@ -1197,6 +1208,7 @@ fn an_unavailable_idp_ends_the_session_by_default() {
     let keys = Keys {
         jwks: Some(&jwks),
         may_refetch: false,
+        fetched_for_it: false,
     };
     for (i, status) in [503u16, 500, 502, 429].into_iter().enumerate() {
         let g = gate();
@@ -1230,6 +1242,7 @@ fn an_unavailable_idp_does_not_end_a_kept_session_whose_token_is_valid() {
     let keys = Keys {
         jwks: Some(&jwks),
         may_refetch: false,
+        fetched_for_it: false,
     };
     for (i, status) in [503u16, 500, 502, 429].into_iter().enumerate() {
         let g = gate_with(json!({"refresh_unavailable": "keep_session"}));
@@ -1298,6 +1311,7 @@ fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     let keys = Keys {
         jwks: Some(&jwks),
         may_refetch: false,
+        fetched_for_it: false,
     };
     // Refresh due, access token still valid (expires at NOW + 300, skew 60).
     let due = NOW + 270;
@@ -1725,6 +1739,7 @@ fn gateway_timeouts_and_resets_at_the_token_endpoint_are_503() {
         let keys = Keys {
             jwks: Some(&jwks),
             may_refetch: false,
+            fetched_for_it: false,
         };
         let (step, _) = g.complete_login(
             &pending,
@@ -2283,6 +2298,7 @@ fn the_cookie_budget_drops_claims_then_the_id_token_then_the_refresh_token() {
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW + 290,
         &mut rng,
@@ -2363,6 +2379,7 @@ fn a_reused_refresh_answer_counts_the_token_lifetime_from_when_the_idp_gave_it()
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW + 290,
         NOW + 250,
@@ -2442,7 +2459,7 @@ fn a_refreshed_id_token_with_a_key_not_known_yet_does_not_end_the_session() {
         json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 600, "iat": NOW + 250}),
     );
     let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}).to_string();
-    let complete = |may_refetch: bool, rng: &mut SeededRandom| {
+    let complete = |may_refetch: bool, fetched_for_it: bool, rng: &mut SeededRandom| {
         g.complete_refresh(
             &pending,
             200,
@@ -2450,19 +2467,28 @@ fn a_refreshed_id_token_with_a_key_not_known_yet_does_not_end_the_session() {
             Keys {
                 jwks: Some(&old_keys),
                 may_refetch,
+                fetched_for_it,
             },
             NOW + 250,
             rng,
         )
         .0
     };
-    assert!(matches!(complete(true, &mut rng), RefreshStep::NeedKeys));
-    match complete(false, &mut rng) {
+    assert!(matches!(
+        complete(true, false, &mut rng),
+        RefreshStep::NeedKeys
+    ));
+    match complete(false, false, &mut rng) {
         RefreshStep::Forward(f) => {
             assert_eq!(f.authorization.as_deref(), Some("Bearer access-abc"))
         }
         other => panic!("{other:?}"),
     }
+    // Keys fetched for this very answer and the key still missing: not coming, refused.
+    assert!(matches!(
+        complete(false, true, &mut rng),
+        RefreshStep::Ended(_)
+    ));
 }
 
 /// Found in review: with an IdP that does not rotate refresh tokens, another worker's answer for
@@ -2483,6 +2509,7 @@ fn a_shared_answer_whose_token_has_expired_is_not_forwarded() {
         Keys {
             jwks: Some(&idp.jwks()),
             may_refetch: false,
+            fetched_for_it: false,
         },
         NOW + 310,
         NOW + 270,
@@ -2490,4 +2517,23 @@ fn a_shared_answer_whose_token_has_expired_is_not_forwarded() {
     );
     // Both tokens have expired: a retryable 503, nothing forwarded.
     assert!(matches!(step, RefreshStep::Unavailable), "{step:?}");
+}
+
+/// An answer that comes (or is applied from another worker) after the login was ended ends the
+/// session: a logout is not undone by a refresh that was under way.
+#[test]
+fn a_refresh_answer_for_a_login_ended_meanwhile_ends_it() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(68);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    expect_reply(g.decide(
+        &browser("/oauth2/sign_out", vec![&session]),
+        with_provider(&provider()),
+        NOW + 251,
+        &mut rng,
+    ));
+    let (step, _) = complete_rotating_refresh(&g, &idp, &pending, NOW + 252, &mut rng);
+    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
 }
