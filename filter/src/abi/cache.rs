@@ -282,12 +282,16 @@ impl IdpCache {
         answer: &RefreshAnswer,
         held_up_to: UnixSeconds,
     ) {
-        let body: &[u8] = if answer.body.len() <= MAX_SHARED_REFRESH_RESULT_BYTES {
-            &answer.body
-        } else if answer.status == 200 {
+        let body: &[u8] = if answer.status == 200
+            && (answer.body.is_empty() || answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES)
+        {
+            // Tokens that cannot be shared (too large, or unreadable here): a 200 without them
+            // would read as garbage elsewhere and end the session there.
             return;
-        } else {
+        } else if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
             &[]
+        } else {
+            &answer.body
         };
         let Some(sealed) =
             gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)

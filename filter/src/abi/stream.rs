@@ -339,6 +339,8 @@ pub struct Stream {
     waiting: Waiting,
     provider: Option<Rc<ProviderMetadata>>,
     keys_fetched: bool,
+    /// Whether a JWKS was fetched and stored for this stream's request (not only tried).
+    keys_fetched_ok: bool,
     response_cookies: Vec<String>,
     extra_reply_cookies: Vec<String>,
     replied: bool,
@@ -354,6 +356,7 @@ impl Stream {
             waiting: Waiting::Nothing,
             provider: None,
             keys_fetched: false,
+            keys_fetched_ok: false,
             response_cookies: Vec::new(),
             extra_reply_cookies: Vec::new(),
             replied: false,
@@ -578,7 +581,7 @@ impl Stream {
                         };
                         Action::Pause
                     }
-                    None => self.use_stale_provider_or_fail(&shared, now),
+                    None => self.use_stale_provider_or_fail(&shared, now, paused),
                 }
             }
             Decision::NeedKeys => {
@@ -618,7 +621,7 @@ impl Stream {
         let keys = Keys {
             jwks,
             may_refetch: !self.keys_fetched,
-            fetched_for_it: self.keys_fetched,
+            fetched_for_it: self.keys_fetched_ok,
         };
         let out = step(keys);
         if needs_keys(&out)
@@ -641,7 +644,7 @@ impl Stream {
         Action::Continue
     }
 
-    fn use_stale_provider_or_fail(&mut self, shared: &Shared, now: u64) -> Action {
+    fn use_stale_provider_or_fail(&mut self, shared: &Shared, now: u64, paused: bool) -> Action {
         let stale = shared
             .cache
             .borrow_mut()
@@ -653,7 +656,7 @@ impl Stream {
                     self.id
                 );
                 self.provider = Some(f.value);
-                self.run(true)
+                self.run(paused)
             }
             None => self.fail(Failure::IdpUnavailable),
         }
@@ -777,6 +780,8 @@ impl Stream {
             .flatten()
             .filter(|elsewhere| elsewhere.status == 200 && !pending.already_reflects(elsewhere.at));
         let (answer, from) = match rotated_elsewhere {
+            // Another worker's, already shared: never shared again from here.
+            Some(elsewhere) if leading => (elsewhere, AnswerFrom::OwnShared),
             Some(elsewhere) => (elsewhere, from),
             None if from == AnswerFrom::OwnCallout => {
                 // Shared before it is checked, whatever it says: the workers waiting for it get
@@ -1035,14 +1040,14 @@ impl Stream {
                     "oidc-gate #{}: discovery answered HTTP {status} (or too large)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&shared, now);
+                self.use_stale_provider_or_fail(&shared, now, true);
             }
             None => {
                 log::error!(
                     "oidc-gate #{}: discovery callout failed (IdP unreachable or timed out)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&shared, now);
+                self.use_stale_provider_or_fail(&shared, now, true);
             }
         }
     }
@@ -1129,6 +1134,7 @@ impl Stream {
                         jwks.len()
                     );
                     shared.cache.borrow_mut().store_jwks(&body, jwks, now);
+                    self.keys_fetched_ok = true;
                 }
                 // A broken or empty JWKS never replaces a good one; verification goes on with the
                 // last good set, or fails closed when there is none.
@@ -1932,7 +1938,7 @@ mod tests {
         let cache = shared.cache.borrow();
         let answer = |status: u16, at: u64| RefreshAnswer {
             status,
-            body: Vec::new(),
+            body: br#"{"access_token":"a2","token_type":"Bearer"}"#.to_vec(),
             at,
         };
         cache.store_refresh_result(&shared.gate, &key, &answer(200, 1_000), 0);
@@ -1985,6 +1991,98 @@ mod tests {
                 body: Vec::new(),
                 at: 1_000
             })
+        );
+    }
+
+    // Found in review: "keys were fetched for this answer" was read from a fetch that had only
+    // been tried. With the IdP rotating its signing key and its JWKS endpoint failing, the
+    // refreshed ID token's new key was taken for one that is not coming, and the session ended.
+    #[test]
+    fn a_failed_jwks_fetch_during_a_key_rotation_does_not_end_the_session() {
+        let (g, pending, body, old_jwks) =
+            crate::flow::tests::a_due_refresh_answered_with_a_new_signing_key();
+        let key = pending.coalescing_key();
+        let shared = shared_for(g);
+        let now = 1_800_000_250;
+        let jwks = Jwks::parse(old_jwks.as_bytes()).unwrap();
+        shared
+            .cache
+            .borrow_mut()
+            .store_jwks(old_jwks.as_bytes(), jwks, now);
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        leader.provider = Some(Rc::new(crate::flow::tests::provider()));
+        leader.waiting = Waiting::Jwks {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            then: AfterKeys::Refresh {
+                pending,
+                key,
+                answer: RefreshAnswer {
+                    status: 200,
+                    body,
+                    at: now,
+                },
+                from: AnswerFrom::OwnShared,
+            },
+        };
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"500".to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
+        let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
+        assert_eq!(outcome, Outcome::Forwarded(OLD_TOKEN.into()));
+    }
+
+    // Found in review: a refresh answered at once from another refresh's shared answer resumed
+    // the request from inside its own request-headers callback; a POST's body never reached the
+    // upstream. Inside that callback the request goes on by returning Continue, and a stream
+    // that applies another's answer leaves the refresh it does not lead alone.
+    #[test]
+    fn a_refresh_answered_inside_the_headers_callback_continues_without_resuming() {
+        let (shared, pending, key) = refreshing();
+        let body = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        let answer = RefreshAnswer {
+            status: 200,
+            body: body.to_vec(),
+            at: VALID - 10,
+        };
+        shared
+            .cache
+            .borrow()
+            .store_refresh_result(&shared.gate, &key, &answer, 0);
+        // Another worker holds the refresh lock; this worker has a leader with a follower.
+        assert!(shared.cache.borrow().try_lock_refresh(&key, VALID));
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        let mut stream = Stream::new(7, Some(shared.clone()));
+        stream.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        let call = Callout {
+            method: "POST",
+            path: "/token".into(),
+            authority: "idp.example.com".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        };
+        host_stubs::RESUMED.with(|r| r.set(false));
+        host_stubs::LAST_REPLY.with(|r| r.set(0));
+        let action = stream.start_refresh(&shared, call, pending, VALID, false);
+        assert_eq!(action, Action::Continue);
+        assert!(
+            !host_stubs::RESUMED.with(std::cell::Cell::get),
+            "not resumed from inside the callback"
+        );
+        assert_eq!(host_stubs::LAST_REPLY.with(std::cell::Cell::get), 0);
+        assert_eq!(
+            host_stubs::AUTHORIZATION_SET.with(|a| a.borrow().clone()),
+            Some(b"Bearer access-2".to_vec())
+        );
+        assert!(
+            shared.cache.borrow().refresh_locked(&key, VALID),
+            "the other worker's lock is left alone"
+        );
+        assert!(
+            !shared.refreshes.borrow_mut().lead(key),
+            "this worker's leader is left alone"
         );
     }
 

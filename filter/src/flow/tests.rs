@@ -1100,6 +1100,25 @@ pub(crate) fn a_due_refresh_of_tokens_living(
     (g, pending)
 }
 
+/// A gate, a refresh due at `NOW + 250`, the IdP's answer to it with an ID token signed by a key
+/// the IdP rotated to since the login, and the JWKS from before the rotation.
+pub(crate) fn a_due_refresh_answered_with_a_new_signing_key(
+) -> (Gate, PendingRefresh, Vec<u8>, String) {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(69);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let old_jwks = idp.0.jwks().to_string();
+    idp.0.rotate_keys();
+    let id_token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 600, "iat": NOW + 250}),
+    );
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}).to_string();
+    (g, pending, answer.into_bytes(), old_jwks)
+}
+
 /// The IdP's answer to `pending`: a new access token `access-2` and a rotated refresh token.
 fn complete_rotating_refresh(
     g: &Gate,
