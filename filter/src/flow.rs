@@ -26,8 +26,8 @@ use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::claim_header_value;
 use crate::http::{
-    cookie_header_without, form_encode, parse_cookies, same_origin_target, split_path, CookieList,
-    QueryError, StrictQuery,
+    cookie_header_without, form_encode, same_origin_target, split_path, CookieList, QueryError,
+    StrictQuery,
 };
 use crate::reply::{Failure, Reply};
 use crate::session::{
@@ -288,18 +288,6 @@ impl PendingRefresh {
     /// (a digest: the token itself never becomes a map key or a log line).
     pub fn coalescing_key(&self) -> [u8; 16] {
         refresh_token_key(&self.session)
-    }
-
-    /// The same refresh for another request of the same session (its own cookie header).
-    pub fn for_request(&self, req: &Request<'_>) -> Self {
-        Self {
-            session: self.session.clone(),
-            host: self.host.clone(),
-            cookie: cookie_header_without(&req.cookie_headers, is_own_cookie),
-            present_session_cookies: session_cookie_names(&parse_cookies(
-                req.cookie_headers.iter().copied(),
-            )),
-        }
     }
 }
 

@@ -232,9 +232,9 @@ impl std::fmt::Debug for RefreshAnswer {
 }
 
 impl RefreshAnswer {
-    /// How long other workers may apply it: an IdP that was down or busy (429, 5xx, no answer,
+    /// How long other streams may apply it: an IdP that was down or busy (429, 5xx, no answer,
     /// as the engine reads them) may answer the next request; anything else settles the refresh.
-    fn ttl(&self) -> u64 {
+    pub fn ttl(&self) -> u64 {
         if self.status == 429 || self.status >= 500 {
             UNAVAILABLE_RESULT_TTL_SECS
         } else {
@@ -243,17 +243,21 @@ impl RefreshAnswer {
     }
 }
 
-/// Slots of the process-wide refresh lock and result rings, one per value of a refresh-token
-/// digest's first byte (bounded: shared data has no delete). Two sessions refreshing within the
-/// same minute share a slot with a chance of 1 in 256, and the later one takes it over: its
-/// stale cookies on other workers may then present the old token and lose the session.
-const REFRESH_SLOTS: usize = 256;
-// Slot names are the digest's first byte.
-const _: () = assert!(REFRESH_SLOTS == u8::MAX as usize + 1);
+/// Slots of the process-wide refresh lock and result rings, chosen by a refresh-token digest's
+/// first ten bits (bounded: shared data has no delete). Two sessions refreshing within the same
+/// minute share a slot with a chance of 1 in 1,024; neither takes the other's live lock or
+/// fresh tokens (a collision costs the later one its cross-worker coordination, not its
+/// session), and each worker also keeps its own recent answers.
+const REFRESH_SLOTS: usize = 1024;
+
+/// The slot of a refresh-token digest.
+fn refresh_slot_of(key: &[u8; 16]) -> usize {
+    usize::from(u16::from_be_bytes([key[0], key[1]])) % REFRESH_SLOTS
+}
 /// Refresh answers longer than this are not shared if they carry tokens (a 200 without its body
 /// would read as garbage and end the session elsewhere), and shared without their body otherwise
-/// (the status decides), so the result ring stays within 256 × 32 KB; real answers are far
-/// smaller.
+/// (the status decides), so the result ring stays within 1,024 × 32 KB; real answers (2-4 KB) are
+/// far smaller.
 const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
 /// How long a refresh's tokens or refusal may be applied by another worker holding the same old
 /// refresh token.
@@ -263,9 +267,9 @@ const UNAVAILABLE_RESULT_TTL_SECS: u64 = 10;
 
 impl IdpCache {
     fn refresh_slot(&self, key: &[u8; 16]) -> String {
-        // v2: sealed status and body. Builds that stored the body in the clear use the old
-        // name, so the two never read each other's answers during a rollout.
-        self.key(&format!("refreshed/v2/{}", key[0]))
+        // v3: sealed status and body, 1,024 slots. Builds that stored the body in the clear use
+        // another name, so the two never read each other's answers during a rollout.
+        self.key(&format!("refreshed/v3/{}", refresh_slot_of(key)))
     }
 
     /// Remembers the IdP's answer to a refresh from when it came, whatever it says: a request of
@@ -308,16 +312,20 @@ impl IdpCache {
             let Ok((current, cas)) = hostcalls::get_shared_data(&slot) else {
                 return;
             };
-            let holds_tokens = current
-                .as_deref()
-                .and_then(|bytes| read_result(gate, key, bytes))
-                .is_some_and(|held| {
-                    held.status == 200
-                        && held.at > held_up_to
-                        && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS)
-                });
-            if holds_tokens && answer.status != 200 {
-                return;
+            if answer.status != 200 {
+                if let Some((held_key, held)) = current
+                    .as_deref()
+                    .and_then(|bytes| held_answer(gate, bytes))
+                {
+                    let fresh_tokens = held.status == 200
+                        && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS);
+                    // Fresh tokens (another session's too) are worth more than this failure or
+                    // refusal; this session's own only until it held them already.
+                    let superseded = held_key == *key && held.at <= held_up_to;
+                    if fresh_tokens && !superseded {
+                        return;
+                    }
+                }
             }
             if hostcalls::set_shared_data(&slot, Some(&value), cas).is_ok() {
                 return;
@@ -339,6 +347,13 @@ impl IdpCache {
     }
 }
 
+/// The answer in a result slot's bytes, whichever refresh token it answers, with that token's
+/// digest (another policy's answers do not open and read as nothing).
+fn held_answer(gate: &Gate, bytes: &[u8]) -> Option<([u8; 16], RefreshAnswer)> {
+    let key: [u8; 16] = bytes.get(..16)?.try_into().ok()?;
+    read_result(gate, &key, bytes).map(|answer| (key, answer))
+}
+
 /// The answer in a result slot's bytes, if it is for `key` and opens.
 fn read_result(gate: &Gate, key: &[u8; 16], bytes: &[u8]) -> Option<RefreshAnswer> {
     if bytes.get(..16)? != key.as_slice() {
@@ -354,15 +369,15 @@ pub const REFRESH_LOCK_SECS: u64 = 10;
 
 impl IdpCache {
     fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
-        self.key(&format!("refreshing/{}", key[0]))
+        self.key(&format!("refreshing/v3/{}", refresh_slot_of(key)))
     }
 
     /// Creates the slots that are taken by compare-and-swap (the refresh locks and the JWKS
     /// refetch claim): a slot that does not exist yet has no CAS to compare, so two VMs creating
     /// it at once would both win.
     pub fn init_shared_slots(&self) {
-        let locks = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshing/{slot}")));
-        let results = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshed/v2/{slot}")));
+        let locks = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshing/v3/{slot}")));
+        let results = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshed/v3/{slot}")));
         for name in locks
             .chain(results)
             .chain(std::iter::once(self.key(JWKS_REFETCH_SLOT)))
@@ -385,19 +400,21 @@ impl IdpCache {
                 .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS))
     }
 
-    /// Takes the process-wide right to refresh this session; false if another VM holds it.
+    /// Takes the process-wide right to refresh this session; false if another VM holds it. A
+    /// live lock of another session in the same slot is left to it: this refresh then goes on
+    /// without cross-worker coordination (true, nothing written).
     pub fn try_lock_refresh(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
         let slot = self.refresh_lock_slot(key);
         let Ok((bytes, cas)) = hostcalls::get_shared_data(&slot) else {
             return true;
         };
         if let Some(b) = bytes {
-            let held = b.get(..16) == Some(key.as_slice())
-                && b.get(16..24)
-                    .and_then(read_u64)
-                    .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS));
-            if held {
-                return false;
+            let live = b
+                .get(16..24)
+                .and_then(read_u64)
+                .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS));
+            if live {
+                return b.get(..16) != Some(key.as_slice());
             }
         }
         let mut value = Vec::with_capacity(24);

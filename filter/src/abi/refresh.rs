@@ -190,12 +190,14 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
     for w in waiters {
         // Not one the waiting session already holds (an IdP that does not rotate refresh
         // tokens is answered for the same token again and again): wait for the new one.
+        // The lock first: read after the answer, a leader that stored its answer and unlocked
+        // in between would look like one that let go without an answer.
+        let locked = shared.cache.borrow().refresh_locked(&w.key, now);
         let result = shared
             .cache
             .borrow()
             .refresh_result(&shared.gate, &w.key, now)
             .filter(|a| !w.follower.pending.already_reflects(a.at));
-        let locked = shared.cache.borrow().refresh_locked(&w.key, now);
         let answer = match result {
             Some(answer) => answer,
             None if locked && now < w.deadline => {

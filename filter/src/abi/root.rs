@@ -9,7 +9,7 @@ use proxy_wasm::types::ContextType;
 
 use std::time::Duration;
 
-use super::cache::IdpCache;
+use super::cache::{IdpCache, RefreshAnswer};
 use super::ended::SharedEndings;
 use super::metrics::Metrics;
 use super::refresh::{poll_remote, RemoteWaiter};
@@ -17,6 +17,7 @@ use super::stream::{Facts, Stream};
 use super::timing::{self, Stage};
 use crate::config::Config;
 use crate::flow::{Gate, PendingRefresh};
+use crate::types::UnixSeconds;
 
 /// A stream waiting for another stream's refresh of the same session.
 pub struct Follower {
@@ -35,7 +36,14 @@ pub struct RefreshRegistry {
     inflight: HashMap<[u8; 16], Vec<Follower>>,
     /// `Set-Cookie` values for followers' responses, by context id.
     pub response_cookies: HashMap<u32, Vec<String>>,
+    /// The IdP's recent answers to this VM's refreshes, by refresh-token digest: a request of
+    /// the same session that comes later (its cookie sent before the refreshed one arrived)
+    /// applies the answer even when another session took the shared slot since.
+    answers: HashMap<[u8; 16], RefreshAnswer>,
 }
+
+/// Recent refresh answers a VM keeps (a few KB each).
+const RECENT_ANSWERS: usize = 256;
 
 impl RefreshRegistry {
     /// Registers a leader; false if a refresh for this key is already in flight.
@@ -55,6 +63,32 @@ impl RefreshRegistry {
     /// Ends a refresh; returns its followers.
     pub fn finish(&mut self, key: &[u8; 16]) -> Vec<Follower> {
         self.inflight.remove(key).unwrap_or_default()
+    }
+
+    /// Keeps an answer this VM got from the IdP.
+    pub fn remember(&mut self, key: [u8; 16], answer: &RefreshAnswer, now: UnixSeconds) {
+        self.answers
+            .retain(|_, a| now <= a.at.saturating_add(a.ttl()));
+        if self.answers.len() >= RECENT_ANSWERS {
+            // The oldest goes: the shared slot may still have it.
+            if let Some(oldest) = self
+                .answers
+                .iter()
+                .min_by_key(|(_, a)| a.at)
+                .map(|(k, _)| *k)
+            {
+                self.answers.remove(&oldest);
+            }
+        }
+        self.answers.insert(key, answer.clone());
+    }
+
+    /// A recent answer this VM got for this refresh token.
+    pub fn recent(&self, key: &[u8; 16], now: UnixSeconds) -> Option<RefreshAnswer> {
+        self.answers
+            .get(key)
+            .filter(|a| now <= a.at.saturating_add(a.ttl()))
+            .cloned()
     }
 
     /// Forgets a follower whose stream ended.

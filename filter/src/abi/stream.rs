@@ -282,6 +282,13 @@ enum AfterKeys {
     },
 }
 
+/// A recent answer to a refresh with this refresh token: this VM's own first, then one another
+/// VM shared.
+fn recent_answer(shared: &Shared, key: &[u8; 16], now: u64) -> Option<RefreshAnswer> {
+    let own = shared.refreshes.borrow().recent(key, now);
+    own.or_else(|| shared.cache.borrow().refresh_result(&shared.gate, key, now))
+}
+
 /// Where a refresh answer this stream applies came from, which decides whether it is shared and
 /// whether this stream leads the refresh (holds the worker's registration and the cross-worker
 /// lock, and answers the streams that wait for it).
@@ -673,10 +680,7 @@ impl Stream {
         let key = pending.coalescing_key();
         // Another worker may already have refreshed this session (and the IdP rotated the
         // refresh token): reuse its answer instead of presenting the old token again.
-        let reused = shared
-            .cache
-            .borrow()
-            .refresh_result(&shared.gate, &key, now);
+        let reused = recent_answer(shared, &key, now);
         // Not one this session already reflects (an IdP that does not rotate refresh tokens
         // answers the same token again and again).
         if let Some(answer) = reused.filter(|a| !pending.already_reflects(a.at)) {
@@ -771,12 +775,7 @@ impl Stream {
         let leading = from.leading();
         // Refused: another worker may have rotated the refresh token a moment ago.
         let rotated_elsewhere = (answer.status != 200)
-            .then(|| {
-                shared
-                    .cache
-                    .borrow()
-                    .refresh_result(&shared.gate, &key, now)
-            })
+            .then(|| recent_answer(&shared, &key, now))
             .flatten()
             .filter(|elsewhere| elsewhere.status == 200 && !pending.already_reflects(elsewhere.at));
         let (answer, from) = match rotated_elsewhere {
@@ -793,6 +792,7 @@ impl Stream {
                     &answer,
                     pending.tokens_at(),
                 );
+                shared.refreshes.borrow_mut().remember(key, &answer, now);
                 (answer, AnswerFrom::OwnShared)
             }
             None => (answer, from),
@@ -2084,6 +2084,77 @@ mod tests {
             !shared.refreshes.borrow_mut().lead(key),
             "this worker's leader is left alone"
         );
+    }
+
+    // Found in review: 256 shared slots, and any refresh took over its slot's lock and answer:
+    // under load a session's fresh tokens lasted seconds, and a refusal of another session
+    // (even one a client provokes by replaying its own revoked cookies) erased them.
+    #[test]
+    fn a_session_in_the_same_slot_takes_neither_the_lock_nor_the_fresh_tokens() {
+        let (shared, _, _) = refreshing();
+        let cache = shared.cache.borrow();
+        cache.init_shared_slots();
+        let a = [7u8; 16];
+        let mut b = [7u8; 16];
+        b[15] = 8; // the same slot, another refresh token
+        let tokens = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"a2","token_type":"Bearer"}"#.to_vec(),
+            at: 1_000,
+        };
+        cache.store_refresh_result(&shared.gate, &a, &tokens, 0);
+        let refusal = RefreshAnswer {
+            status: 400,
+            body: br#"{"error":"invalid_grant"}"#.to_vec(),
+            at: 1_001,
+        };
+        cache.store_refresh_result(&shared.gate, &b, &refusal, 0);
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &a, 1_002),
+            Some(tokens.clone())
+        );
+        // Another session's tokens do take the slot over (the first keeps its copy per VM).
+        let b_tokens = RefreshAnswer {
+            at: 1_003,
+            ..tokens.clone()
+        };
+        cache.store_refresh_result(&shared.gate, &b, &b_tokens, 0);
+        assert_eq!(
+            cache.refresh_result(&shared.gate, &b, 1_004),
+            Some(b_tokens)
+        );
+
+        assert!(cache.try_lock_refresh(&a, 2_000));
+        assert!(
+            cache.try_lock_refresh(&b, 2_001),
+            "b goes on without coordination..."
+        );
+        assert!(
+            cache.refresh_locked(&a, 2_002),
+            "...and leaves a's lock to it"
+        );
+        assert!(!cache.try_lock_refresh(&a, 2_002), "a's lock holds");
+    }
+
+    #[test]
+    fn a_worker_keeps_its_own_recent_answers_when_the_shared_slot_is_taken() {
+        let (shared, _, key) = refreshing();
+        let tokens = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"a2","token_type":"Bearer"}"#.to_vec(),
+            at: 1_000,
+        };
+        shared.refreshes.borrow_mut().remember(key, &tokens, 1_000);
+        // Nothing in shared data (another session's answer took the slot, say).
+        assert_eq!(
+            shared
+                .cache
+                .borrow()
+                .refresh_result(&shared.gate, &key, 1_001),
+            None
+        );
+        assert_eq!(recent_answer(&shared, &key, 1_059), Some(tokens));
+        assert_eq!(recent_answer(&shared, &key, 1_061), None);
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
