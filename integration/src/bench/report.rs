@@ -564,7 +564,7 @@ impl Report {
             if let Some(r) = &x.refresh {
                 let _ = writeln!(
                     s,
-                    "- Refresh (oidc-gate, IdP access tokens of 30 s < the 60 s refresh skew): one request that refreshes p50 {:.2} ms (p99 {:.2} ms, {} sequential) vs {:.2} ms without refresh ({} sequential); **{:.1} refreshing requests/s** at concurrency {} ({} requests in {:.2} s); IdP refresh grants {} for {} refreshing requests; {} failed",
+                    "- Refresh (oidc-gate, sessions whose 30 s access token is due: resealed as issued an hour ago): one request that refreshes p50 {:.2} ms (p99 {:.2} ms, {} sequential) vs {:.2} ms without refresh ({} sequential); **{:.1} refreshing requests/s** at concurrency {} ({} requests in {:.2} s); IdP refresh grants {} for {} refreshing requests; {} failed",
                     r.sequential_p50_ms,
                     r.sequential_p99_ms,
                     r.sequential_n,
