@@ -1810,16 +1810,7 @@ mod tests {
     #[test]
     fn a_reused_refresh_answer_keeps_the_time_the_idp_gave_it() {
         let (shared, pending, key) = refreshing();
-        let body = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
-        let answer = RefreshAnswer {
-            status: 200,
-            body: body.to_vec(),
-            at: VALID - 10,
-        };
-        shared
-            .cache
-            .borrow()
-            .store_refresh_result(&shared.gate, &key, &answer, 0);
+        share_a_rotating_answer(&shared, &key);
         let mut reuser = Stream::new(7, Some(shared.clone()));
         reuser.facts = api_call_facts(&shared.gate);
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
@@ -2040,16 +2031,7 @@ mod tests {
     #[test]
     fn a_refresh_answered_inside_the_headers_callback_continues_without_resuming() {
         let (shared, pending, key) = refreshing();
-        let body = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
-        let answer = RefreshAnswer {
-            status: 200,
-            body: body.to_vec(),
-            at: VALID - 10,
-        };
-        shared
-            .cache
-            .borrow()
-            .store_refresh_result(&shared.gate, &key, &answer, 0);
+        share_a_rotating_answer(&shared, &key);
         // Another worker holds the refresh lock; this worker has a leader with a follower.
         assert!(shared.cache.borrow().try_lock_refresh(&key, VALID));
         assert!(shared.refreshes.borrow_mut().lead(key));
@@ -2155,6 +2137,21 @@ mod tests {
         );
         assert_eq!(recent_answer(&shared, &key, 1_059), Some(tokens));
         assert_eq!(recent_answer(&shared, &key, 1_061), None);
+    }
+
+    /// Another worker's answer to the refresh `key`, 10 s before `VALID`: `access-2` and a
+    /// rotated refresh token, stored in shared data.
+    fn share_a_rotating_answer(shared: &Shared, key: &[u8; 16]) -> RefreshAnswer {
+        let answer = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#.to_vec(),
+            at: VALID - 10,
+        };
+        shared
+            .cache
+            .borrow()
+            .store_refresh_result(&shared.gate, key, &answer, 0);
+        answer
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

@@ -85,6 +85,16 @@ fn cookie_pair(set_cookie: &str) -> (String, String) {
     (n.to_string(), v.to_string())
 }
 
+/// The session cookie (`name=value`) among `Set-Cookie` values, as the browser sends it back.
+fn session_cookie<S: AsRef<str>>(set_cookies: impl IntoIterator<Item = S>) -> String {
+    let set = set_cookies
+        .into_iter()
+        .find(|c| c.as_ref().starts_with("__Host-oidc-gate="))
+        .expect("a session cookie");
+    let (n, v) = cookie_pair(set.as_ref());
+    format!("{n}={v}")
+}
+
 fn expect_reply(d: (Decision, Note)) -> Reply {
     match d.0 {
         Decision::Reply(r) => r,
@@ -1090,13 +1100,8 @@ pub(crate) fn a_due_refresh_of_tokens_living(
     let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
         json!({"access_token": "access-abc", "token_type": "Bearer", "expires_in": expires_in, "id_token": idp.id_token(nonce), "refresh_token": "r1"}).to_string()
     });
-    let set = header(&r, "set-cookie");
-    let (n, v) = cookie_pair(
-        set.iter()
-            .find(|c| c.starts_with("__Host-oidc-gate="))
-            .unwrap(),
-    );
-    let (_, pending) = refresh_pending(&g, &format!("{n}={v}"), due_at, &mut rng);
+    let session = session_cookie(header(&r, "set-cookie"));
+    let (_, pending) = refresh_pending(&g, &session, due_at, &mut rng);
     (g, pending)
 }
 
@@ -2090,13 +2095,7 @@ fn logout_with_a_refreshed_cookie_ends_copies_taken_before_the_refresh() {
     let RefreshStep::Forward(f) = step else {
         panic!("{step:?}")
     };
-    let (n, v) = cookie_pair(
-        f.response_cookies
-            .iter()
-            .find(|c| c.starts_with("__Host-oidc-gate="))
-            .unwrap(),
-    );
-    let refreshed = format!("{n}={v}");
+    let refreshed = session_cookie(&f.response_cookies);
     assert_ne!(refreshed, stolen);
     expect_reply(g.decide(
         &browser("/oauth2/sign_out", vec![&refreshed]),
@@ -2338,13 +2337,7 @@ fn tokens_shorter_than_the_refresh_skew_are_refreshed_in_their_second_half() {
     let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
         json!({"access_token": "short-1", "token_type": "Bearer", "expires_in": 30, "id_token": idp.id_token(nonce), "refresh_token": "r1"}).to_string()
     });
-    let set = header(&r, "set-cookie");
-    let (n, v) = cookie_pair(
-        set.iter()
-            .find(|c| c.starts_with("__Host-oidc-gate="))
-            .unwrap(),
-    );
-    let cookie = format!("{n}={v}");
+    let cookie = session_cookie(header(&r, "set-cookie"));
     let decide_at = |now: u64, rng: &mut SeededRandom| {
         g.decide(
             &browser("/x", vec![&cookie]),
@@ -2466,23 +2459,14 @@ fn a_refresh_without_answer_does_not_serve_a_login_ended_meanwhile() {
 /// ended the session. The IdP refused nothing: the session goes on as it was.
 #[test]
 fn a_refreshed_id_token_with_a_key_not_known_yet_does_not_end_the_session() {
-    let g = gate();
-    let idp = Idp::new();
+    let (g, pending, answer, old_jwks) = a_due_refresh_answered_with_a_new_signing_key();
+    let old_keys = Jwks::parse(old_jwks.as_bytes()).unwrap();
     let mut rng = SeededRandom(66);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
-    let old_keys = idp.jwks();
-    idp.0.rotate_keys();
-    let id_token = idp.0.sign_jwt(
-        json!({}),
-        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 600, "iat": NOW + 250}),
-    );
-    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}).to_string();
     let complete = |may_refetch: bool, fetched_for_it: bool, rng: &mut SeededRandom| {
         g.complete_refresh(
             &pending,
             200,
-            answer.as_bytes(),
+            &answer,
             Keys {
                 jwks: Some(&old_keys),
                 may_refetch,
