@@ -244,10 +244,13 @@ impl RefreshAnswer {
 }
 
 /// Slots of the process-wide refresh lock and result rings, chosen by a refresh-token digest's
-/// first ten bits (bounded: shared data has no delete). Two sessions refreshing within the same
-/// minute share a slot with a chance of 1 in 1,024; neither takes the other's live lock or
-/// fresh tokens (a collision costs the later one its cross-worker coordination, not its
-/// session), and each worker also keeps its own recent answers.
+/// first ten bits (bounded: shared data has no delete). A slot is shared by every session whose
+/// refresh falls in it: at R refreshes per second a slot gets another session's answer about
+/// every 1,024/R seconds. Fresh tokens give way only to another session's tokens or refusal,
+/// never to a failure; a live lock is never taken over, so a session whose slot is locked by
+/// another refreshes without cross-worker coordination (with refresh-token rotation, two workers
+/// may then both present the token and one of the requests lose the session). Each worker also
+/// keeps its own recent answers.
 const REFRESH_SLOTS: usize = 1024;
 
 /// The slot of a refresh-token digest.
@@ -319,10 +322,17 @@ impl IdpCache {
                 {
                     let fresh_tokens = held.status == 200
                         && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS);
-                    // Fresh tokens (another session's too) are worth more than this failure or
-                    // refusal; this session's own only until it held them already.
-                    let superseded = held_key == *key && held.at <= held_up_to;
-                    if fresh_tokens && !superseded {
+                    let failure = answer.status == 429 || answer.status >= 500;
+                    // This session's own fresh tokens outweigh its refusal or failure until it
+                    // held them already; another session's outweigh a failure (only requests
+                    // already waiting would use it) but not a refusal, which the requests of the
+                    // refused session waiting on other workers must get.
+                    let keep = if held_key == *key {
+                        held.at > held_up_to
+                    } else {
+                        failure
+                    };
+                    if fresh_tokens && keep {
                         return;
                     }
                 }

@@ -207,8 +207,9 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             // The other worker let go with no answer to share (its client left before the IdP
             // answered, or the callout could not be made) or took too long: on the access
             // token while it is valid, a retryable 503 after, as the streams waiting on that
-            // worker get. Every answer the IdP gave is shared, refusals included, so this is
-            // never a refusal. The next request refreshes here and meets the IdP's own verdict.
+            // worker get. Every refusal is shared (it takes the slot), so this is never one; a
+            // failure may not be (another session's fresh tokens keep the slot) and is taken as
+            // no answer. The next request refreshes here and meets the IdP's own verdict.
             None => {
                 let key = w.key;
                 if hostcalls::set_effective_context(w.follower.context_id).is_ok() {

@@ -65,8 +65,12 @@ impl RefreshRegistry {
         self.inflight.remove(key).unwrap_or_default()
     }
 
-    /// Keeps an answer this VM got from the IdP.
+    /// Keeps an answer this VM got from the IdP (not one over 32 KB: tokens that large are not
+    /// kept for other streams anywhere).
     pub fn remember(&mut self, key: [u8; 16], answer: &RefreshAnswer, now: UnixSeconds) {
+        if answer.body.len() > 32 * 1024 {
+            return;
+        }
         self.answers
             .retain(|_, a| now <= a.at.saturating_add(a.ttl()));
         if self.answers.len() >= RECENT_ANSWERS {

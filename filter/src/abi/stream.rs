@@ -282,11 +282,27 @@ enum AfterKeys {
     },
 }
 
-/// A recent answer to a refresh with this refresh token: this VM's own first, then one another
-/// VM shared.
-fn recent_answer(shared: &Shared, key: &[u8; 16], now: u64) -> Option<RefreshAnswer> {
-    let own = shared.refreshes.borrow().recent(key, now);
-    own.or_else(|| shared.cache.borrow().refresh_result(&shared.gate, key, now))
+/// A recent answer to a refresh with this refresh token that the session does not hold yet:
+/// new tokens from this VM or another first (this VM's own refusal must not hide another's
+/// tokens), else this VM's own answer, else one another VM shared.
+fn recent_answer(
+    shared: &Shared,
+    pending: &PendingRefresh,
+    key: &[u8; 16],
+    now: u64,
+) -> Option<RefreshAnswer> {
+    let news = |a: &RefreshAnswer| !pending.already_reflects(a.at);
+    let own = shared.refreshes.borrow().recent(key, now).filter(news);
+    let elsewhere = shared
+        .cache
+        .borrow()
+        .refresh_result(&shared.gate, key, now)
+        .filter(news);
+    match (own, elsewhere) {
+        (Some(own), _) if own.status == 200 => Some(own),
+        (_, Some(elsewhere)) if elsewhere.status == 200 => Some(elsewhere),
+        (own, elsewhere) => own.or(elsewhere),
+    }
 }
 
 /// Where a refresh answer this stream applies came from, which decides whether it is shared and
@@ -680,10 +696,9 @@ impl Stream {
         let key = pending.coalescing_key();
         // Another worker may already have refreshed this session (and the IdP rotated the
         // refresh token): reuse its answer instead of presenting the old token again.
-        let reused = recent_answer(shared, &key, now);
         // Not one this session already reflects (an IdP that does not rotate refresh tokens
         // answers the same token again and again).
-        if let Some(answer) = reused.filter(|a| !pending.already_reflects(a.at)) {
+        if let Some(answer) = recent_answer(shared, &pending, &key, now) {
             return self.finish_refresh(pending, key, answer, AnswerFrom::Shared, paused);
         }
         if let Some((RefreshStep::Ended(clear), note)) =
@@ -775,9 +790,9 @@ impl Stream {
         let leading = from.leading();
         // Refused: another worker may have rotated the refresh token a moment ago.
         let rotated_elsewhere = (answer.status != 200)
-            .then(|| recent_answer(&shared, &key, now))
+            .then(|| recent_answer(&shared, &pending, &key, now))
             .flatten()
-            .filter(|elsewhere| elsewhere.status == 200 && !pending.already_reflects(elsewhere.at));
+            .filter(|elsewhere| elsewhere.status == 200);
         let (answer, from) = match rotated_elsewhere {
             // Another worker's, already shared: never shared again from here.
             Some(elsewhere) if leading => (elsewhere, AnswerFrom::OwnShared),
@@ -2072,7 +2087,7 @@ mod tests {
     // under load a session's fresh tokens lasted seconds, and a refusal of another session
     // (even one a client provokes by replaying its own revoked cookies) erased them.
     #[test]
-    fn a_session_in_the_same_slot_takes_neither_the_lock_nor_the_fresh_tokens() {
+    fn a_session_in_the_same_slot_takes_neither_the_lock_nor_fresh_tokens_for_a_failure() {
         let (shared, _, _) = refreshing();
         let cache = shared.cache.borrow();
         cache.init_shared_slots();
@@ -2085,16 +2100,26 @@ mod tests {
             at: 1_000,
         };
         cache.store_refresh_result(&shared.gate, &a, &tokens, 0);
-        let refusal = RefreshAnswer {
-            status: 400,
-            body: br#"{"error":"invalid_grant"}"#.to_vec(),
+        // b's IdP failure is only for requests already waiting: a's tokens stay.
+        let failure = RefreshAnswer {
+            status: 503,
+            body: Vec::new(),
             at: 1_001,
         };
-        cache.store_refresh_result(&shared.gate, &b, &refusal, 0);
+        cache.store_refresh_result(&shared.gate, &b, &failure, 0);
         assert_eq!(
             cache.refresh_result(&shared.gate, &a, 1_002),
             Some(tokens.clone())
         );
+        // b's refusal must reach b's requests waiting on other workers: it takes the slot (a
+        // keeps its tokens in the VM that refreshed).
+        let refusal = RefreshAnswer {
+            status: 400,
+            body: br#"{"error":"invalid_grant"}"#.to_vec(),
+            at: 1_002,
+        };
+        cache.store_refresh_result(&shared.gate, &b, &refusal, 0);
+        assert_eq!(cache.refresh_result(&shared.gate, &b, 1_002), Some(refusal));
         // Another session's tokens do take the slot over (the first keeps its copy per VM).
         let b_tokens = RefreshAnswer {
             at: 1_003,
@@ -2120,23 +2145,44 @@ mod tests {
 
     #[test]
     fn a_worker_keeps_its_own_recent_answers_when_the_shared_slot_is_taken() {
-        let (shared, _, key) = refreshing();
+        let (shared, pending, key) = refreshing();
         let tokens = RefreshAnswer {
             status: 200,
             body: br#"{"access_token":"a2","token_type":"Bearer"}"#.to_vec(),
-            at: 1_000,
+            at: VALID,
         };
-        shared.refreshes.borrow_mut().remember(key, &tokens, 1_000);
+        shared.refreshes.borrow_mut().remember(key, &tokens, VALID);
         // Nothing in shared data (another session's answer took the slot, say).
         assert_eq!(
             shared
                 .cache
                 .borrow()
-                .refresh_result(&shared.gate, &key, 1_001),
+                .refresh_result(&shared.gate, &key, VALID + 1),
             None
         );
-        assert_eq!(recent_answer(&shared, &key, 1_059), Some(tokens));
-        assert_eq!(recent_answer(&shared, &key, 1_061), None);
+        assert_eq!(
+            recent_answer(&shared, &pending, &key, VALID + 59),
+            Some(tokens)
+        );
+        assert_eq!(recent_answer(&shared, &pending, &key, VALID + 61), None);
+    }
+
+    // Found in review: this worker's own refusal (its uncoordinated refresh lost the race)
+    // hid the new tokens another worker had shared, and its stale requests ended the session.
+    #[test]
+    fn a_workers_own_refusal_does_not_hide_tokens_another_worker_shared() {
+        let (shared, pending, key) = refreshing();
+        let refusal = RefreshAnswer {
+            status: 400,
+            body: br#"{"error":"invalid_grant"}"#.to_vec(),
+            at: VALID - 5,
+        };
+        shared
+            .refreshes
+            .borrow_mut()
+            .remember(key, &refusal, VALID - 5);
+        let tokens = share_a_rotating_answer(&shared, &key);
+        assert_eq!(recent_answer(&shared, &pending, &key, VALID), Some(tokens));
     }
 
     /// Another worker's answer to the refresh `key`, 10 s before `VALID`: `access-2` and a
