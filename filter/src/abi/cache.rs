@@ -246,8 +246,9 @@ impl RefreshAnswer {
 /// Slots of the process-wide refresh lock and result rings, chosen by a refresh-token digest's
 /// first ten bits (bounded: shared data has no delete). A slot is shared by every session whose
 /// refresh falls in it: at R refreshes per second a slot gets another session's answer about
-/// every 1,024/R seconds. Fresh tokens give way only to another session's tokens or refusal,
-/// never to a failure; a live lock is never taken over, so a session whose slot is locked by
+/// every 1,024/R seconds. Fresh tokens give way only to another session's tokens, never to a
+/// refusal or failure (those reach their waiters through the released lock slot); a live lock
+/// is never taken over, so a session whose slot is locked by
 /// another refreshes without cross-worker coordination (with refresh-token rotation, two workers
 /// may then both present the token and one of the requests lose the session). Each worker also
 /// keeps its own recent answers.
@@ -322,16 +323,11 @@ impl IdpCache {
                 {
                     let fresh_tokens = held.status == 200
                         && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS);
-                    let failure = answer.status == 429 || answer.status >= 500;
                     // This session's own fresh tokens outweigh its refusal or failure until it
-                    // held them already; another session's outweigh a failure (only requests
-                    // already waiting would use it) but not a refusal, which the requests of the
-                    // refused session waiting on other workers must get.
-                    let keep = if held_key == *key {
-                        held.at > held_up_to
-                    } else {
-                        failure
-                    };
+                    // held them already; another session's always do (the refused session's
+                    // waiting requests get the verdict from its lock slot, release_refresh), so
+                    // no client can evict other sessions' tokens by provoking refusals.
+                    let keep = held_key != *key || held.at > held_up_to;
                     if fresh_tokens && keep {
                         return;
                     }
@@ -376,6 +372,20 @@ fn read_result(gate: &Gate, key: &[u8; 16], bytes: &[u8]) -> Option<RefreshAnswe
 
 /// A cross-VM refresh lock expires after this long (a refresh callout times out after 5 s).
 pub const REFRESH_LOCK_SECS: u64 = 10;
+/// A lock: the refresh-token digest and when it was taken. Anything longer in a lock slot is a
+/// released lock's verdict.
+const LOCK_LEN: usize = 24;
+/// Refusal bodies (an OAuth error object) kept in a lock slot; longer ones keep their status only.
+const MAX_LOCK_VERDICT_BODY_BYTES: usize = 4 * 1024;
+
+/// Whether a lock slot's bytes are a lock taken less than [`REFRESH_LOCK_SECS`] ago.
+fn is_live_lock(bytes: &[u8], now: UnixSeconds) -> bool {
+    bytes.len() == LOCK_LEN
+        && bytes
+            .get(16..24)
+            .and_then(read_u64)
+            .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS))
+}
 
 impl IdpCache {
     fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
@@ -403,11 +413,24 @@ impl IdpCache {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_lock_slot(key)) else {
             return false;
         };
-        bytes.get(..16) == Some(key.as_slice())
-            && bytes
-                .get(16..24)
-                .and_then(read_u64)
-                .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS))
+        bytes.get(..16) == Some(key.as_slice()) && is_live_lock(&bytes, now)
+    }
+
+    /// The verdict the leader of this session's last refresh left in its lock slot (a refusal
+    /// or failure, which the result slot may not have kept), for the requests that waited.
+    pub fn refresh_verdict(
+        &self,
+        gate: &Gate,
+        key: &[u8; 16],
+        now: UnixSeconds,
+    ) -> Option<RefreshAnswer> {
+        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_lock_slot(key)) else {
+            return None;
+        };
+        if bytes.len() <= LOCK_LEN {
+            return None;
+        }
+        read_result(gate, key, &bytes).filter(|a| now <= a.at.saturating_add(a.ttl()))
     }
 
     /// Takes the process-wide right to refresh this session; false if another VM holds it. A
@@ -419,11 +442,7 @@ impl IdpCache {
             return true;
         };
         if let Some(b) = bytes {
-            let live = b
-                .get(16..24)
-                .and_then(read_u64)
-                .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS));
-            if live {
+            if is_live_lock(&b, now) {
                 return b.get(..16) != Some(key.as_slice());
             }
         }
@@ -435,10 +454,39 @@ impl IdpCache {
 
     /// Releases the lock if this session still holds it.
     pub fn unlock_refresh(&self, key: &[u8; 16]) {
+        self.write_released(key, &[]);
+    }
+
+    /// Releases the lock if this session still holds it, leaving a refusal or failure in its
+    /// place for the requests that waited on other workers: the result slot may be kept by
+    /// another session's fresh tokens.
+    pub fn release_refresh(&self, gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer) {
+        if answer.status == 200 {
+            return self.unlock_refresh(key);
+        }
+        let body: &[u8] = if answer.body.len() <= MAX_LOCK_VERDICT_BODY_BYTES {
+            &answer.body
+        } else {
+            &[]
+        };
+        let Some(sealed) =
+            gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)
+        else {
+            return self.unlock_refresh(key);
+        };
+        let mut value = Vec::with_capacity(LOCK_LEN + sealed.len());
+        value.extend_from_slice(key);
+        value.extend_from_slice(&answer.at.to_be_bytes());
+        value.extend_from_slice(&sealed);
+        self.write_released(key, &value);
+    }
+
+    fn write_released(&self, key: &[u8; 16], value: &[u8]) {
         let slot = self.refresh_lock_slot(key);
         if let Ok((Some(b), cas)) = hostcalls::get_shared_data(&slot) {
-            if b.get(..16) == Some(key.as_slice()) {
-                let _ = hostcalls::set_shared_data(&slot, Some(&[]), cas);
+            // Only this session's lock, never a verdict or another session's lock.
+            if b.len() == LOCK_LEN && b.get(..16) == Some(key.as_slice()) {
+                let _ = hostcalls::set_shared_data(&slot, Some(value), cas);
             }
         }
     }

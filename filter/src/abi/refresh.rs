@@ -193,11 +193,25 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
         // The lock first: read after the answer, a leader that stored its answer and unlocked
         // in between would look like one that let go without an answer.
         let locked = shared.cache.borrow().refresh_locked(&w.key, now);
+        // The result slot, else the verdict the leader left in its lock slot (a refusal that
+        // another session's fresh tokens kept out of the result slot).
+        let news = |a: &RefreshAnswer| !w.follower.pending.already_reflects(a.at);
         let result = shared
             .cache
             .borrow()
             .refresh_result(&shared.gate, &w.key, now)
-            .filter(|a| !w.follower.pending.already_reflects(a.at));
+            .filter(news)
+            .or_else(|| {
+                (!locked)
+                    .then(|| {
+                        shared
+                            .cache
+                            .borrow()
+                            .refresh_verdict(&shared.gate, &w.key, now)
+                    })
+                    .flatten()
+                    .filter(news)
+            });
         let answer = match result {
             Some(answer) => answer,
             None if locked && now < w.deadline => {
@@ -207,9 +221,9 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             // The other worker let go with no answer to share (its client left before the IdP
             // answered, or the callout could not be made) or took too long: on the access
             // token while it is valid, a retryable 503 after, as the streams waiting on that
-            // worker get. Every refusal is shared (it takes the slot), so this is never one; a
-            // failure may not be (another session's fresh tokens keep the slot) and is taken as
-            // no answer. The next request refreshes here and meets the IdP's own verdict.
+            // worker get. A verdict the IdP gave is in the result slot or the leader's lock slot,
+            // so this is rarely one (a collision overwrote both within the poll's 100 ms). The
+            // next request refreshes here and meets the IdP's own verdict.
             None => {
                 let key = w.key;
                 if hostcalls::set_effective_context(w.follower.context_id).is_ok() {

@@ -74,14 +74,19 @@ impl RefreshRegistry {
         self.answers
             .retain(|_, a| now <= a.at.saturating_add(a.ttl()));
         if self.answers.len() >= RECENT_ANSWERS {
-            // The oldest goes: the shared slot may still have it.
-            if let Some(oldest) = self
+            // The oldest goes, a refusal or failure before any tokens: a flood of refusals (a
+            // client replaying revoked cookies) must not push out other sessions' new tokens.
+            let evict = self
                 .answers
                 .iter()
-                .min_by_key(|(_, a)| a.at)
-                .map(|(k, _)| *k)
-            {
-                self.answers.remove(&oldest);
+                .min_by_key(|(_, a)| (a.status == 200, a.at))
+                .map(|(k, a)| (*k, a.status));
+            match evict {
+                Some((_, 200)) if answer.status != 200 => return,
+                Some((oldest, _)) => {
+                    self.answers.remove(&oldest);
+                }
+                None => {}
             }
         }
         self.answers.insert(key, answer.clone());

@@ -284,7 +284,7 @@ enum AfterKeys {
 
 /// A recent answer to a refresh with this refresh token that the session does not hold yet:
 /// new tokens from this VM or another first (this VM's own refusal must not hide another's
-/// tokens), else this VM's own answer, else one another VM shared.
+/// tokens), then a refusal, then a failure.
 fn recent_answer(
     shared: &Shared,
     pending: &PendingRefresh,
@@ -298,9 +298,14 @@ fn recent_answer(
         .borrow()
         .refresh_result(&shared.gate, key, now)
         .filter(news);
+    // New tokens first, then a refusal, then "did not answer"; this VM's own first among equals.
+    let rank = |a: &RefreshAnswer| match a.status {
+        200 => 0,
+        429 | 500.. => 2,
+        _ => 1,
+    };
     match (own, elsewhere) {
-        (Some(own), _) if own.status == 200 => Some(own),
-        (_, Some(elsewhere)) if elsewhere.status == 200 => Some(elsewhere),
+        (Some(own), Some(elsewhere)) if rank(&elsewhere) < rank(&own) => Some(elsewhere),
         (own, elsewhere) => own.or(elsewhere),
     }
 }
@@ -849,7 +854,10 @@ impl Stream {
             RefreshStep::Forward(fwd) => {
                 self.apply_forward(fwd);
                 if leading {
-                    shared.cache.borrow().unlock_refresh(&key);
+                    shared
+                        .cache
+                        .borrow()
+                        .release_refresh(&shared.gate, &key, &answer);
                     release_local(
                         &shared,
                         &key,
@@ -869,7 +877,10 @@ impl Stream {
             }
             RefreshStep::Ended(clear) => {
                 if leading {
-                    shared.cache.borrow().unlock_refresh(&key);
+                    shared
+                        .cache
+                        .borrow()
+                        .release_refresh(&shared.gate, &key, &answer);
                     release_local(
                         &shared,
                         &key,
@@ -1820,6 +1831,65 @@ mod tests {
         assert_eq!(outcome, Outcome::Answered(401));
     }
 
+    // Found in review: another session's fresh tokens keep a refusal out of the shared result
+    // slot (so that no client can evict them by provoking refusals); the refused session's
+    // requests waiting on other workers get the refusal from the lock slot its leader released.
+    #[test]
+    fn a_refusal_kept_out_of_the_result_slot_still_reaches_the_waiters() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        let (worker_a, pending, key) = refreshing();
+        worker_a.cache.borrow().init_shared_slots();
+        // Another session's fresh tokens in the same result slot.
+        let mut other = key;
+        other[15] ^= 1;
+        let tokens = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"x","token_type":"Bearer"}"#.to_vec(),
+            at: VALID - 1,
+        };
+        worker_a
+            .cache
+            .borrow()
+            .store_refresh_result(&worker_a.gate, &other, &tokens, 0);
+        // Worker A leads the refresh and holds the cross-worker lock; the IdP refuses.
+        assert!(worker_a.refreshes.borrow_mut().lead(key));
+        assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
+        let mut leader = Stream::new(7, Some(worker_a.clone()));
+        leader.facts = api_call_facts(&worker_a.gate);
+        leader.waiting = Waiting::Refresh {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            pending,
+            key,
+        };
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        leader.on_http_call_response(1, 1, 0, 0);
+        assert_eq!(
+            worker_a
+                .cache
+                .borrow()
+                .refresh_result(&worker_a.gate, &other, VALID),
+            Some(tokens),
+            "the other session's tokens stay"
+        );
+        // A request of the session waiting on worker B.
+        let (g, pending_b) = crate::flow::tests::a_due_refresh();
+        let worker_b = shared_for(g);
+        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending: pending_b,
+                facts: api_call_facts(&worker_b.gate),
+            },
+            key,
+            deadline: VALID + 10,
+        });
+        let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
+        assert_eq!(outcome, Outcome::Answered(401));
+    }
+
     // Found in review: an answer reused from shared data was stored again with the time of its
     // reuse, so replaying the old cookie kept it alive past its 60 s.
     #[test]
@@ -2087,7 +2157,7 @@ mod tests {
     // under load a session's fresh tokens lasted seconds, and a refusal of another session
     // (even one a client provokes by replaying its own revoked cookies) erased them.
     #[test]
-    fn a_session_in_the_same_slot_takes_neither_the_lock_nor_fresh_tokens_for_a_failure() {
+    fn a_session_in_the_same_slot_takes_neither_the_lock_nor_the_fresh_tokens() {
         let (shared, _, _) = refreshing();
         let cache = shared.cache.borrow();
         cache.init_shared_slots();
@@ -2100,26 +2170,21 @@ mod tests {
             at: 1_000,
         };
         cache.store_refresh_result(&shared.gate, &a, &tokens, 0);
-        // b's IdP failure is only for requests already waiting: a's tokens stay.
-        let failure = RefreshAnswer {
-            status: 503,
-            body: Vec::new(),
-            at: 1_001,
-        };
-        cache.store_refresh_result(&shared.gate, &b, &failure, 0);
-        assert_eq!(
-            cache.refresh_result(&shared.gate, &a, 1_002),
-            Some(tokens.clone())
-        );
-        // b's refusal must reach b's requests waiting on other workers: it takes the slot (a
-        // keeps its tokens in the VM that refreshed).
-        let refusal = RefreshAnswer {
-            status: 400,
-            body: br#"{"error":"invalid_grant"}"#.to_vec(),
-            at: 1_002,
-        };
-        cache.store_refresh_result(&shared.gate, &b, &refusal, 0);
-        assert_eq!(cache.refresh_result(&shared.gate, &b, 1_002), Some(refusal));
+        // Neither b's failure nor its refusal (which a client can provoke at will) evicts them:
+        // b's waiting requests get b's verdict from b's lock slot.
+        for (status, at) in [(503, 1_001), (400, 1_002)] {
+            let answer = RefreshAnswer {
+                status,
+                body: Vec::new(),
+                at,
+            };
+            cache.store_refresh_result(&shared.gate, &b, &answer, 0);
+            assert_eq!(
+                cache.refresh_result(&shared.gate, &a, 1_003),
+                Some(tokens.clone()),
+                "{status}"
+            );
+        }
         // Another session's tokens do take the slot over (the first keeps its copy per VM).
         let b_tokens = RefreshAnswer {
             at: 1_003,
