@@ -66,13 +66,28 @@ impl RefreshRegistry {
     }
 
     /// Keeps an answer this VM got from the IdP (not one over 32 KB: tokens that large are not
-    /// kept for other streams anywhere).
-    pub fn remember(&mut self, key: [u8; 16], answer: &RefreshAnswer, now: UnixSeconds) {
+    /// kept for other streams anywhere). As in shared data, a refusal or failure replaces new
+    /// tokens for the same refresh token only when the refused session held them already
+    /// (tokens up to `held_up_to`).
+    pub fn remember(
+        &mut self,
+        key: [u8; 16],
+        answer: &RefreshAnswer,
+        held_up_to: UnixSeconds,
+        now: UnixSeconds,
+    ) {
         if answer.body.len() > 32 * 1024 {
             return;
         }
         self.answers
             .retain(|_, a| now <= a.at.saturating_add(a.ttl()));
+        if let Some(held) = self.answers.get(&key) {
+            if answer.status != 200 && held.status == 200 && held.at > held_up_to {
+                return;
+            }
+            self.answers.insert(key, answer.clone());
+            return;
+        }
         if self.answers.len() >= RECENT_ANSWERS {
             // The oldest goes, a refusal or failure before any tokens: a flood of refusals (a
             // client replaying revoked cookies) must not push out other sessions' new tokens.

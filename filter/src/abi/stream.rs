@@ -812,7 +812,10 @@ impl Stream {
                     &answer,
                     pending.tokens_at(),
                 );
-                shared.refreshes.borrow_mut().remember(key, &answer, now);
+                shared
+                    .refreshes
+                    .borrow_mut()
+                    .remember(key, &answer, pending.tokens_at(), now);
                 (answer, AnswerFrom::OwnShared)
             }
             None => (answer, from),
@@ -2216,7 +2219,10 @@ mod tests {
             body: br#"{"access_token":"a2","token_type":"Bearer"}"#.to_vec(),
             at: VALID,
         };
-        shared.refreshes.borrow_mut().remember(key, &tokens, VALID);
+        shared
+            .refreshes
+            .borrow_mut()
+            .remember(key, &tokens, 0, VALID);
         // Nothing in shared data (another session's answer took the slot, say).
         assert_eq!(
             shared
@@ -2245,9 +2251,38 @@ mod tests {
         shared
             .refreshes
             .borrow_mut()
-            .remember(key, &refusal, VALID - 5);
+            .remember(key, &refusal, 0, VALID - 5);
         let tokens = share_a_rotating_answer(&shared, &key);
         assert_eq!(recent_answer(&shared, &pending, &key, VALID), Some(tokens));
+    }
+
+    // Found in review: with a worker's table of recent answers full of new tokens, a refusal of
+    // a session that already held its tokens was dropped, so a stale request on that worker got
+    // the revoked session's tokens again.
+    #[test]
+    fn a_full_table_of_recent_answers_keeps_tokens_but_takes_a_refusal_that_supersedes_them() {
+        use super::super::root::RefreshRegistry;
+        let mut registry = RefreshRegistry::default();
+        let answer = |status: u16, at: u64| RefreshAnswer {
+            status,
+            body: Vec::new(),
+            at,
+        };
+        for i in 0..=255u8 {
+            registry.remember([i; 16], &answer(200, 1_000), 0, 1_000);
+        }
+        // A refusal for a new key does not push out anyone's tokens...
+        let mut new_key = [0u8; 16];
+        new_key[15] = 1;
+        registry.remember(new_key, &answer(400, 1_001), 0, 1_001);
+        assert_eq!(registry.recent(&new_key, 1_001), None);
+        assert_eq!(registry.recent(&[0u8; 16], 1_001), Some(answer(200, 1_000)));
+        // ...nor one for a key whose session did not hold its tokens yet (a rotation race)...
+        registry.remember([1u8; 16], &answer(400, 1_002), 999, 1_002);
+        assert_eq!(registry.recent(&[1u8; 16], 1_002), Some(answer(200, 1_000)));
+        // ...but the refusal of a session that held them is the news.
+        registry.remember([2u8; 16], &answer(400, 1_003), 1_000, 1_003);
+        assert_eq!(registry.recent(&[2u8; 16], 1_003), Some(answer(400, 1_003)));
     }
 
     /// Another worker's answer to the refresh `key`, 10 s before `VALID`: `access-2` and a
