@@ -857,18 +857,7 @@ impl Stream {
             RefreshStep::Forward(fwd) => {
                 self.apply_forward(fwd);
                 if leading {
-                    shared
-                        .cache
-                        .borrow()
-                        .release_refresh(&shared.gate, &key, &answer);
-                    release_local(
-                        &shared,
-                        &key,
-                        &answer,
-                        now,
-                        self.provider.as_deref(),
-                        self.id,
-                    );
+                    self.release_as_leader(&shared, &key, &answer, now);
                 }
                 self.continue_or_resume(paused)
             }
@@ -880,24 +869,24 @@ impl Stream {
             }
             RefreshStep::Ended(clear) => {
                 if leading {
-                    shared
-                        .cache
-                        .borrow()
-                        .release_refresh(&shared.gate, &key, &answer);
-                    release_local(
-                        &shared,
-                        &key,
-                        &answer,
-                        now,
-                        self.provider.as_deref(),
-                        self.id,
-                    );
+                    self.release_as_leader(&shared, &key, &answer, now);
                 }
                 self.extra_reply_cookies = clear;
                 self.facts = self.facts.without_session();
                 self.run(paused)
             }
         }
+    }
+
+    /// The leader's end of a refresh with an answer: the cross-worker lock goes (leaving a
+    /// refusal or failure for the waiters elsewhere), and this worker's waiting streams get the
+    /// answer.
+    fn release_as_leader(&self, shared: &Shared, key: &[u8; 16], answer: &RefreshAnswer, now: u64) {
+        shared
+            .cache
+            .borrow()
+            .release_refresh(&shared.gate, key, answer);
+        release_local(shared, key, answer, now, self.provider.as_deref(), self.id);
     }
 
     fn fetch_jwks(
@@ -1803,35 +1792,11 @@ mod tests {
     // the old token. Every answer the IdP gives is now shared; they get its verdict.
     #[test]
     fn a_refusal_on_one_worker_reaches_the_requests_waiting_on_another() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
         let (worker_a, pending, key) = refreshing();
-        let mut leader = Stream::new(7, Some(worker_a.clone()));
-        leader.facts = api_call_facts(&worker_a.gate);
-        leader.waiting = Waiting::Refresh {
-            token: 1,
-            started: SystemTime::UNIX_EPOCH,
-            pending,
-            key,
-        };
-        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
-        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        leader.on_http_call_response(1, 1, 0, 0);
+        let leader = refused_at_the_idp(&worker_a, pending, key);
         assert!(leader.replied, "the leader's own request is refused");
 
-        let (g, pending_b) = crate::flow::tests::a_due_refresh();
-        let worker_b = shared_for(g);
-        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
-                pending: pending_b,
-                facts: api_call_facts(&worker_b.gate),
-            },
-            key,
-            deadline: VALID + 10,
-        });
-        let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
-        assert_eq!(outcome, Outcome::Answered(401));
+        assert_eq!(waiting_on_another_worker(key), Outcome::Answered(401));
     }
 
     // Found in review: another session's fresh tokens keep a refusal out of the shared result
@@ -1839,8 +1804,6 @@ mod tests {
     // requests waiting on other workers get the refusal from the lock slot its leader released.
     #[test]
     fn a_refusal_kept_out_of_the_result_slot_still_reaches_the_waiters() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
         let (worker_a, pending, key) = refreshing();
         worker_a.cache.borrow().init_shared_slots();
         // Another session's fresh tokens in the same result slot.
@@ -1858,17 +1821,7 @@ mod tests {
         // Worker A leads the refresh and holds the cross-worker lock; the IdP refuses.
         assert!(worker_a.refreshes.borrow_mut().lead(key));
         assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
-        let mut leader = Stream::new(7, Some(worker_a.clone()));
-        leader.facts = api_call_facts(&worker_a.gate);
-        leader.waiting = Waiting::Refresh {
-            token: 1,
-            started: SystemTime::UNIX_EPOCH,
-            pending,
-            key,
-        };
-        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
-        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        leader.on_http_call_response(1, 1, 0, 0);
+        refused_at_the_idp(&worker_a, pending, key);
         assert_eq!(
             worker_a
                 .cache
@@ -1878,19 +1831,7 @@ mod tests {
             "the other session's tokens stay"
         );
         // A request of the session waiting on worker B.
-        let (g, pending_b) = crate::flow::tests::a_due_refresh();
-        let worker_b = shared_for(g);
-        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
-                pending: pending_b,
-                facts: api_call_facts(&worker_b.gate),
-            },
-            key,
-            deadline: VALID + 10,
-        });
-        let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
-        assert_eq!(outcome, Outcome::Answered(401));
+        assert_eq!(waiting_on_another_worker(key), Outcome::Answered(401));
     }
 
     // Found in review: an answer reused from shared data was stored again with the time of its
@@ -2283,6 +2224,41 @@ mod tests {
         // ...but the refusal of a session that held them is the news.
         registry.remember([2u8; 16], &answer(400, 1_003), 1_000, 1_003);
         assert_eq!(registry.recent(&[2u8; 16], 1_003), Some(answer(400, 1_003)));
+    }
+
+    /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call.
+    fn refused_at_the_idp(worker: &Rc<Shared>, pending: PendingRefresh, key: [u8; 16]) -> Stream {
+        let mut leader = Stream::new(7, Some(worker.clone()));
+        leader.facts = api_call_facts(&worker.gate);
+        leader.waiting = Waiting::Refresh {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            pending,
+            key,
+        };
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        leader.on_http_call_response(1, 1, 0, 0);
+        leader
+    }
+
+    /// What an API call of the session, waiting on another worker for the refresh `key`, gets
+    /// at that worker's next poll at `VALID`.
+    fn waiting_on_another_worker(key: [u8; 16]) -> Outcome {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        let (g, pending) = crate::flow::tests::a_due_refresh();
+        let worker = shared_for(g);
+        worker.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending,
+                facts: api_call_facts(&worker.gate),
+            },
+            key,
+            deadline: VALID + 10,
+        });
+        outcome_of(|| poll_remote(&worker, VALID, 1))
     }
 
     /// Another worker's answer to the refresh `key`, 10 s before `VALID`: `access-2` and a
