@@ -249,6 +249,50 @@ fn ended_note() -> Note {
     )
 }
 
+/// Whether a token endpoint's status says the IdP was down or busy (5xx, 429, or no answer in
+/// time, which the glue reports as 503) rather than refusing anything.
+pub fn idp_unavailable(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+/// The IdP's answer to a refresh as one stream got it: what other streams, here or on other
+/// workers, apply instead of presenting the same refresh token again.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefreshAnswer {
+    /// The HTTP status (503 when the IdP did not answer in time).
+    pub status: u16,
+    /// The body (empty when unreadable or absent); holds tokens.
+    pub body: Vec<u8>,
+    /// When it came.
+    pub at: UnixSeconds,
+}
+
+impl std::fmt::Debug for RefreshAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshAnswer")
+            .field("status", &self.status)
+            .field(
+                "body",
+                &format_args!("[{} bytes redacted]", self.body.len()),
+            )
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+/// Why a bearer token was refused, as the `bearer_rejected_*` metrics name it.
+fn bearer_rejection(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::UnknownKey => "unknown key",
+        TokenError::Expired => "expired",
+        TokenError::InvalidAudience => "audience",
+        TokenError::InvalidIssuer => "issuer",
+        TokenError::AlgorithmNotAllowed(_) => "algorithm",
+        TokenError::BadSignature => "signature",
+        _ => "invalid",
+    }
+}
+
 /// What a shared refresh answer is bound to: the refresh token it answers and when it came.
 fn refresh_result_context(refresh_key: &[u8; 16], at: UnixSeconds) -> [u8; 24] {
     let mut context = [0u8; 24];
@@ -1195,14 +1239,12 @@ impl Gate {
         if let Some(set_headers) = hit {
             return forward(set_headers);
         }
-        // A value that cannot be a token of ours is refused before any key is fetched for it.
-        match token::check_shape(token) {
-            Ok(()) => {}
-            Err(TokenError::AlgorithmNotAllowed(_)) => return reject("algorithm"),
-            Err(TokenError::BadSignature) => return reject("signature"),
-            Err(_) => return reject("invalid"),
-        }
         let Some(jwks) = known.jwks else {
+            // A value that cannot be a token of ours is refused before any key is fetched for
+            // it (with keys at hand, `verify` makes the same checks).
+            if let Err(e) = token::check_shape(token) {
+                return reject(bearer_rejection(&e));
+            }
             return if known.provider.is_some() {
                 (Decision::NeedKeys, Note::none())
             } else {
@@ -1248,13 +1290,7 @@ impl Gate {
                 Decision::NeedKeys,
                 Note::log("bearer key not in cached JWKS; refetching"),
             ),
-            Err(TokenError::UnknownKey) => reject("unknown key"),
-            Err(TokenError::Expired) => reject("expired"),
-            Err(TokenError::InvalidAudience) => reject("audience"),
-            Err(TokenError::InvalidIssuer) => reject("issuer"),
-            Err(TokenError::AlgorithmNotAllowed(_)) => reject("algorithm"),
-            Err(TokenError::BadSignature) => reject("signature"),
-            Err(_) => reject("invalid"),
+            Err(e) => reject(bearer_rejection(&e)),
         }
     }
 
@@ -1704,13 +1740,32 @@ impl Gate {
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (RefreshStep, Note) {
-        self.complete_refresh_answered_at(pending, status, body, keys, now, now, rng)
+        self.complete_refresh_at(pending, status, body, keys, now, now, rng)
     }
 
-    /// [`Gate::complete_refresh`] for an answer the IdP gave at `answered_at` (another worker's,
-    /// reused): the new access token's lifetime counts from then, not from its reuse.
+    /// [`Gate::complete_refresh`] for an answer the IdP gave at `answer.at` (perhaps another
+    /// worker's, reused): the new access token's lifetime counts from then, not from its reuse.
+    pub fn complete_answered_refresh(
+        &self,
+        pending: &PendingRefresh,
+        answer: &RefreshAnswer,
+        keys: Keys<'_>,
+        now: UnixSeconds,
+        rng: &mut dyn Random,
+    ) -> (RefreshStep, Note) {
+        self.complete_refresh_at(
+            pending,
+            answer.status,
+            &answer.body,
+            keys,
+            now,
+            answer.at,
+            rng,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
-    pub fn complete_refresh_answered_at(
+    fn complete_refresh_at(
         &self,
         pending: &PendingRefresh,
         status: u16,
@@ -1739,38 +1794,27 @@ impl Gate {
                 // reports as 503) refused nothing. By default the session ends all the same
                 // (nothing vouches for it any more); with `keep_session` it goes on with its
                 // access token while that is valid, and its refresh is asked again after a pause.
-                let unavailable = status == 429 || status >= 500;
-                if unavailable && self.config.refresh_unavailable == RefreshUnavailable::EndSession
-                {
-                    return end(
-                        "idp unavailable",
-                        format!("refresh failed: {e}; the session ends (refresh_unavailable)"),
-                    );
-                }
-                if unavailable && !pending.session.is_usable(now) {
+                if idp_unavailable(status) {
+                    if self.config.refresh_unavailable == RefreshUnavailable::EndSession {
+                        return end(
+                            "idp unavailable",
+                            format!("refresh failed: {e}; the session ends (refresh_unavailable)"),
+                        );
+                    }
                     self.defer_refresh(&pending.session, now);
+                    let step = self.refresh_without_answer(pending, now);
+                    let outcome = if matches!(step, RefreshStep::Forward(_)) {
+                        "the session goes on with its access token until it expires"
+                    } else {
+                        "the access token has expired: a retryable 503, the session stays"
+                    };
                     return (
-                        RefreshStep::Unavailable,
+                        step,
                         Note::event(
                             Event::RefreshFailed("idp unavailable"),
                             format!(
-                                "refresh failed: {e}; the access token has expired: a retryable \
-                                 503, the session stays, asked again in {REFRESH_RETRY_SECS} s"
-                            ),
-                        ),
-                    );
-                }
-                if unavailable {
-                    self.defer_refresh(&pending.session, now);
-                    return (
-                        RefreshStep::Forward(
-                            self.forward_session(&pending.session, pending.cookie.clone()),
-                        ),
-                        Note::event(
-                            Event::RefreshFailed("idp unavailable"),
-                            format!(
-                                "refresh failed: {e}; the session goes on with its access token \
-                                 until it expires, and asks again in {REFRESH_RETRY_SECS} s"
+                                "refresh failed: {e}; {outcome}, asked again in \
+                                 {REFRESH_RETRY_SECS} s"
                             ),
                         ),
                     );

@@ -2074,6 +2074,11 @@ async fn until_due() {
 /// A stack whose access tokens live 2 s: a token is refreshed in the second half of its life,
 /// so a request [`until_due`] after the session's last tokens refreshes it.
 async fn refresh_stack(rotate_refresh_tokens: bool) -> Arc<Stack> {
+    refresh_stack_with(rotate_refresh_tokens, StackOptions::default()).await
+}
+
+/// [`refresh_stack`] on other stack options.
+async fn refresh_stack_with(rotate_refresh_tokens: bool, options: StackOptions) -> Arc<Stack> {
     Arc::new(
         Stack::start(StackOptions {
             idp: MockIdpConfig {
@@ -2081,7 +2086,7 @@ async fn refresh_stack(rotate_refresh_tokens: bool) -> Arc<Stack> {
                 rotate_refresh_tokens,
                 ..MockIdpConfig::default()
             },
-            ..StackOptions::default()
+            ..options
         })
         .await,
     )
@@ -2169,12 +2174,9 @@ async fn refresh_attacks() {
     assert_no_crash(&stack);
 }
 
-/// A session cookie from before a refresh, presented again within a minute (a second tab, a
-/// request that was in flight, another Envoy worker): the filter must answer sanely (forward
-/// with the refreshed tokens it remembers, or send the browser to log in) and never crash.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_with_a_replayed_pre_refresh_cookie_does_not_crash() {
-    let stack = refresh_stack(true).await;
+/// A browser logged in whose session was then refreshed (by `GET /r1`, answered 200; the
+/// jar holds the new session), and the `Cookie` header it sent before the refresh.
+async fn refreshed_keeping_the_old_cookie(stack: &Stack) -> (Browser, String) {
     let b = stack.browser();
     let flow = stack.login(&b, &stack.url("/r0")).await;
     assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
@@ -2184,8 +2186,18 @@ async fn refresh_with_a_replayed_pre_refresh_cookie_does_not_crash() {
         .header_for(&url, &reqwest::Method::GET, false)
         .unwrap();
     until_due().await;
-    let r = b.get(&stack.url("/r1")).await; // refreshes; the jar gets the new session
+    let r = b.get(&stack.url("/r1")).await;
     assert_eq!(r.status, 200, "{}", r.describe());
+    (b, old_cookie)
+}
+
+/// A session cookie from before a refresh, presented again within a minute (a second tab, a
+/// request that was in flight, another Envoy worker): the filter must answer sanely (forward
+/// with the refreshed tokens it remembers, or send the browser to log in) and never crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_with_a_replayed_pre_refresh_cookie_does_not_crash() {
+    let stack = refresh_stack(true).await;
+    let (b, old_cookie) = refreshed_keeping_the_old_cookie(&stack).await;
     let replay = stack.browser();
     let r = replay
         .get_with(&stack.url("/r2"), &[("cookie", &old_cookie)])
@@ -2205,29 +2217,12 @@ async fn refresh_with_a_replayed_pre_refresh_cookie_does_not_crash() {
 /// refreshed token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_refreshed_from_a_shared_answer_keeps_its_body() {
-    let stack = Arc::new(
-        Stack::start(StackOptions {
-            idp: MockIdpConfig {
-                access_token_ttl: Duration::from_secs(SHORT_TTL_SECS),
-                rotate_refresh_tokens: true,
-                ..MockIdpConfig::default()
-            },
-            concurrency: 1,
-            ..StackOptions::default()
-        })
-        .await,
-    );
-    let b = stack.browser();
-    let flow = stack.login(&b, &stack.url("/r0")).await;
-    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
-    let url = url::Url::parse(&stack.url("/")).unwrap();
-    let old_cookie = b
-        .jar()
-        .header_for(&url, &reqwest::Method::GET, false)
-        .unwrap();
-    until_due().await;
-    let r = b.get(&stack.url("/r1")).await; // refreshes and shares the answer
-    assert_eq!(r.status, 200, "{}", r.describe());
+    let one_worker = StackOptions {
+        concurrency: 1,
+        ..StackOptions::default()
+    };
+    let stack = refresh_stack_with(true, one_worker).await;
+    let (_, old_cookie) = refreshed_keeping_the_old_cookie(&stack).await;
     let refreshed = upstream_token(&stack);
     let refreshes = stack.idp.stats().refresh;
 

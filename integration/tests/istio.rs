@@ -63,6 +63,36 @@ async fn ecds_delivery_with_secrets_from_the_gateway_pod_environment() {
     );
 }
 
+/// A second gateway replica of `a`'s gateway (its own Envoy, the same configuration), its
+/// directory and listener address.
+async fn second_replica(a: &Stack) -> (tempfile::TempDir, Envoy, std::net::SocketAddr) {
+    let dir = tempfile::Builder::new()
+        .prefix("oidc-gate-replica-")
+        .tempdir()
+        .expect("dir");
+    let envoy = Envoy::start(
+        &a.gateway.write(dir.path()),
+        dir.path(),
+        &EnvoyOptions::default(),
+    )
+    .await
+    .expect("replica B starts");
+    let addr = envoy
+        .listener(config::GATEWAY_LISTENER)
+        .expect("B listener");
+    (dir, envoy, addr)
+}
+
+/// `a`'s plugin configuration, as Istio delivers it, with these cookie secrets inline.
+fn with_cookie_keys(a: &Stack, current: &str, previous: &str) -> String {
+    let mut c = a.filter_config.clone().expect("generated config");
+    config::merge(
+        &mut c,
+        &json!({"cookie_secret_env": null, "cookie_secret": current, "previous_cookie_secrets": [previous]}),
+    );
+    config::istio_plugin_json(&c)
+}
+
 /// Writes a new ECDS version for a second gateway that reads its own file.
 fn push_replica(gw: &GatewayConfig, dir: &std::path::Path, plugin_config: &str, version: u64) {
     let mut gw = gw.clone();
@@ -93,17 +123,7 @@ async fn wait_reloads(envoy: &Envoy, at_least: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_sessions_across_a_key_rotation() {
     let a = Stack::start(StackOptions::default().ecds()).await;
-    let dir_b = tempfile::Builder::new()
-        .prefix("oidc-gate-replica-")
-        .tempdir()
-        .expect("dir");
-    let bootstrap_b = a.gateway.write(dir_b.path());
-    let b_envoy = Envoy::start(&bootstrap_b, dir_b.path(), &EnvoyOptions::default())
-        .await
-        .expect("replica B starts");
-    let b_addr = b_envoy
-        .listener(config::GATEWAY_LISTENER)
-        .expect("B listener");
+    let (dir_b, b_envoy, b_addr) = second_replica(&a).await;
 
     let via_a = a.browser();
     let via_b = via_a.with_mode(b_addr, TEST_HOSTS, Mode::Navigation);
@@ -127,12 +147,7 @@ async fn two_replicas_share_sessions_across_a_key_rotation() {
     // Roll the rotation out to both replicas.
     let old_key = a.cookie_secret.clone();
     let new_key = STANDARD.encode(random_bytes(32));
-    let mut rotated = a.filter_config.clone().expect("generated config");
-    config::merge(
-        &mut rotated,
-        &json!({"cookie_secret_env": null, "cookie_secret": new_key, "previous_cookie_secrets": [old_key]}),
-    );
-    let rotated = config::istio_plugin_json(&rotated);
+    let rotated = with_cookie_keys(&a, &new_key, &old_key);
     let v = a.push_plugin_config(&rotated);
     push_replica(&a.gateway, dir_b.path(), &rotated, v);
     wait_reloads(&a.envoy, 1).await;
@@ -182,20 +197,7 @@ async fn two_replicas_share_sessions_across_a_key_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_phase_key_rotation_logs_nobody_out_while_replicas_disagree() {
     let a = Stack::start(StackOptions::default().ecds()).await;
-    let dir_b = tempfile::Builder::new()
-        .prefix("oidc-gate-replica-")
-        .tempdir()
-        .expect("dir");
-    let b_envoy = Envoy::start(
-        &a.gateway.write(dir_b.path()),
-        dir_b.path(),
-        &EnvoyOptions::default(),
-    )
-    .await
-    .expect("replica B starts");
-    let b_addr = b_envoy
-        .listener(config::GATEWAY_LISTENER)
-        .expect("B listener");
+    let (dir_b, b_envoy, b_addr) = second_replica(&a).await;
     let via_a = a.browser();
     let via_b = via_a.with_mode(b_addr, TEST_HOSTS, Mode::Navigation);
     let flow = a.login(&via_a, &a.url("/headers")).await;
@@ -204,14 +206,7 @@ async fn a_two_phase_key_rotation_logs_nobody_out_while_replicas_disagree() {
 
     let old_key = a.cookie_secret.clone();
     let new_key = STANDARD.encode(random_bytes(32));
-    let with_keys = |current: &str, previous: &str| {
-        let mut c = a.filter_config.clone().expect("generated config");
-        config::merge(
-            &mut c,
-            &json!({"cookie_secret_env": null, "cookie_secret": current, "previous_cookie_secrets": [previous]}),
-        );
-        config::istio_plugin_json(&c)
-    };
+    let with_keys = |current: &str, previous: &str| with_cookie_keys(&a, current, previous);
     let both_serve = |step: &'static str| {
         let (via_a, via_b) = (&via_a, &via_b);
         let url = a.url("/headers");

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::host::HostRandom;
 use crate::discovery::ProviderMetadata;
-use crate::flow::Gate;
+use crate::flow::{idp_unavailable, Gate, RefreshAnswer};
 use crate::token::Jwks;
 use crate::types::UnixSeconds;
 
@@ -207,39 +207,28 @@ fn fresh<T>(slot: &Option<Parsed<T>>, ttl: u64, now: UnixSeconds) -> Option<Fres
     })
 }
 
-/// The IdP's answer to a refresh: this stream's own, or another's from shared data.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RefreshAnswer {
-    /// The HTTP status (503 when the IdP did not answer in time).
-    pub status: u16,
-    /// The body (empty when unreadable or absent); holds tokens.
-    pub body: Vec<u8>,
-    /// When it came.
-    pub at: UnixSeconds,
-}
-
-impl std::fmt::Debug for RefreshAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RefreshAnswer")
-            .field("status", &self.status)
-            .field(
-                "body",
-                &format_args!("[{} bytes redacted]", self.body.len()),
-            )
-            .field("at", &self.at)
-            .finish()
-    }
-}
-
 impl RefreshAnswer {
-    /// How long other streams may apply it: an IdP that was down or busy (429, 5xx, no answer,
-    /// as the engine reads them) may answer the next request; anything else settles the refresh.
-    pub fn ttl(&self) -> u64 {
-        if self.status == 429 || self.status >= 500 {
+    /// Whether other streams may still apply it at `now`: an IdP that was down or busy may
+    /// answer the next request ([`UNAVAILABLE_RESULT_TTL_SECS`]); anything else settles the
+    /// refresh for [`REFRESH_RESULT_TTL_SECS`].
+    pub fn is_fresh(&self, now: UnixSeconds) -> bool {
+        let ttl = if idp_unavailable(self.status) {
             UNAVAILABLE_RESULT_TTL_SECS
         } else {
             REFRESH_RESULT_TTL_SECS
-        }
+        };
+        now <= self.at.saturating_add(ttl)
+    }
+
+    /// Whether these fresh tokens stay when `later`, a refusal or failure, comes: always for
+    /// another refresh token (no client can evict other sessions' tokens by provoking refusals),
+    /// for the same one until the refused session held them already (tokens up to
+    /// `held_up_to`: an IdP that does not rotate refresh tokens answered it, then refused it).
+    pub fn stands_against(&self, later: &Self, same_token: bool, held_up_to: UnixSeconds) -> bool {
+        self.status == 200
+            && later.status != 200
+            && later.at <= self.at.saturating_add(REFRESH_RESULT_TTL_SECS)
+            && (!same_token || self.at > held_up_to)
     }
 }
 
@@ -262,7 +251,7 @@ fn refresh_slot_of(key: &[u8; 16]) -> usize {
 /// would read as garbage and end the session elsewhere), and shared without their body otherwise
 /// (the status decides), so the result ring stays within 1,024 × 32 KB; real answers (2-4 KB) are
 /// far smaller.
-const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
+pub const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
 /// How long a refresh's tokens or refusal may be applied by another worker holding the same old
 /// refresh token.
 pub const REFRESH_RESULT_TTL_SECS: u64 = 60;
@@ -301,37 +290,25 @@ impl IdpCache {
         } else {
             &answer.body
         };
-        let Some(sealed) =
-            gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)
-        else {
+        let Some(value) = slot_value(gate, key, answer, body) else {
             return;
         };
-        let mut value = Vec::with_capacity(24 + sealed.len());
-        value.extend_from_slice(key);
-        value.extend_from_slice(&answer.at.to_be_bytes());
-        value.extend_from_slice(&sealed);
         let slot = self.refresh_slot(key);
         // Compare-and-swap, read again on a race: a few rounds at most (one writer per refresh).
         for _ in 0..4 {
             let Ok((current, cas)) = hostcalls::get_shared_data(&slot) else {
                 return;
             };
-            if answer.status != 200 {
-                if let Some((held_key, held)) = current
-                    .as_deref()
-                    .and_then(|bytes| held_answer(gate, bytes))
-                {
-                    let fresh_tokens = held.status == 200
-                        && answer.at <= held.at.saturating_add(REFRESH_RESULT_TTL_SECS);
-                    // This session's own fresh tokens outweigh its refusal or failure until it
-                    // held them already; another session's always do (the refused session's
-                    // waiting requests get the verdict from its lock slot, release_refresh), so
-                    // no client can evict other sessions' tokens by provoking refusals.
-                    let keep = held_key != *key || held.at > held_up_to;
-                    if fresh_tokens && keep {
-                        return;
-                    }
-                }
+            // A refusal or failure kept out reaches the refused session's waiting requests
+            // through its lock slot (release_refresh).
+            let kept = current
+                .as_deref()
+                .and_then(|bytes| held_answer(gate, bytes))
+                .is_some_and(|(held_key, held)| {
+                    held.stands_against(answer, held_key == *key, held_up_to)
+                });
+            if kept {
+                return;
             }
             if hostcalls::set_shared_data(&slot, Some(&value), cas).is_ok() {
                 return;
@@ -349,8 +326,19 @@ impl IdpCache {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_slot(key)) else {
             return None;
         };
-        read_result(gate, key, &bytes).filter(|a| now <= a.at.saturating_add(a.ttl()))
+        read_result(gate, key, &bytes).filter(|a| a.is_fresh(now))
     }
+}
+
+/// What a refresh slot holds for an answer: the refresh-token digest and when the answer came
+/// in the clear (to find and age it), then the status and `body` sealed to both.
+fn slot_value(gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer, body: &[u8]) -> Option<Vec<u8>> {
+    let sealed = gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)?;
+    let mut value = Vec::with_capacity(LOCK_LEN + sealed.len());
+    value.extend_from_slice(key);
+    value.extend_from_slice(&answer.at.to_be_bytes());
+    value.extend_from_slice(&sealed);
+    Some(value)
 }
 
 /// The answer in a result slot's bytes, whichever refresh token it answers, with that token's
@@ -430,7 +418,7 @@ impl IdpCache {
         if bytes.len() <= LOCK_LEN {
             return None;
         }
-        read_result(gate, key, &bytes).filter(|a| now <= a.at.saturating_add(a.ttl()))
+        read_result(gate, key, &bytes).filter(|a| a.is_fresh(now))
     }
 
     /// Takes the process-wide right to refresh this session; false if another VM holds it. A
@@ -469,16 +457,10 @@ impl IdpCache {
         } else {
             &[]
         };
-        let Some(sealed) =
-            gate.seal_refresh_result(key, answer.at, answer.status, body, &mut HostRandom)
-        else {
-            return self.unlock_refresh(key);
-        };
-        let mut value = Vec::with_capacity(LOCK_LEN + sealed.len());
-        value.extend_from_slice(key);
-        value.extend_from_slice(&answer.at.to_be_bytes());
-        value.extend_from_slice(&sealed);
-        self.write_released(key, &value);
+        match slot_value(gate, key, answer, body) {
+            Some(value) => self.write_released(key, &value),
+            None => self.unlock_refresh(key),
+        }
     }
 
     fn write_released(&self, key: &[u8; 16], value: &[u8]) {

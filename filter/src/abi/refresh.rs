@@ -9,11 +9,10 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
-use super::cache::RefreshAnswer;
 use super::host::HostRandom;
 use super::root::{Follower, Shared};
 use crate::discovery::ProviderMetadata;
-use crate::flow::{Decision, Keys, Known, RefreshStep};
+use crate::flow::{Decision, Keys, Known, RefreshAnswer, RefreshStep};
 use crate::reply::{Failure, Reply};
 
 /// How long a request may wait for another worker's refresh.
@@ -56,15 +55,10 @@ pub fn complete_follower(
         may_refetch: false,
         fetched_for_it: false,
     };
-    let (step, _) = shared.gate.complete_refresh_answered_at(
-        &f.pending,
-        answer.status,
-        &answer.body,
-        keys,
-        now,
-        answer.at,
-        &mut HostRandom,
-    );
+    let (step, _) =
+        shared
+            .gate
+            .complete_answered_refresh(&f.pending, answer, keys, now, &mut HostRandom);
     apply(shared, f, step, now, provider);
 }
 

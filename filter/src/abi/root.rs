@@ -9,14 +9,14 @@ use proxy_wasm::types::ContextType;
 
 use std::time::Duration;
 
-use super::cache::{IdpCache, RefreshAnswer};
+use super::cache::{IdpCache, MAX_SHARED_REFRESH_RESULT_BYTES};
 use super::ended::SharedEndings;
 use super::metrics::Metrics;
 use super::refresh::{poll_remote, RemoteWaiter};
 use super::stream::{Facts, Stream};
 use super::timing::{self, Stage};
 use crate::config::Config;
-use crate::flow::{Gate, PendingRefresh};
+use crate::flow::{Gate, PendingRefresh, RefreshAnswer};
 use crate::types::UnixSeconds;
 
 /// A stream waiting for another stream's refresh of the same session.
@@ -76,16 +76,14 @@ impl RefreshRegistry {
         held_up_to: UnixSeconds,
         now: UnixSeconds,
     ) {
-        if answer.body.len() > 32 * 1024 {
+        if answer.body.len() > MAX_SHARED_REFRESH_RESULT_BYTES {
             return;
         }
-        self.answers
-            .retain(|_, a| now <= a.at.saturating_add(a.ttl()));
+        self.answers.retain(|_, a| a.is_fresh(now));
         if let Some(held) = self.answers.get(&key) {
-            if answer.status != 200 && held.status == 200 && held.at > held_up_to {
-                return;
+            if !held.stands_against(answer, true, held_up_to) {
+                self.answers.insert(key, answer.clone());
             }
-            self.answers.insert(key, answer.clone());
             return;
         }
         if self.answers.len() >= RECENT_ANSWERS {
@@ -109,10 +107,7 @@ impl RefreshRegistry {
 
     /// A recent answer this VM got for this refresh token.
     pub fn recent(&self, key: &[u8; 16], now: UnixSeconds) -> Option<RefreshAnswer> {
-        self.answers
-            .get(key)
-            .filter(|a| now <= a.at.saturating_add(a.ttl()))
-            .cloned()
+        self.answers.get(key).filter(|a| a.is_fresh(now)).cloned()
     }
 
     /// Forgets a follower whose stream ended.

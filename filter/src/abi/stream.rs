@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use super::cache::RefreshAnswer;
 use super::header_map::HeaderMapBytes;
 use super::host::{unix_seconds, HostRandom};
 use super::refresh::{
@@ -17,8 +16,8 @@ use super::root::{Follower, Shared, REMOTE_POLL_TICK};
 use super::timing::{self, Stage};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
-    same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin,
-    PendingRefresh, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
+    idp_unavailable, same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note,
+    PendingLogin, PendingRefresh, RefreshAnswer, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
 };
 use crate::headers::is_identity_header;
 use crate::http::split_path;
@@ -301,7 +300,7 @@ fn recent_answer(
     // New tokens first, then a refusal, then "did not answer"; this VM's own first among equals.
     let rank = |a: &RefreshAnswer| match a.status {
         200 => 0,
-        429 | 500.. => 2,
+        s if idp_unavailable(s) => 2,
         _ => 1,
     };
     match (own, elsewhere) {
@@ -827,17 +826,7 @@ impl Stream {
             jwks.as_deref(),
             now,
             |(step, _)| matches!(step, RefreshStep::NeedKeys),
-            |keys| {
-                gate.complete_refresh_answered_at(
-                    &pending,
-                    answer.status,
-                    &answer.body,
-                    keys,
-                    now,
-                    answer.at,
-                    &mut HostRandom,
-                )
-            },
+            |keys| gate.complete_answered_refresh(&pending, &answer, keys, now, &mut HostRandom),
         );
         self.note(note);
         match step {
@@ -1221,28 +1210,21 @@ impl Context for Stream {
                 pending,
                 key,
             } if token == token_id => {
-                match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
-                    // An answer too large to read is still the IdP's answer: its status decides
-                    // (a refusal ends the session, a 200 without a readable body too), never
-                    // "no answer", which would keep the session as an outage does.
-                    Some((status, body)) => {
-                        let answer = RefreshAnswer {
-                            status,
-                            body: body.unwrap_or_default(),
-                            at: self.now(),
-                        };
-                        self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
-                    }
-                    // Timed out or reset: the IdP's failure, the same for every worker.
-                    None => {
-                        let answer = RefreshAnswer {
-                            status: 503,
-                            body: Vec::new(),
-                            at: self.now(),
-                        };
-                        self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
-                    }
-                }
+                // An answer too large to read is still the IdP's answer: its status decides (a
+                // refusal ends the session, a 200 without a readable body too), never "no
+                // answer", which would keep the session as an outage does. Timed out or reset:
+                // the IdP's failure, the same for every worker.
+                let (status, body) =
+                    match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
+                        Some((status, body)) => (status, body.unwrap_or_default()),
+                        None => (503, Vec::new()),
+                    };
+                let answer = RefreshAnswer {
+                    status,
+                    body,
+                    at: self.now(),
+                };
+                self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
             }
             other => {
                 log::warn!(
@@ -1882,20 +1864,7 @@ mod tests {
                 .cache
                 .borrow()
                 .store_refresh_result(&shared.gate, &key, &answer, 0);
-            let mut leader = Stream::new(7, Some(shared.clone()));
-            leader.facts = api_call_facts(&shared.gate);
-            // Discovery at hand: fetching the keys again would be possible, and must not happen.
-            leader.provider = Some(Rc::new(crate::flow::tests::provider()));
-            leader.waiting = Waiting::Jwks {
-                token: 1,
-                started: SystemTime::UNIX_EPOCH,
-                then: AfterKeys::Refresh {
-                    pending,
-                    key,
-                    answer,
-                    from: AnswerFrom::OwnShared,
-                },
-            };
+            let mut leader = leader_waiting_for_keys(&shared, pending, key, answer);
             host_stubs::STATUS.with(|s| *s.borrow_mut() = b"500".to_vec());
             host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
             let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
@@ -2030,23 +1999,16 @@ mod tests {
             .borrow_mut()
             .store_jwks(old_jwks.as_bytes(), jwks, now);
         assert!(shared.refreshes.borrow_mut().lead(key));
-        let mut leader = Stream::new(7, Some(shared.clone()));
-        leader.facts = api_call_facts(&shared.gate);
-        leader.provider = Some(Rc::new(crate::flow::tests::provider()));
-        leader.waiting = Waiting::Jwks {
-            token: 1,
-            started: SystemTime::UNIX_EPOCH,
-            then: AfterKeys::Refresh {
-                pending,
-                key,
-                answer: RefreshAnswer {
-                    status: 200,
-                    body,
-                    at: now,
-                },
-                from: AnswerFrom::OwnShared,
+        let mut leader = leader_waiting_for_keys(
+            &shared,
+            pending,
+            key,
+            RefreshAnswer {
+                status: 200,
+                body,
+                at: now,
             },
-        };
+        );
         host_stubs::STATUS.with(|s| *s.borrow_mut() = b"500".to_vec());
         host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
         let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
@@ -2224,6 +2186,30 @@ mod tests {
         // ...but the refusal of a session that held them is the news.
         registry.remember([2u8; 16], &answer(400, 1_003), 1_000, 1_003);
         assert_eq!(registry.recent(&[2u8; 16], 1_003), Some(answer(400, 1_003)));
+    }
+
+    /// A leader of a refresh, an API call, waiting for the keys to check the IdP's `answer`
+    /// (already shared), with discovery at hand, so that fetching keys again would be possible.
+    fn leader_waiting_for_keys(
+        shared: &Rc<Shared>,
+        pending: PendingRefresh,
+        key: [u8; 16],
+        answer: RefreshAnswer,
+    ) -> Stream {
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        leader.provider = Some(Rc::new(crate::flow::tests::provider()));
+        leader.waiting = Waiting::Jwks {
+            token: 1,
+            started: SystemTime::UNIX_EPOCH,
+            then: AfterKeys::Refresh {
+                pending,
+                key,
+                answer,
+                from: AnswerFrom::OwnShared,
+            },
+        };
+        leader
     }
 
     /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call.

@@ -85,6 +85,25 @@ fn cookie_pair(set_cookie: &str) -> (String, String) {
     (n.to_string(), v.to_string())
 }
 
+/// Keys at hand in the VM, with no right to fetch more.
+fn cached_keys(jwks: &Jwks) -> Keys<'_> {
+    Keys {
+        jwks: Some(jwks),
+        may_refetch: false,
+        fetched_for_it: false,
+    }
+}
+
+/// A gate, its IdP and randomness, a session logged in at `NOW`, and its refresh at `at`.
+fn refresh_due_at(seed: u64, at: u64) -> (Gate, Idp, SeededRandom, String, PendingRefresh) {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(seed);
+    let session = logged_in(&g, &idp, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, at, &mut rng);
+    (g, idp, rng, session, pending)
+}
+
 /// The session cookie (`name=value`) among `Set-Cookie` values, as the browser sends it back.
 fn session_cookie<S: AsRef<str>>(set_cookies: impl IntoIterator<Item = S>) -> String {
     let set = set_cookies
@@ -1109,11 +1128,7 @@ pub(crate) fn a_due_refresh_of_tokens_living(
 /// the IdP rotated to since the login, and the JWKS from before the rotation.
 pub(crate) fn a_due_refresh_answered_with_a_new_signing_key(
 ) -> (Gate, PendingRefresh, Vec<u8>, String) {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(69);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let (g, idp, _, _, pending) = refresh_due_at(69, NOW + 250);
     let old_jwks = idp.0.jwks().to_string();
     idp.0.rotate_keys();
     let id_token = idp.0.sign_jwt(
@@ -1193,11 +1208,7 @@ fn session_near_expiry_refreshes_and_forwards_the_new_token() {
 
 #[test]
 fn failed_refresh_ends_the_session() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(26);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 400, &mut rng);
+    let (g, idp, mut rng, _, pending) = refresh_due_at(26, NOW + 400);
     let jwks = idp.jwks();
     let keys = Keys {
         jwks: Some(&jwks),
@@ -2377,24 +2388,19 @@ fn tokens_shorter_than_the_refresh_skew_are_refreshed_in_their_second_half() {
 /// lifetime from its reuse, so a stale token looked fresher than the IdP issued it.
 #[test]
 fn a_reused_refresh_answer_counts_the_token_lifetime_from_when_the_idp_gave_it() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(64);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
+    let (g, idp, mut rng, _, pending) = refresh_due_at(64, NOW + 290);
     // Answered by the IdP at NOW + 250 (another worker), applied here at NOW + 290.
     let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
-    let (step, _) = g.complete_refresh_answered_at(
+    let answer = RefreshAnswer {
+        status: 200,
+        body: answer.into_bytes(),
+        at: NOW + 250,
+    };
+    let (step, _) = g.complete_answered_refresh(
         &pending,
-        200,
-        answer.as_bytes(),
-        Keys {
-            jwks: Some(&idp.jwks()),
-            may_refetch: false,
-            fetched_for_it: false,
-        },
+        &answer,
+        cached_keys(&idp.jwks()),
         NOW + 290,
-        NOW + 250,
         &mut rng,
     );
     let RefreshStep::Forward(fwd) = step else {
@@ -2433,11 +2439,7 @@ fn a_reused_refresh_answer_counts_the_token_lifetime_from_when_the_idp_gave_it()
 /// token even when the login was ended (logout) while it waited.
 #[test]
 fn a_refresh_without_answer_does_not_serve_a_login_ended_meanwhile() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(65);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let (g, _, mut rng, session, pending) = refresh_due_at(65, NOW + 250);
     assert!(matches!(
         g.refresh_without_answer(&pending, NOW + 250),
         RefreshStep::Forward(_)
@@ -2498,24 +2500,19 @@ fn a_refreshed_id_token_with_a_key_not_known_yet_does_not_end_the_session() {
 /// the same token, reused after its access token expired, was forwarded expired.
 #[test]
 fn a_shared_answer_whose_token_has_expired_is_not_forwarded() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(67);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 310, &mut rng);
+    let (g, idp, mut rng, _, pending) = refresh_due_at(67, NOW + 310);
     let answer =
         json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 30}).to_string();
-    let (step, _) = g.complete_refresh_answered_at(
+    let answer = RefreshAnswer {
+        status: 200,
+        body: answer.into_bytes(),
+        at: NOW + 270,
+    };
+    let (step, _) = g.complete_answered_refresh(
         &pending,
-        200,
-        answer.as_bytes(),
-        Keys {
-            jwks: Some(&idp.jwks()),
-            may_refetch: false,
-            fetched_for_it: false,
-        },
+        &answer,
+        cached_keys(&idp.jwks()),
         NOW + 310,
-        NOW + 270,
         &mut rng,
     );
     // Both tokens have expired: a retryable 503, nothing forwarded.
@@ -2526,11 +2523,7 @@ fn a_shared_answer_whose_token_has_expired_is_not_forwarded() {
 /// session: a logout is not undone by a refresh that was under way.
 #[test]
 fn a_refresh_answer_for_a_login_ended_meanwhile_ends_it() {
-    let g = gate();
-    let idp = Idp::new();
-    let mut rng = SeededRandom(68);
-    let session = logged_in(&g, &idp, &mut rng);
-    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let (g, idp, mut rng, session, pending) = refresh_due_at(68, NOW + 250);
     expect_reply(g.decide(
         &browser("/oauth2/sign_out", vec![&session]),
         with_provider(&provider()),
