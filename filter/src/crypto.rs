@@ -10,8 +10,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use hkdf::Hkdf;
-use sha2::Sha256;
 
 use crate::types::{Random, RandomUnavailable, SecretBytes};
 
@@ -92,19 +90,21 @@ pub fn key_scope(issuer: &str, client_id: &str) -> Vec<u8> {
 
 impl DerivedKey {
     fn derive(secret: &SecretBytes, scope: &[u8]) -> Self {
-        let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), secret.expose());
+        let prk = hmac_sha256::HKDF::extract(HKDF_SALT, secret.expose());
+        let expand = |label: &[u8], out: &mut [u8]| {
+            let mut info = Vec::with_capacity(label.len() + scope.len());
+            info.extend_from_slice(label);
+            info.extend_from_slice(scope);
+            hmac_sha256::HKDF::expand(out, prk, &info);
+        };
         let mut id = [0u8; KEY_ID_LEN];
         let mut session = [0u8; 32];
         let mut login = [0u8; 32];
         let mut refresh_result = [0u8; 32];
-        // HKDF-SHA256 can produce up to 8160 bytes; these lengths are fixed and far below that.
-        let _ = hk.expand(b"key-id", &mut id);
-        let _ = hk.expand_multi_info(&[Purpose::Session.label(), scope], &mut session);
-        let _ = hk.expand_multi_info(&[Purpose::Login.label(), scope], &mut login);
-        let _ = hk.expand_multi_info(
-            &[Purpose::RefreshResult.label(), scope],
-            &mut refresh_result,
-        );
+        hmac_sha256::HKDF::expand(&mut id, prk, b"key-id");
+        expand(Purpose::Session.label(), &mut session);
+        expand(Purpose::Login.label(), &mut login);
+        expand(Purpose::RefreshResult.label(), &mut refresh_result);
         Self {
             id,
             session: XChaCha20Poly1305::new(&session.into()),
@@ -245,6 +245,13 @@ mod tests {
     use super::*;
     use crate::types::testing::SeededRandom;
 
+    const SEALED_SESSION: &str =
+        "AQjeSflEbDpvq4H5dEyAP5qIjryfnonRCi48PaSlr9wTtSXhbwve9kX9Qt0UJa_grpjSwpnhlqj-";
+    const SEALED_LOGIN: &str =
+        "AQjeSflEbDpvq4H5dEyAP5qIjryfnonRCi48PaSvhf8TOGIcSOvHlfpQs3LtjJGNWHJtypPaANSV";
+    const SEALED_REFRESH_RESULT: &str =
+        "AQjeSflEbDpvq4H5dEyAP5qIjryfnonRCi48PaSn3NgMFxWAirk09CBYCQPQUqbdd0jOrATwLXg-";
+
     fn ring() -> Keyring {
         Keyring::new(&SecretBytes::new(vec![7u8; 32]), &[], b"scope")
     }
@@ -329,6 +336,21 @@ mod tests {
                 .unwrap_err(),
             OpenError::UnknownKey
         );
+    }
+
+    /// Values sealed by earlier builds keep opening: the key derivation (HKDF-SHA256, RFC 5869)
+    /// and the format are fixed. The values were sealed by the build of 2026-11-29.
+    #[test]
+    fn opens_values_sealed_by_earlier_builds() {
+        let k = ring();
+        for (purpose, sealed) in [
+            (Purpose::Session, SEALED_SESSION),
+            (Purpose::Login, SEALED_LOGIN),
+            (Purpose::RefreshResult, SEALED_REFRESH_RESULT),
+        ] {
+            let o = k.open(purpose, b"app.example.com", sealed).unwrap();
+            assert_eq!(o.plaintext, b"known answer");
+        }
     }
 
     #[test]

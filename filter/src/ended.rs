@@ -10,8 +10,6 @@
 
 use std::collections::HashMap;
 
-use sha2::{Digest, Sha256};
-
 use crate::session::Session;
 use crate::types::UnixSeconds;
 
@@ -25,7 +23,7 @@ pub const MAX_ENDED: usize = 8192;
 const RECORD_BYTES: usize = 24;
 
 fn digest(kind: &[u8], parts: &[&[u8]]) -> EndedId {
-    let mut h = Sha256::new();
+    let mut h = hmac_sha256::Hash::new();
     h.update(kind);
     for p in parts {
         // Length-prefixed, so no two different part lists hash the same input.

@@ -14,7 +14,6 @@ use std::rc::Rc;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::config::{
@@ -303,7 +302,7 @@ fn refresh_result_context(refresh_key: &[u8; 16], at: UnixSeconds) -> [u8; 24] {
 
 /// A digest of a session's refresh token: the token itself never becomes a map key or a log line.
 fn refresh_token_key(session: &Session) -> [u8; 16] {
-    let digest = Sha256::digest(
+    let digest = hmac_sha256::Hash::hash(
         session
             .refresh_token
             .as_ref()
@@ -1307,7 +1306,8 @@ impl Gate {
         let state = format!("{flow_id}.{}", random_token(rng, 24)?);
         let nonce = random_token(rng, 24)?;
         let code_verifier = random_token(rng, 32)?;
-        let code_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(code_verifier.as_bytes()));
+        let code_challenge =
+            URL_SAFE_NO_PAD.encode(hmac_sha256::Hash::hash(code_verifier.as_bytes()));
         let (path, query) = split_path(req.path);
         // The return URL is sealed into the login cookie, which must stay under the browsers'
         // 4096-byte limit: a long query is dropped, a long path becomes `/`.

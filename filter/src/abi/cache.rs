@@ -8,7 +8,6 @@
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
-use sha2::{Digest, Sha256};
 
 use super::host::HostRandom;
 use crate::discovery::ProviderMetadata;
@@ -60,7 +59,7 @@ pub struct Fresh<T> {
 /// `oidc-gate/<8 bytes of sha256(a, b)>`: Istio leaves `vm_id` empty, so every plugin on a
 /// gateway shares one shared-data namespace, and keys name what they belong to.
 pub fn shared_key_prefix(a: &str, b: &str) -> String {
-    let digest = Sha256::digest(format!("{a}\0{b}").as_bytes());
+    let digest = hmac_sha256::Hash::hash(format!("{a}\0{b}").as_bytes());
     let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!("oidc-gate/{tag}")
 }

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use mock_idp::{IdpState, MockIdpConfig};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::types::testing::SeededRandom;
