@@ -1165,6 +1165,19 @@ impl Gate {
         fwd
     }
 
+    /// When a session's tokens expire (and are refreshed before). With `upstream_authorization:
+    /// id_token` the upstream receives the ID token, so the session's tokens expire with it too.
+    fn tokens_expire_at(
+        &self,
+        access_token_expires_at: UnixSeconds,
+        id_token_expires_at: Option<UnixSeconds>,
+    ) -> UnixSeconds {
+        match (self.config.upstream_authorization, id_token_expires_at) {
+            (UpstreamAuthorization::IdToken, Some(id)) => access_token_expires_at.min(id),
+            _ => access_token_expires_at,
+        }
+    }
+
     fn forward_session(&self, session: &Session, cookie: Option<String>) -> Forward {
         let authorization = match self.config.upstream_authorization {
             UpstreamAuthorization::AccessToken => Some(bearer_value(session.access_token.expose())),
@@ -1681,7 +1694,10 @@ impl Gate {
             access_token: tokens.access_token,
             id_token: tokens.id_token,
             refresh_token: tokens.refresh_token,
-            expires_at: now.saturating_add(tokens.expires_in),
+            expires_at: self.tokens_expire_at(
+                now.saturating_add(tokens.expires_in),
+                Some(verified.expires_at),
+            ),
             tokens_at: now,
             subject: verified.subject.unwrap_or_default(),
             created_at: now,
@@ -1825,6 +1841,7 @@ impl Gate {
         };
         let old = &pending.session;
         let mut claims = old.claims.clone();
+        let mut id_token_expires_at = None;
         if let Some(id_token) = &tokens.id_token {
             let Some(jwks) = keys.jwks else {
                 return (RefreshStep::NeedKeys, Note::none());
@@ -1844,7 +1861,8 @@ impl Gate {
             match token::verify(id_token.expose(), jwks, &expect) {
                 // OIDC Core §12.2: the refreshed ID token must name the same subject.
                 Ok(v) if v.subject.as_deref() == Some(old.subject.as_str()) => {
-                    claims = self.kept_claims(&v.claims)
+                    claims = self.kept_claims(&v.claims);
+                    id_token_expires_at = Some(v.expires_at);
                 }
                 Ok(_) => {
                     return end(
@@ -1878,11 +1896,38 @@ impl Gate {
                 }
             }
         }
+        if tokens.id_token.is_none()
+            && self.config.upstream_authorization == UpstreamAuthorization::IdToken
+        {
+            // OIDC Core §12.2 lets the IdP answer a refresh without an ID token. The upstream
+            // then keeps getting the session's own, and only while it is valid: the session
+            // ends when it would next be refreshed after that.
+            match old
+                .id_token
+                .as_ref()
+                .and_then(|t| token::sealed_token_expiry(t.expose()))
+            {
+                Some(exp) if exp > now.saturating_add(self.config.refresh_skew) => {
+                    id_token_expires_at = Some(exp)
+                }
+                _ => {
+                    return end(
+                        "no id token",
+                        "refresh failed: the answer has no ID token and the session's ID token, \
+                         which the upstream receives, expires; the session ends"
+                            .into(),
+                    )
+                }
+            }
+        }
         let mut session = Session {
             access_token: tokens.access_token,
             id_token: tokens.id_token.or_else(|| old.id_token.clone()),
             refresh_token: tokens.refresh_token.or_else(|| old.refresh_token.clone()),
-            expires_at: answered_at.saturating_add(tokens.expires_in),
+            expires_at: self.tokens_expire_at(
+                answered_at.saturating_add(tokens.expires_in),
+                id_token_expires_at,
+            ),
             tokens_at: answered_at,
             subject: old.subject.clone(),
             created_at: old.created_at,

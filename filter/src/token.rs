@@ -364,6 +364,13 @@ pub fn check_shape(token: &str) -> Result<(), TokenError> {
     parse_header(header).map(|_| ())
 }
 
+/// `exp` of a token this filter verified before and kept sealed in a session, read without a
+/// second signature check; `None` when it cannot be read.
+pub fn sealed_token_expiry(token: &str) -> Option<UnixSeconds> {
+    let (_, payload, _) = split_jws(token).ok()?;
+    number_claim(&decode_strict_object(payload).ok()?, "exp").ok()?
+}
+
 /// A compact JWS's header, payload and signature, none of them decoded yet.
 fn split_jws(token: &str) -> Result<(&str, &str, &str), TokenError> {
     if token.len() > MAX_TOKEN_LEN {

@@ -2534,3 +2534,112 @@ fn a_refresh_answer_for_a_login_ended_meanwhile_ends_it() {
     let (step, _) = complete_rotating_refresh(&g, &idp, &pending, NOW + 252, &mut rng);
     assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
 }
+
+/// A login on `g` whose access token lives `access_secs` and whose ID token expires at
+/// `id_token_exp`; the session cookie.
+fn logged_in_with_lifetimes(
+    g: &Gate,
+    idp: &Idp,
+    rng: &mut SeededRandom,
+    access_secs: u64,
+    id_token_exp: u64,
+) -> String {
+    let (r, _) = login_with_body(g, idp, rng, |nonce| {
+        let id_token = idp.0.sign_jwt(
+            json!({}),
+            json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": id_token_exp, "iat": NOW, "nonce": nonce}),
+        );
+        json!({"access_token": "access-abc", "token_type": "Bearer", "expires_in": access_secs, "id_token": id_token, "refresh_token": "r1"}).to_string()
+    });
+    session_cookie(header(&r, "set-cookie"))
+}
+
+fn forwarded_authorization(g: &Gate, session: &str, at: u64, rng: &mut SeededRandom) -> String {
+    match g
+        .decide(&browser("/", vec![session]), Known::default(), at, rng)
+        .0
+    {
+        Decision::Forward(f) => f.authorization.unwrap_or_default(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_id_token_the_upstream_receives_is_refreshed_before_it_expires() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(71);
+    // The access token outlives the ID token: only the ID token's expiry makes a refresh due.
+    let g = gate_with(json!({"upstream_authorization": "id_token"}));
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 300);
+    let id_token = forwarded_authorization(&g, &session, NOW + 10, &mut rng);
+    assert!(id_token.starts_with("Bearer eyJ"));
+    let (_, pending) = refresh_pending(&g, &session, NOW + 400, &mut rng);
+    let new_id_token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 1000, "iat": NOW + 400}),
+    );
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 3600, "id_token": new_id_token}).to_string();
+    let (step, _) = g.complete_refresh(
+        &pending,
+        200,
+        answer.as_bytes(),
+        cached_keys(&idp.jwks()),
+        NOW + 400,
+        &mut rng,
+    );
+    let RefreshStep::Forward(f) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(f.authorization, Some(format!("Bearer {new_id_token}")));
+    let renewed = session_cookie(&f.response_cookies);
+    // And again before the new ID token expires, though the access token lives on.
+    refresh_pending(&g, &renewed, NOW + 960, &mut rng);
+
+    // With the access token forwarded, the ID token's expiry is not the session's.
+    let g = gate();
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 300);
+    assert_eq!(
+        forwarded_authorization(&g, &session, NOW + 400, &mut rng),
+        "Bearer access-abc"
+    );
+}
+
+#[test]
+fn a_refresh_answer_without_an_id_token_keeps_the_forwarded_id_token_only_while_it_is_valid() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(72);
+    let g = gate_with(json!({"upstream_authorization": "id_token"}));
+    let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "r2"}).to_string();
+
+    // The ID token outlives the refreshed access token: the session goes on with it.
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 300, NOW + 3600);
+    let id_token = forwarded_authorization(&g, &session, NOW + 10, &mut rng);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
+    let (step, _) = g.complete_refresh(
+        &pending,
+        200,
+        answer.as_bytes(),
+        cached_keys(&idp.jwks()),
+        NOW + 290,
+        &mut rng,
+    );
+    let RefreshStep::Forward(f) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(f.authorization.as_deref(), Some(id_token.as_str()));
+
+    // The ID token expires before it could be refreshed again: the session ends instead of
+    // forwarding it expired.
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 300);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 290, &mut rng);
+    let (step, note) = g.complete_refresh(
+        &pending,
+        200,
+        answer.as_bytes(),
+        cached_keys(&idp.jwks()),
+        NOW + 290,
+        &mut rng,
+    );
+    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
+    assert_eq!(note.event, Some(Event::RefreshFailed("no id token")));
+}
