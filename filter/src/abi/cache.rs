@@ -3,7 +3,8 @@
 //! Each VM fetches nothing it can read from shared data: the first VM that fetches a document
 //! stores the raw body with its fetch time; the others parse it once and keep the parsed form
 //! until the shared entry changes (its CAS moves). Istio leaves `vm_id` empty, so all plugins of a
-//! gateway share one namespace: keys carry a prefix derived from issuer and cluster.
+//! gateway share one namespace: keys carry a prefix derived from issuer and cluster (the IdP's
+//! documents) or from issuer and client (refreshes, whose answers only that client can use).
 
 use std::rc::Rc;
 
@@ -39,6 +40,9 @@ pub const SHARED_RECHECK_SECS: u64 = 5;
 /// The per-VM view of the shared IdP documents.
 pub struct IdpCache {
     prefix: String,
+    /// The refresh slots' prefix: one client's, so that two policies with other clients of the
+    /// same IdP never contend for a slot or a lock.
+    refresh_prefix: String,
     /// Shared-data keys of the documents, made once: they are looked up on the request path.
     discovery_key: String,
     jwks_key: String,
@@ -65,10 +69,11 @@ pub fn shared_key_prefix(a: &str, b: &str) -> String {
 }
 
 impl IdpCache {
-    /// A cache for one issuer behind one cluster.
-    pub fn new(issuer: &str, cluster: &str) -> Self {
+    /// A cache for one issuer behind one cluster, for one client of it.
+    pub fn new(issuer: &str, cluster: &str, client_id: &str) -> Self {
         let prefix = shared_key_prefix(issuer, cluster);
         Self {
+            refresh_prefix: format!("{}/refresh", shared_key_prefix(issuer, client_id)),
             discovery_key: format!("{prefix}/discovery"),
             jwks_key: format!("{prefix}/jwks"),
             prefix,
@@ -81,6 +86,10 @@ impl IdpCache {
 
     fn key(&self, what: &str) -> String {
         format!("{}/{what}", self.prefix)
+    }
+
+    fn refresh_key(&self, what: &str) -> String {
+        format!("{}/{what}", self.refresh_prefix)
     }
 
     /// The provider metadata, if any VM fetched it within the staleness bound.
@@ -261,7 +270,7 @@ impl IdpCache {
     fn refresh_slot(&self, key: &[u8; 16]) -> String {
         // v3: sealed status and body, 1,024 slots. Builds that stored the body in the clear use
         // another name, so the two never read each other's answers during a rollout.
-        self.key(&format!("refreshed/v3/{}", refresh_slot_of(key)))
+        self.refresh_key(&format!("refreshed/v3/{}", refresh_slot_of(key)))
     }
 
     /// Remembers the IdP's answer to a refresh from when it came, whatever it says: a request of
@@ -376,15 +385,17 @@ fn is_live_lock(bytes: &[u8], now: UnixSeconds) -> bool {
 
 impl IdpCache {
     fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
-        self.key(&format!("refreshing/v3/{}", refresh_slot_of(key)))
+        self.refresh_key(&format!("refreshing/v3/{}", refresh_slot_of(key)))
     }
 
     /// Creates the slots that are taken by compare-and-swap (the refresh locks and the JWKS
     /// refetch claim): a slot that does not exist yet has no CAS to compare, so two VMs creating
     /// it at once would both win.
     pub fn init_shared_slots(&self) {
-        let locks = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshing/v3/{slot}")));
-        let results = (0..REFRESH_SLOTS).map(|slot| self.key(&format!("refreshed/v3/{slot}")));
+        let locks =
+            (0..REFRESH_SLOTS).map(|slot| self.refresh_key(&format!("refreshing/v3/{slot}")));
+        let results =
+            (0..REFRESH_SLOTS).map(|slot| self.refresh_key(&format!("refreshed/v3/{slot}")));
         for name in locks
             .chain(results)
             .chain(std::iter::once(self.key(JWKS_REFETCH_SLOT)))

@@ -168,7 +168,11 @@ impl RootContext for Root {
                 );
                 self.shared = Some(Rc::new(Shared {
                     endings: SharedEndings::new(&config.issuer, &config.client_id),
-                    cache: RefCell::new(IdpCache::new(&config.issuer, &config.idp_cluster)),
+                    cache: RefCell::new(IdpCache::new(
+                        &config.issuer,
+                        &config.idp_cluster,
+                        &config.client_id,
+                    )),
                     gate: Rc::new(Gate::new(config)),
                     metrics: Metrics::default(),
                     refreshes: RefCell::new(RefreshRegistry::default()),

@@ -1726,7 +1726,7 @@ mod tests {
     #[test]
     fn the_jwks_refetch_claim_is_a_compare_and_swap_from_the_first_claim_on() {
         use crate::abi::cache::{IdpCache, JWKS_REFETCH_INTERVAL_SECS};
-        let cache = IdpCache::new("https://idp.example", "idp");
+        let cache = IdpCache::new("https://idp.example", "idp", "gate");
         cache.init_shared_slots();
         assert!(cache.claim_jwks_refetch(1_000));
         assert_ne!(
@@ -1735,9 +1735,28 @@ mod tests {
             "a claim without CAS wins even when another VM claimed at the same moment"
         );
         // Another VM configured later must not reset the claim.
-        IdpCache::new("https://idp.example", "idp").init_shared_slots();
+        IdpCache::new("https://idp.example", "idp", "gate").init_shared_slots();
         assert!(!cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS - 1));
         assert!(cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS));
+    }
+
+    #[test]
+    fn a_refresh_lock_is_one_clients() {
+        use crate::abi::cache::IdpCache;
+        let a = IdpCache::new("https://idp.example", "idp", "app-a");
+        let b = IdpCache::new("https://idp.example", "idp", "app-b");
+        a.init_shared_slots();
+        b.init_shared_slots();
+        let key = [7u8; 16];
+        assert!(a.try_lock_refresh(&key, 1_000));
+        assert!(
+            b.try_lock_refresh(&key, 1_000),
+            "another client's refresh in the same slot waits for nothing it could use"
+        );
+        // The same client behind another cluster holds the same refresh tokens.
+        let a_elsewhere = IdpCache::new("https://idp.example", "idp-2", "app-a");
+        a_elsewhere.init_shared_slots();
+        assert!(!a_elsewhere.try_lock_refresh(&key, 1_000));
     }
 
     #[test]
@@ -2288,7 +2307,7 @@ mod tests {
         use std::cell::RefCell;
         Rc::new(Shared {
             endings: SharedEndings::new("https://idp.example.com", "gate"),
-            cache: RefCell::new(IdpCache::new("https://idp.example.com", "idp")),
+            cache: RefCell::new(IdpCache::new("https://idp.example.com", "idp", "gate")),
             gate: Rc::new(g),
             metrics: Metrics::default(),
             refreshes: RefCell::new(RefreshRegistry::default()),
