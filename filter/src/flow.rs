@@ -1072,7 +1072,16 @@ impl Gate {
                     "session reached session_max_age",
                 ),
             ),
-            Ok((session, needs_reseal)) => {
+            Ok((mut session, needs_reseal)) => {
+                if self.config.upstream_authorization == UpstreamAuthorization::IdToken {
+                    // Sealed before the ID token's expiry counted, or under another mode.
+                    let id_token_expires_at = session
+                        .id_token
+                        .as_ref()
+                        .and_then(|t| token::sealed_token_expiry(t.expose()));
+                    session.expires_at =
+                        self.tokens_expire_at(session.expires_at, id_token_expires_at);
+                }
                 let ids = SessionIds::of(&session);
                 if ended.ends(&ids) {
                     return (None, ended_note());
@@ -1896,27 +1905,34 @@ impl Gate {
                 }
             }
         }
-        if tokens.id_token.is_none()
-            && self.config.upstream_authorization == UpstreamAuthorization::IdToken
-        {
-            // OIDC Core §12.2 lets the IdP answer a refresh without an ID token. The upstream
-            // then keeps getting the session's own, and only while it is valid: the session
-            // ends when it would next be refreshed after that.
-            match old
-                .id_token
-                .as_ref()
-                .and_then(|t| token::sealed_token_expiry(t.expose()))
-            {
-                Some(exp) if exp > now.saturating_add(self.config.refresh_skew) => {
-                    id_token_expires_at = Some(exp)
-                }
+        if self.config.upstream_authorization == UpstreamAuthorization::IdToken {
+            // The upstream receives the ID token: the answer's (OIDC Core §12.2 lets an IdP leave
+            // it out, and the session's own goes on). One that expires no later than the session
+            // was good for already cannot extend it, and refreshing again would only ask the IdP
+            // in ever shorter intervals: the session ends instead, for a new login.
+            let exp = id_token_expires_at.or_else(|| {
+                old.id_token
+                    .as_ref()
+                    .and_then(|t| token::sealed_token_expiry(t.expose()))
+            });
+            match exp {
+                Some(exp) if exp > now.max(old.expires_at) => id_token_expires_at = Some(exp),
                 _ => {
+                    let (reason, detail) = if tokens.id_token.is_some() {
+                        ("id token not renewed", "its new ID token expires")
+                    } else {
+                        (
+                            "no id token",
+                            "it has no ID token and the session's expires",
+                        )
+                    };
                     return end(
-                        "no id token",
-                        "refresh failed: the answer has no ID token and the session's ID token, \
-                         which the upstream receives, expires; the session ends"
-                            .into(),
-                    )
+                        reason,
+                        format!(
+                            "refresh failed: {detail} no later than the session was valid; the \
+                             upstream receives the ID token, so the session ends"
+                        ),
+                    );
                 }
             }
         }

@@ -2643,3 +2643,67 @@ fn a_refresh_answer_without_an_id_token_keeps_the_forwarded_id_token_only_while_
     assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
     assert_eq!(note.event, Some(Event::RefreshFailed("no id token")));
 }
+
+#[test]
+fn a_session_sealed_before_the_id_token_counted_does_not_forward_it_expired() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(73);
+    // Sealed under `access_token` (or by an earlier build): its expiry is the access token's.
+    let session = logged_in_with_lifetimes(&gate(), &idp, &mut rng, 3600, NOW + 300);
+    let g = gate_with(json!({"upstream_authorization": "id_token"}));
+    assert!(forwarded_authorization(&g, &session, NOW + 10, &mut rng).starts_with("Bearer eyJ"));
+    refresh_pending(&g, &session, NOW + 1000, &mut rng);
+}
+
+#[test]
+fn an_id_token_refresh_that_cannot_extend_the_session_ends_it_instead_of_repeating() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(74);
+    let g = gate_with(json!({"upstream_authorization": "id_token"}));
+    let complete =
+        |pending: &PendingRefresh, answer: serde_json::Value, at, rng: &mut SeededRandom| {
+            g.complete_refresh(
+                pending,
+                200,
+                answer.to_string().as_bytes(),
+                cached_keys(&idp.jwks()),
+                at,
+                rng,
+            )
+        };
+    // The IdP answers with an ID token that expires when the old one did.
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 300);
+    let (_, pending) = refresh_pending(&g, &session, NOW + 250, &mut rng);
+    let same_exp = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW + 250}),
+    );
+    let (step, note) = complete(
+        &pending,
+        json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 3600, "id_token": same_exp}),
+        NOW + 250,
+        &mut rng,
+    );
+    assert!(matches!(step, RefreshStep::Ended(_)), "{step:?}");
+    assert_eq!(
+        note.event,
+        Some(Event::RefreshFailed("id token not renewed"))
+    );
+
+    // A long refresh skew does not end a session whose ID token outlives the refreshed access
+    // token by far.
+    let g_skew = gate_with(json!({"upstream_authorization": "id_token", "refresh_skew": 3600}));
+    let session = logged_in_with_lifetimes(&g_skew, &idp, &mut rng, 300, NOW + 3600);
+    let (_, pending) = refresh_pending(&g_skew, &session, NOW + 150, &mut rng);
+    let (step, _) = g_skew.complete_refresh(
+        &pending,
+        200,
+        json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300})
+            .to_string()
+            .as_bytes(),
+        cached_keys(&idp.jwks()),
+        NOW + 150,
+        &mut rng,
+    );
+    assert!(matches!(step, RefreshStep::Forward(_)), "{step:?}");
+}
