@@ -1183,6 +1183,9 @@ impl Gate {
     ) -> UnixSeconds {
         match (self.config.upstream_authorization, id_token_expires_at) {
             (UpstreamAuthorization::IdToken, Some(id)) => access_token_expires_at.min(id),
+            // No readable expiry (not seen: every ID token was verified with one): due now, and
+            // its refresh renews the ID token or ends the session.
+            (UpstreamAuthorization::IdToken, None) => 0,
             _ => access_token_expires_at,
         }
     }

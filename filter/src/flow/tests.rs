@@ -2707,3 +2707,28 @@ fn an_id_token_refresh_that_cannot_extend_the_session_ends_it_instead_of_repeati
     );
     assert!(matches!(step, RefreshStep::Forward(_)), "{step:?}");
 }
+
+#[test]
+fn an_id_token_without_a_readable_expiry_is_not_forwarded_as_valid() {
+    let g = gate_with(json!({"upstream_authorization": "id_token"}));
+    let mut rng = SeededRandom(75);
+    let session = Session {
+        access_token: Secret::new("access-abc"),
+        id_token: Some(Secret::new("not-a-jwt")),
+        refresh_token: Some(Secret::new("r1")),
+        expires_at: NOW + 3600,
+        tokens_at: NOW,
+        subject: "user-1".into(),
+        created_at: NOW,
+        max_expires_at: NOW + 86_400,
+        login_id: Some("login-1".into()),
+        claims: serde_json::Map::new(),
+    };
+    let sealed = session.seal(&g.keys, "app.example.com", &mut rng).unwrap();
+    refresh_pending(
+        &g,
+        &format!("__Host-oidc-gate={sealed}"),
+        NOW + 10,
+        &mut rng,
+    );
+}
