@@ -1602,6 +1602,8 @@ mod tests {
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The host clock, in nanoseconds.
             pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+            /// Whether the host refuses callouts (an unknown cluster, no endpoints yet).
+            pub static CALLOUTS_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         }
         #[no_mangle]
         extern "C" fn proxy_send_local_response(
@@ -1718,6 +1720,10 @@ mod tests {
             _: u32,
             t: *mut u32,
         ) -> u32 {
+            if CALLOUTS_REFUSED.with(std::cell::Cell::get) {
+                // Status::BadArgument, as Envoy answers for a cluster it does not have.
+                return 2;
+            }
             unsafe { *t = 99 };
             0
         }
@@ -2032,6 +2038,40 @@ mod tests {
         host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
         let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
         assert_eq!(outcome, Outcome::Forwarded(OLD_TOKEN.into()));
+    }
+
+    /// A refresh whose callout the host refuses asked the IdP nothing: the session goes on as it
+    /// was while its token is valid (a retryable 503 after), and neither this worker's registry
+    /// nor the cross-worker lock keeps other requests waiting for an answer that never comes.
+    #[test]
+    fn a_refresh_the_host_would_not_send_leaves_the_session_and_frees_the_lock() {
+        for (now, expected) in [
+            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
+            (EXPIRED, Outcome::Answered(503)),
+        ] {
+            let (shared, pending, key) = refreshing();
+            let mut stream = Stream::new(7, Some(shared.clone()));
+            stream.facts = api_call_facts(&shared.gate);
+            host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
+            let call = Callout {
+                method: "POST",
+                path: "/token".into(),
+                authority: "idp.example.com".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            };
+            host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
+            let outcome = outcome_of(|| {
+                stream.start_refresh(&shared, call, pending, now, true);
+            });
+            host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
+            assert_eq!(outcome, expected, "at {now}");
+            assert!(!shared.cache.borrow().refresh_locked(&key, now));
+            assert!(
+                shared.refreshes.borrow_mut().lead(key),
+                "no leader left registered"
+            );
+        }
     }
 
     // Found in review: a refresh answered at once from another refresh's shared answer resumed
