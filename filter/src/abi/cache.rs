@@ -6,6 +6,8 @@
 //! gateway share one namespace: keys carry a prefix derived from issuer and cluster (the IdP's
 //! documents) or from issuer and client (refreshes, whose answers only that client can use).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -43,6 +45,9 @@ pub struct IdpCache {
     /// The refresh slots' prefix: one client's, so that two policies with other clients of the
     /// same IdP never contend for a slot or a lock.
     refresh_prefix: String,
+    /// The cross-worker refresh locks this VM holds: which of the session's two lock slots, and
+    /// the lock's bytes. Only the holder releases a lock, and only while it is still there.
+    held_locks: RefCell<HashMap<[u8; 16], HeldLock>>,
     /// Shared-data keys of the documents, made once: they are looked up on the request path.
     discovery_key: String,
     jwks_key: String,
@@ -74,6 +79,7 @@ impl IdpCache {
         let prefix = shared_key_prefix(issuer, cluster);
         Self {
             refresh_prefix: format!("{}/refresh", shared_key_prefix(issuer, client_id)),
+            held_locks: RefCell::new(HashMap::new()),
             discovery_key: format!("{prefix}/discovery"),
             jwks_key: format!("{prefix}/jwks"),
             prefix,
@@ -240,20 +246,33 @@ impl RefreshAnswer {
     }
 }
 
-/// Slots of the process-wide refresh lock and result rings, chosen by a refresh-token digest's
-/// first ten bits (bounded: shared data has no delete). A slot is shared by every session whose
-/// refresh falls in it: at R refreshes per second a slot gets another session's answer about
-/// every 1,024/R seconds. Fresh tokens give way only to another session's tokens, never to a
-/// refusal or failure (those reach their waiters through the released lock slot); a live lock
-/// is never taken over, so a session whose slot is locked by
-/// another refreshes without cross-worker coordination (with refresh-token rotation, two workers
-/// may then both present the token and one of the requests lose the session). Each worker also
-/// keeps its own recent answers.
+/// Slots of the process-wide refresh lock and result rings (bounded: shared data has no
+/// delete). An answer goes to the slot of the refresh-token digest's first ten bits, shared by
+/// every session whose refresh falls in it: at R refreshes per second a slot gets another
+/// session's answer about every 1,024/R seconds. Fresh tokens give way only to another session's
+/// tokens, never to a refusal or failure (those reach their waiters through the released lock
+/// slot). A lock takes the first of two slots (the digest's first and second ten bits) that no
+/// other session's live lock holds, and a live lock is never taken over: only a session whose
+/// two lock slots both hold other sessions' live locks refreshes without cross-worker
+/// coordination (with refresh-token rotation, two workers may then both present the token and
+/// one of the requests lose the session), a chance of about (L/1,024)² for L locks held at
+/// once. Each worker also keeps its own recent answers.
 const REFRESH_SLOTS: usize = 1024;
 
-/// The slot of a refresh-token digest.
+/// The result slot of a refresh-token digest, also its first lock slot.
 fn refresh_slot_of(key: &[u8; 16]) -> usize {
     usize::from(u16::from_be_bytes([key[0], key[1]])) % REFRESH_SLOTS
+}
+
+/// The two lock slots of a refresh-token digest, always different.
+fn refresh_lock_slots_of(key: &[u8; 16]) -> [usize; 2] {
+    let first = refresh_slot_of(key);
+    let second = usize::from(u16::from_be_bytes([key[2], key[3]])) % REFRESH_SLOTS;
+    if second == first {
+        [first, (first + REFRESH_SLOTS / 2) % REFRESH_SLOTS]
+    } else {
+        [first, second]
+    }
 }
 /// Refresh answers longer than this are not shared if they carry tokens (a 200 without its body
 /// would read as garbage and end the session elsewhere), and shared without their body otherwise
@@ -374,6 +393,9 @@ const LOCK_LEN: usize = 24;
 /// Refusal bodies (an OAuth error object) kept in a lock slot; longer ones keep their status only.
 const MAX_LOCK_VERDICT_BODY_BYTES: usize = 4 * 1024;
 
+/// A lock this VM took: which of the session's two lock slots, and the lock's bytes.
+type HeldLock = (usize, [u8; LOCK_LEN]);
+
 /// Whether a lock slot's bytes are a lock taken less than [`REFRESH_LOCK_SECS`] ago.
 fn is_live_lock(bytes: &[u8], now: UnixSeconds) -> bool {
     bytes.len() == LOCK_LEN
@@ -384,8 +406,8 @@ fn is_live_lock(bytes: &[u8], now: UnixSeconds) -> bool {
 }
 
 impl IdpCache {
-    fn refresh_lock_slot(&self, key: &[u8; 16]) -> String {
-        self.refresh_key(&format!("refreshing/v3/{}", refresh_slot_of(key)))
+    fn refresh_lock_slots(&self, key: &[u8; 16]) -> [String; 2] {
+        refresh_lock_slots_of(key).map(|slot| self.refresh_key(&format!("refreshing/v3/{slot}")))
     }
 
     /// Creates the slots that are taken by compare-and-swap (the refresh locks and the JWKS
@@ -408,10 +430,10 @@ impl IdpCache {
 
     /// Whether another VM is refreshing this session right now.
     pub fn refresh_locked(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
-        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_lock_slot(key)) else {
-            return false;
-        };
-        bytes.get(..16) == Some(key.as_slice()) && is_live_lock(&bytes, now)
+        self.refresh_lock_slots(key).iter().any(|slot| {
+            matches!(hostcalls::get_shared_data(slot), Ok((Some(bytes), _))
+                if bytes.get(..16) == Some(key.as_slice()) && is_live_lock(&bytes, now))
+        })
     }
 
     /// The verdict the leader of this session's last refresh left in its lock slot (a refusal
@@ -422,40 +444,64 @@ impl IdpCache {
         key: &[u8; 16],
         now: UnixSeconds,
     ) -> Option<RefreshAnswer> {
-        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&self.refresh_lock_slot(key)) else {
-            return None;
-        };
-        if bytes.len() <= LOCK_LEN {
-            return None;
-        }
-        read_result(gate, key, &bytes).filter(|a| a.is_fresh(now))
+        self.refresh_lock_slots(key).iter().find_map(|slot| {
+            let Ok((Some(bytes), _)) = hostcalls::get_shared_data(slot) else {
+                return None;
+            };
+            if bytes.len() <= LOCK_LEN {
+                return None;
+            }
+            read_result(gate, key, &bytes).filter(|a| a.is_fresh(now))
+        })
     }
 
-    /// Takes the process-wide right to refresh this session; false if another VM holds it. A
-    /// live lock of another session in the same slot is left to it: this refresh then goes on
-    /// without cross-worker coordination (true, nothing written).
+    /// Takes the process-wide right to refresh this session; false if another VM holds it. Live
+    /// locks of other sessions in both of the session's lock slots are left to them: this
+    /// refresh then goes on without cross-worker coordination (true, nothing written).
     pub fn try_lock_refresh(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
-        let slot = self.refresh_lock_slot(key);
-        let Ok((bytes, cas)) = hostcalls::get_shared_data(&slot) else {
-            return true;
-        };
-        if let Some(b) = bytes {
-            if is_live_lock(&b, now) {
-                return b.get(..16) != Some(key.as_slice());
+        let slots = self.refresh_lock_slots(key);
+        // Both slots are read before either is taken: another VM may hold this session's lock
+        // in the second while the first is free again.
+        let mut free = None;
+        for (index, slot) in slots.iter().enumerate() {
+            let Ok((bytes, cas)) = hostcalls::get_shared_data(slot) else {
+                continue;
+            };
+            match bytes {
+                Some(b) if is_live_lock(&b, now) => {
+                    if b.get(..16) == Some(key.as_slice()) {
+                        return false;
+                    }
+                }
+                _ => {
+                    free = free.or(Some((index, cas)));
+                }
             }
         }
-        let mut value = Vec::with_capacity(24);
-        value.extend_from_slice(key);
-        value.extend_from_slice(&now.to_be_bytes());
-        hostcalls::set_shared_data(&slot, Some(&value), cas).is_ok()
+        let Some((index, cas)) = free else {
+            return true;
+        };
+        let mut lock = [0u8; LOCK_LEN];
+        lock[..16].copy_from_slice(key);
+        lock[16..].copy_from_slice(&now.to_be_bytes());
+        if hostcalls::set_shared_data(&slots[index], Some(&lock), cas).is_err() {
+            return false;
+        }
+        let mut held = self.held_locks.borrow_mut();
+        if held.len() >= REFRESH_SLOTS {
+            // Leaders release what they hold; this only bounds what a lost release leaves.
+            held.retain(|_, (_, l)| is_live_lock(l, now));
+        }
+        held.insert(*key, (index, lock));
+        true
     }
 
-    /// Releases the lock if this session still holds it.
+    /// Releases the lock if this VM took it and it is still there.
     pub fn unlock_refresh(&self, key: &[u8; 16]) {
         self.write_released(key, &[]);
     }
 
-    /// Releases the lock if this session still holds it, leaving a refusal or failure in its
+    /// Releases the lock if this VM took it and it is still there, leaving a refusal or failure in its
     /// place for the requests that waited on other workers: the result slot may be kept by
     /// another session's fresh tokens.
     pub fn release_refresh(&self, gate: &Gate, key: &[u8; 16], answer: &RefreshAnswer) {
@@ -474,11 +520,16 @@ impl IdpCache {
     }
 
     fn write_released(&self, key: &[u8; 16], value: &[u8]) {
-        let slot = self.refresh_lock_slot(key);
-        if let Ok((Some(b), cas)) = hostcalls::get_shared_data(&slot) {
-            // Only this session's lock, never a verdict or another session's lock.
-            if b.len() == LOCK_LEN && b.get(..16) == Some(key.as_slice()) {
-                let _ = hostcalls::set_shared_data(&slot, Some(value), cas);
+        // A refresh that went on without coordination holds nothing: a lock of its session in
+        // either slot is another VM's.
+        let Some((index, lock)) = self.held_locks.borrow_mut().remove(key) else {
+            return;
+        };
+        let slot = &self.refresh_lock_slots(key)[index];
+        if let Ok((Some(b), cas)) = hostcalls::get_shared_data(slot) {
+            // Only the lock this VM took, never a verdict or a lock taken since.
+            if b == lock {
+                let _ = hostcalls::set_shared_data(slot, Some(value), cas);
             }
         }
     }

@@ -2164,13 +2164,61 @@ mod tests {
         assert!(cache.try_lock_refresh(&a, 2_000));
         assert!(
             cache.try_lock_refresh(&b, 2_001),
-            "b goes on without coordination..."
+            "b takes its other lock slot..."
         );
-        assert!(
-            cache.refresh_locked(&a, 2_002),
-            "...and leaves a's lock to it"
-        );
+        assert!(cache.refresh_locked(&b, 2_001), "...and is coordinated");
+        assert!(cache.refresh_locked(&a, 2_002), "...leaving a's lock to it");
         assert!(!cache.try_lock_refresh(&a, 2_002), "a's lock holds");
+        assert!(!cache.try_lock_refresh(&b, 2_002), "b's lock holds");
+        // A third session with both slots locked by others goes on without coordination,
+        // writing nothing.
+        let mut c = a;
+        c[15] = 9;
+        assert!(cache.try_lock_refresh(&c, 2_003));
+        assert!(!cache.refresh_locked(&c, 2_003));
+        assert!(cache.refresh_locked(&a, 2_003) && cache.refresh_locked(&b, 2_003));
+    }
+
+    // Found in review: a refresh that went on without coordination released "its" lock when it
+    // ended, and so removed a lock another worker had taken for the same session meanwhile: a
+    // third worker then refreshed with the same (perhaps rotated) refresh token.
+    #[test]
+    fn only_the_worker_that_took_a_refresh_lock_releases_it() {
+        use super::super::cache::IdpCache;
+        let worker = |_| {
+            let cache = IdpCache::new("https://idp.example.com", "idp", "gate");
+            cache.init_shared_slots();
+            cache
+        };
+        let (one, two) = (worker(1), worker(2));
+        let a = [7u8; 16];
+        let (mut b, mut c) = (a, a);
+        b[15] = 8;
+        c[15] = 9;
+        // Both of c's lock slots hold other sessions' locks: worker one refreshes c alone.
+        assert!(one.try_lock_refresh(&a, 3_000));
+        assert!(one.try_lock_refresh(&b, 3_000));
+        assert!(one.try_lock_refresh(&c, 3_000));
+        // a's refresh ends; worker two takes c's lock in the slot it left.
+        one.unlock_refresh(&a);
+        assert!(!one.refresh_locked(&a, 3_001));
+        assert!(two.try_lock_refresh(&c, 3_001));
+        // Worker one's uncoordinated refresh of c ends: worker two's lock stays.
+        one.unlock_refresh(&c);
+        one.release_refresh(
+            &shared_for(crate::flow::tests::a_due_refresh().0).gate,
+            &c,
+            &RefreshAnswer {
+                status: 400,
+                body: Vec::new(),
+                at: 3_002,
+            },
+        );
+        assert!(two.refresh_locked(&c, 3_002));
+        assert!(!one.try_lock_refresh(&c, 3_002), "worker two leads c");
+        // Worker two's own release does free it.
+        two.unlock_refresh(&c);
+        assert!(!two.refresh_locked(&c, 3_003));
     }
 
     #[test]
