@@ -580,6 +580,22 @@ impl Config {
         })
     }
 
+    /// Settings that are valid but weaken something, each a log line for the operator.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.bearer_tokens {
+            if b.audiences.contains(&self.client_id) {
+                out.push(format!(
+                    "bearer_tokens.audiences lists the client id `{}`: ID tokens of this \
+                     gateway's own logins pass as bearer tokens too (needed only for IdPs whose \
+                     access tokens carry the client id as their audience, such as Dex)",
+                    self.client_id
+                ));
+            }
+        }
+        out
+    }
+
     /// Whether this policy applies to a request for `authority` (any case, port ignored).
     pub fn protects(&self, authority: &str) -> bool {
         let host = strip_port(authority);

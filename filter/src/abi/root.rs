@@ -166,6 +166,9 @@ impl RootContext for Root {
                     config.idp_cluster,
                     config.hosts.len()
                 );
+                for warning in config.warnings() {
+                    log::warn!("oidc-gate: {warning}");
+                }
                 self.shared = Some(Rc::new(Shared {
                     endings: SharedEndings::new(&config.issuer, &config.client_id),
                     cache: RefCell::new(IdpCache::new(

@@ -290,3 +290,22 @@ fn refresh_unavailable_ends_sessions_unless_told_to_keep_them() {
     let e = parse(&with("refresh_unavailable", json!("keep"))).unwrap_err();
     assert_eq!(e.field, "refresh_unavailable");
 }
+
+#[test]
+fn the_client_id_as_a_bearer_audience_is_accepted_with_a_warning() {
+    let c = parse(&with(
+        "bearer_tokens",
+        json!({"audiences": ["api://orders", "gate"]}),
+    ))
+    .unwrap();
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains("bearer_tokens.audiences") && warnings[0].contains("`gate`"));
+    let c = parse(&with(
+        "bearer_tokens",
+        json!({"audiences": ["api://orders"]}),
+    ))
+    .unwrap();
+    assert!(c.warnings().is_empty());
+    assert!(parse(&base()).unwrap().warnings().is_empty());
+}
