@@ -247,12 +247,13 @@ impl RefreshAnswer {
 }
 
 /// Slots of the process-wide refresh lock and result rings (bounded: shared data has no
-/// delete). An answer goes to the slot of the refresh-token digest's first ten bits, shared by
+/// delete). An answer goes to the slot of the refresh-token digest's bytes 0-1 (modulo 1,024), shared by
 /// every session whose refresh falls in it: at R refreshes per second a slot gets another
 /// session's answer about every 1,024/R seconds. Fresh tokens give way only to another session's
 /// tokens, never to a refusal or failure (those reach their waiters through the released lock
-/// slot). A lock takes the first of two slots (the digest's first and second ten bits) that no
-/// other session's live lock holds, and a live lock is never taken over: only a session whose
+/// slot). A lock takes the first of two slots (the digest's bytes 0-1 and 2-3, each modulo
+/// 1,024; the opposite half of the ring when both name the same slot) that no other session's
+/// live lock holds, and a live lock is never taken over: only a session whose
 /// two lock slots both hold other sessions' live locks refreshes without cross-worker
 /// coordination (with refresh-token rotation, two workers may then both present the token and
 /// one of the requests lose the session), a chance of about (L/1,024)² for L locks held at
@@ -460,40 +461,73 @@ impl IdpCache {
     /// refresh then goes on without cross-worker coordination (true, nothing written).
     pub fn try_lock_refresh(&self, key: &[u8; 16], now: UnixSeconds) -> bool {
         let slots = self.refresh_lock_slots(key);
-        // Both slots are read before either is taken: another VM may hold this session's lock
-        // in the second while the first is free again.
-        let mut free = None;
-        for (index, slot) in slots.iter().enumerate() {
-            let Ok((bytes, cas)) = hostcalls::get_shared_data(slot) else {
-                continue;
-            };
-            match bytes {
-                Some(b) if is_live_lock(&b, now) => {
-                    if b.get(..16) == Some(key.as_slice()) {
-                        return false;
+        // A compare-and-swap lost to another session's write is tried once more with fresh
+        // reads: returning false would make this request wait for a refresh nobody leads.
+        for _ in 0..2 {
+            // Both slots are read before either is taken: another VM may hold this session's
+            // lock in the second while the first is free again.
+            let mut free = None;
+            for (index, slot) in slots.iter().enumerate() {
+                let Ok((bytes, cas)) = hostcalls::get_shared_data(slot) else {
+                    continue;
+                };
+                match bytes {
+                    Some(b) if is_live_lock(&b, now) => {
+                        if b.get(..16) == Some(key.as_slice()) {
+                            return false;
+                        }
+                    }
+                    _ => {
+                        free = free.or(Some((index, cas)));
                     }
                 }
-                _ => {
-                    free = free.or(Some((index, cas)));
+            }
+            let Some((index, cas)) = free else {
+                return true;
+            };
+            let mut lock = [0u8; LOCK_LEN];
+            lock[..16].copy_from_slice(key);
+            lock[16..].copy_from_slice(&now.to_be_bytes());
+            if hostcalls::set_shared_data(&slots[index], Some(&lock), cas).is_err() {
+                continue;
+            }
+            if self.back_off_if_locked_elsewhere(key, &slots, index, &lock, now) {
+                return false;
+            }
+            let mut held = self.held_locks.borrow_mut();
+            if held.len() >= REFRESH_SLOTS {
+                // Leaders release what they hold; this only bounds what a lost release leaves.
+                held.retain(|_, (_, l)| is_live_lock(l, now));
+            }
+            held.insert(*key, (index, lock));
+            return true;
+        }
+        false
+    }
+
+    /// After taking `lock` in slot `taken`: another VM may have taken the session's other slot
+    /// between this VM's reads and its write (the first slot freed meanwhile). Whichever wrote
+    /// second sees the other's lock here and gives its own back (if both do, their requests go
+    /// on as without an answer); true if this VM backed off.
+    fn back_off_if_locked_elsewhere(
+        &self,
+        key: &[u8; 16],
+        slots: &[String; 2],
+        taken: usize,
+        lock: &[u8; LOCK_LEN],
+        now: UnixSeconds,
+    ) -> bool {
+        let other = &slots[1 - taken];
+        let locked_elsewhere = matches!(hostcalls::get_shared_data(other), Ok((Some(b), _))
+            if b.get(..16) == Some(key.as_slice()) && is_live_lock(&b, now));
+        if locked_elsewhere {
+            if let Ok((Some(b), cas)) = hostcalls::get_shared_data(&slots[taken]) {
+                if b == lock {
+                    let _ = hostcalls::set_shared_data(&slots[taken], Some(&[]), cas);
                 }
             }
         }
-        let Some((index, cas)) = free else {
-            return true;
-        };
-        let mut lock = [0u8; LOCK_LEN];
-        lock[..16].copy_from_slice(key);
-        lock[16..].copy_from_slice(&now.to_be_bytes());
-        if hostcalls::set_shared_data(&slots[index], Some(&lock), cas).is_err() {
-            return false;
-        }
-        let mut held = self.held_locks.borrow_mut();
-        if held.len() >= REFRESH_SLOTS {
-            // Leaders release what they hold; this only bounds what a lost release leaves.
-            held.retain(|_, (_, l)| is_live_lock(l, now));
-        }
-        held.insert(*key, (index, lock));
-        true
+        locked_elsewhere
     }
 
     /// Releases the lock if this VM took it and it is still there.
@@ -545,6 +579,35 @@ mod tests {
             fetched_at,
             cas: None,
         })
+    }
+
+    // Found in review: reading both lock slots before taking one does not make the choice
+    // atomic. Worker two read the first slot still held by another session and took the
+    // second; worker one read the first freed and took it: two leaders of one session.
+    #[test]
+    fn of_two_workers_that_lock_a_session_in_both_slots_the_later_backs_off() {
+        let worker = || {
+            let cache = IdpCache::new("https://idp.example.com", "idp", "gate");
+            cache.init_shared_slots();
+            cache
+        };
+        let (one, two) = (worker(), worker());
+        let key = [5u8; 16];
+        let slots = one.refresh_lock_slots(&key);
+        assert!(one.try_lock_refresh(&key, 4_000));
+        // Worker two's write lands in the second slot after worker one took the first.
+        let mut lock = [0u8; LOCK_LEN];
+        lock[..16].copy_from_slice(&key);
+        lock[16..].copy_from_slice(&4_000u64.to_be_bytes());
+        assert!(hostcalls::set_shared_data(&slots[1], Some(&lock), None).is_ok());
+        assert!(two.back_off_if_locked_elsewhere(&key, &slots, 1, &lock, 4_000));
+        assert!(
+            matches!(hostcalls::get_shared_data(&slots[1]), Ok((Some(b), _)) if b.is_empty()),
+            "worker two gave its slot back"
+        );
+        assert!(!one.back_off_if_locked_elsewhere(&key, &slots, 0, &lock, 4_000));
+        assert!(one.refresh_locked(&key, 4_000), "worker one leads");
+        assert!(!two.try_lock_refresh(&key, 4_000));
     }
 
     #[test]

@@ -2219,6 +2219,14 @@ mod tests {
         // Worker two's own release does free it.
         two.unlock_refresh(&c);
         assert!(!two.refresh_locked(&c, 3_003));
+
+        // A lock that expired under its taker and was taken again by another worker stays
+        // with the other worker when its first taker releases.
+        assert!(one.try_lock_refresh(&c, 4_000));
+        let expired = 4_000 + super::super::cache::REFRESH_LOCK_SECS;
+        assert!(two.try_lock_refresh(&c, expired));
+        one.unlock_refresh(&c);
+        assert!(two.refresh_locked(&c, expired));
     }
 
     #[test]
