@@ -423,7 +423,10 @@ impl IdpCache {
             .chain(results)
             .chain(std::iter::once(self.key(JWKS_REFETCH_SLOT)))
         {
-            if let Ok((None, _)) = hostcalls::get_shared_data(&name) {
+            // Only a key that does not exist reads (None, None): Envoy hands an empty value
+            // over as no bytes with a CAS, and writing over it without one could erase a lock
+            // another VM took in between.
+            if let Ok((None, None)) = hostcalls::get_shared_data(&name) {
                 let _ = hostcalls::set_shared_data(&name, Some(&[]), None);
             }
         }
@@ -506,9 +509,9 @@ impl IdpCache {
     }
 
     /// After taking `lock` in slot `taken`: another VM may have taken the session's other slot
-    /// between this VM's reads and its write (the first slot freed meanwhile). Whichever wrote
-    /// second sees the other's lock here and gives its own back (if both do, their requests go
-    /// on as without an answer); true if this VM backed off.
+    /// between this VM's reads and its write (the first slot freed meanwhile). Each writes before
+    /// it looks, so at least the one that looks last sees the other's lock and gives its own back
+    /// (if both do, their requests go on as without an answer); true if this VM backed off.
     fn back_off_if_locked_elsewhere(
         &self,
         key: &[u8; 16],
@@ -602,7 +605,7 @@ mod tests {
         assert!(hostcalls::set_shared_data(&slots[1], Some(&lock), None).is_ok());
         assert!(two.back_off_if_locked_elsewhere(&key, &slots, 1, &lock, 4_000));
         assert!(
-            matches!(hostcalls::get_shared_data(&slots[1]), Ok((Some(b), _)) if b.is_empty()),
+            matches!(hostcalls::get_shared_data(&slots[1]), Ok((None, Some(_)))),
             "worker two gave its slot back"
         );
         assert!(!one.back_off_if_locked_elsewhere(&key, &slots, 0, &lock, 4_000));

@@ -50,7 +50,9 @@ impl SharedEndings {
     /// (Envoy has no create-if-absent: VMs configuring at the same moment may each create it,
     /// which is harmless while it is empty.)
     pub fn init(&self) {
-        if let Ok((None, _)) = hostcalls::get_shared_data(&self.key) {
+        // Only a missing key reads (None, None); an empty set reads (None, Some(cas)), and
+        // writing over it without a CAS could erase endings another VM just published.
+        if let Ok((None, None)) = hostcalls::get_shared_data(&self.key) {
             let _ = hostcalls::set_shared_data(&self.key, Some(&[]), None);
         }
     }

@@ -1558,10 +1558,15 @@ mod tests {
             let Some((value, at)) = SHARED.with(|m| m.borrow().get(key).cloned()) else {
                 return 1;
             };
-            let b = value.into_boxed_slice();
+            // As Envoy (proxy-wasm-cpp-host's copyToPointerSize): an empty value is handed over
+            // as no bytes at all.
             unsafe {
-                *size = b.len();
-                *data = Box::into_raw(b).cast::<u8>();
+                *size = value.len();
+                *data = if value.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    Box::into_raw(value.into_boxed_slice()).cast::<u8>()
+                };
                 *cas = at;
             }
             0
@@ -1744,6 +1749,27 @@ mod tests {
         IdpCache::new("https://idp.example", "idp", "gate").init_shared_slots();
         assert!(!cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS - 1));
         assert!(cache.claim_jwks_refetch(1_000 + JWKS_REFETCH_INTERVAL_SECS));
+    }
+
+    // Found in review: Envoy hands an existing empty value over as no bytes with a CAS, and
+    // every VM that configured wrote an empty value without a CAS over every empty slot: a lock
+    // another VM took between that read and write was erased.
+    #[test]
+    fn configuring_again_writes_nothing_over_existing_slots() {
+        use super::super::ended::SharedEndings;
+        use crate::abi::cache::IdpCache;
+        let configure = || {
+            IdpCache::new("https://idp.example", "idp", "gate").init_shared_slots();
+            SharedEndings::new("https://idp.example", "gate").init();
+        };
+        configure();
+        host_stubs::LAST_SET_CAS.with(|c| c.set(12_345));
+        configure();
+        assert_eq!(
+            host_stubs::LAST_SET_CAS.with(std::cell::Cell::get),
+            12_345,
+            "a write without CAS over a slot that exists"
+        );
     }
 
     #[test]
