@@ -761,6 +761,11 @@ impl Stream {
             self.waiting = Waiting::RemoteRefresh { key };
             return Action::Pause;
         }
+        // A leader elsewhere may have stored its answer and let go between the first look and
+        // this worker's lock.
+        if let Some(answer) = recent_answer(shared, &pending, &key, now) {
+            return self.finish_refresh(pending, key, answer, AnswerFrom::OwnShared, paused);
+        }
         match self.dispatch(&shared.gate, &call) {
             Some(token) => {
                 self.waiting = Waiting::Refresh {
@@ -1582,16 +1587,26 @@ mod tests {
             let key = unsafe { bytes(key, key_size) }.to_vec();
             let value = unsafe { bytes(value, value_size) }.to_vec();
             LAST_SET_CAS.with(|c| c.set(cas));
-            SHARED.with(|m| {
+            let status = SHARED.with(|m| {
                 let mut m = m.borrow_mut();
                 let current = m.get(&key).map_or(0, |(_, at)| *at);
                 if cas != 0 && cas != current {
                     return 8;
                 }
-                m.insert(key, (value, current + 1));
+                m.insert(key.clone(), (value, current + 1));
                 0
-            })
+            });
+            if status == 0 {
+                // Taken out while it runs: what it writes does not call it again.
+                if let Some(mut hook) = AFTER_WRITE.with(|h| h.borrow_mut().take()) {
+                    hook(&key);
+                    AFTER_WRITE.with(|h| *h.borrow_mut() = Some(hook));
+                }
+            }
+            status
         }
+        /// Called with the key of each shared-data write that succeeded.
+        pub type WriteHook = Box<dyn FnMut(&[u8])>;
         thread_local! {
             /// This test thread's shared data.
             pub static SHARED: std::cell::RefCell<SharedData> = std::cell::RefCell::new(HashMap::new());
@@ -1607,6 +1622,8 @@ mod tests {
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The host clock, in nanoseconds.
             pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+            /// What another worker does the moment this one writes a shared-data key.
+            pub static AFTER_WRITE: std::cell::RefCell<Option<WriteHook>> = std::cell::RefCell::new(None);
             /// Whether the host refuses callouts (an unknown cluster, no endpoints yet).
             pub static CALLOUTS_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         }
@@ -2064,6 +2081,43 @@ mod tests {
         host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
         let outcome = outcome_of(|| leader.on_http_call_response(1, 1, 0, 0));
         assert_eq!(outcome, Outcome::Forwarded(OLD_TOKEN.into()));
+    }
+
+    // Found in review: a leader on another worker could store its answer and unlock between this
+    // worker's look for an answer and its lock: this worker then presented the old, perhaps
+    // rotated, refresh token again.
+    #[test]
+    fn an_answer_shared_while_the_lock_is_taken_is_applied_without_asking_the_idp() {
+        let (shared, pending, key) = refreshing();
+        let mut stream = Stream::new(7, Some(shared.clone()));
+        stream.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        let call = Callout {
+            method: "POST",
+            path: "/token".into(),
+            authority: "idp.example.com".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        };
+        let elsewhere = shared.clone();
+        host_stubs::AFTER_WRITE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |written: &[u8]| {
+                if written.windows(11).any(|w| w == b"refreshing/") {
+                    share_a_rotating_answer(&elsewhere, &key);
+                }
+            }));
+        });
+        let outcome = outcome_of(|| {
+            stream.start_refresh(&shared, call, pending, VALID, true);
+        });
+        host_stubs::AFTER_WRITE.with(|h| *h.borrow_mut() = None);
+        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
+        assert!(
+            !matches!(stream.waiting, Waiting::Refresh { .. }),
+            "the IdP was asked"
+        );
+        assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
+        assert!(shared.refreshes.borrow_mut().lead(key), "no leader left");
     }
 
     /// A refresh whose callout the host refuses asked the IdP nothing: the session goes on as it
