@@ -291,22 +291,23 @@ fn recent_answer(
     now: u64,
 ) -> Option<RefreshAnswer> {
     let news = |a: &RefreshAnswer| !pending.already_reflects(a.at);
-    let own = shared.refreshes.borrow().recent(key, now).filter(news);
-    let elsewhere = shared
-        .cache
-        .borrow()
-        .refresh_result(&shared.gate, key, now)
-        .filter(news);
+    let own = shared.refreshes.borrow().recent(key, now);
+    let cache = shared.cache.borrow();
+    let elsewhere = cache.refresh_result(&shared.gate, key, now);
+    // A refusal or failure another session's tokens kept out of the result slot, left by its
+    // leader in the lock slot.
+    let verdict = cache.refresh_verdict(&shared.gate, key, now);
     // New tokens first, then a refusal, then "did not answer"; this VM's own first among equals.
     let rank = |a: &RefreshAnswer| match a.status {
         200 => 0,
         s if idp_unavailable(s) => 2,
         _ => 1,
     };
-    match (own, elsewhere) {
-        (Some(own), Some(elsewhere)) if rank(&elsewhere) < rank(&own) => Some(elsewhere),
-        (own, elsewhere) => own.or(elsewhere),
-    }
+    [own, elsewhere, verdict]
+        .into_iter()
+        .flatten()
+        .filter(news)
+        .min_by_key(rank)
 }
 
 /// Where a refresh answer this stream applies came from, which decides whether it is shared and
@@ -1780,6 +1781,11 @@ mod tests {
             SharedEndings::new("https://idp.example", "gate").init();
         };
         configure();
+        assert_eq!(
+            host_stubs::SHARED.with(|m| m.borrow().len()),
+            2 * 1024 + 2,
+            "1,024 lock and 1,024 result slots, the JWKS refetch claim and the ended logins"
+        );
         host_stubs::LAST_SET_CAS.with(|c| c.set(12_345));
         configure();
         assert_eq!(
@@ -1882,6 +1888,49 @@ mod tests {
         );
         // A request of the session waiting on worker B.
         assert_eq!(waiting_on_another_worker(key), Outcome::Answered(401));
+    }
+
+    // Found in review: a refusal kept out of the result slot reached only the requests already
+    // waiting; a later request of the session on another worker presented the refused token to
+    // the IdP again.
+    #[test]
+    fn a_refusal_left_in_the_lock_slot_reaches_later_requests_on_other_workers() {
+        let (worker_a, pending, key) = refreshing();
+        worker_a.cache.borrow().init_shared_slots();
+        let mut other = key;
+        other[15] ^= 1;
+        let tokens = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"x","token_type":"Bearer"}"#.to_vec(),
+            at: VALID - 1,
+        };
+        worker_a
+            .cache
+            .borrow()
+            .store_refresh_result(&worker_a.gate, &other, &tokens, 0);
+        assert!(worker_a.refreshes.borrow_mut().lead(key));
+        assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
+        refused_at_the_idp(&worker_a, pending, key);
+        // A later request of the session on worker B.
+        let (g, pending) = crate::flow::tests::a_due_refresh();
+        let worker_b = shared_for(g);
+        let mut stream = Stream::new(8, Some(worker_b.clone()));
+        stream.facts = api_call_facts(&worker_b.gate);
+        let call = Callout {
+            method: "POST",
+            path: "/token".into(),
+            authority: "idp.example.com".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        };
+        let outcome = outcome_of(|| {
+            stream.start_refresh(&worker_b, call, pending, VALID, true);
+        });
+        assert_eq!(outcome, Outcome::Answered(401));
+        assert!(
+            !matches!(stream.waiting, Waiting::Refresh { .. }),
+            "the IdP was asked"
+        );
     }
 
     // Found in review: an answer reused from shared data was stored again with the time of its
@@ -2088,36 +2137,48 @@ mod tests {
     // rotated, refresh token again.
     #[test]
     fn an_answer_shared_while_the_lock_is_taken_is_applied_without_asking_the_idp() {
-        let (shared, pending, key) = refreshing();
-        let mut stream = Stream::new(7, Some(shared.clone()));
-        stream.facts = api_call_facts(&shared.gate);
-        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        let call = Callout {
-            method: "POST",
-            path: "/token".into(),
-            authority: "idp.example.com".into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        };
-        let elsewhere = shared.clone();
-        host_stubs::AFTER_WRITE.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move |written: &[u8]| {
-                if written.windows(11).any(|w| w == b"refreshing/") {
-                    share_a_rotating_answer(&elsewhere, &key);
-                }
-            }));
-        });
-        let outcome = outcome_of(|| {
-            stream.start_refresh(&shared, call, pending, VALID, true);
-        });
-        host_stubs::AFTER_WRITE.with(|h| *h.borrow_mut() = None);
-        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
-        assert!(
-            !matches!(stream.waiting, Waiting::Refresh { .. }),
-            "the IdP was asked"
-        );
-        assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
-        assert!(shared.refreshes.borrow_mut().lead(key), "no leader left");
+        // Paused (a request resumed by the answer) and inside the request-headers callback (the
+        // request goes on by returning Continue, never resumed from inside it).
+        for paused in [true, false] {
+            let (shared, pending, key) = refreshing();
+            let mut stream = Stream::new(7, Some(shared.clone()));
+            stream.facts = api_call_facts(&shared.gate);
+            host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+            let call = Callout {
+                method: "POST",
+                path: "/token".into(),
+                authority: "idp.example.com".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            };
+            let elsewhere = shared.clone();
+            host_stubs::AFTER_WRITE.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move |written: &[u8]| {
+                    if written.windows(11).any(|w| w == b"refreshing/") {
+                        share_a_rotating_answer(&elsewhere, &key);
+                    }
+                }));
+            });
+            host_stubs::RESUMED.with(|r| r.set(false));
+            host_stubs::AUTHORIZATION_SET.with(|a| *a.borrow_mut() = None);
+            let action = stream.start_refresh(&shared, call, pending, VALID, paused);
+            host_stubs::AFTER_WRITE.with(|h| *h.borrow_mut() = None);
+            assert_eq!(
+                host_stubs::AUTHORIZATION_SET.with(|a| a.borrow().clone()),
+                Some(b"Bearer access-2".to_vec()),
+                "paused: {paused}"
+            );
+            assert_eq!(host_stubs::RESUMED.with(std::cell::Cell::get), paused);
+            if !paused {
+                assert_eq!(action, Action::Continue);
+            }
+            assert!(
+                !matches!(stream.waiting, Waiting::Refresh { .. }),
+                "the IdP was asked"
+            );
+            assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
+            assert!(shared.refreshes.borrow_mut().lead(key), "no leader left");
+        }
     }
 
     /// A refresh whose callout the host refuses asked the IdP nothing: the session goes on as it
