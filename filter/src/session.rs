@@ -30,7 +30,8 @@ pub struct Session {
     pub id_token: Option<Secret>,
     /// The refresh token, if the IdP issued one.
     pub refresh_token: Option<Secret>,
-    /// When the access token expires.
+    /// When the access token expires (with `upstream_authorization: id_token`, the earlier of the
+    /// access and ID tokens' expiries).
     pub expires_at: UnixSeconds,
     /// When the access token was obtained (at login or the last refresh); 0 in cookies sealed
     /// before it was kept.

@@ -247,17 +247,18 @@ impl RefreshAnswer {
 }
 
 /// Slots of the process-wide refresh lock and result rings (bounded: shared data has no
-/// delete). An answer goes to the slot of the refresh-token digest's bytes 0-1 (modulo 1,024), shared by
-/// every session whose refresh falls in it: at R refreshes per second a slot gets another
-/// session's answer about every 1,024/R seconds. Fresh tokens give way only to another session's
-/// tokens, never to a refusal or failure (those reach their waiters through the released lock
-/// slot). A lock takes the first of two slots (the digest's bytes 0-1 and 2-3, each modulo
-/// 1,024; the opposite half of the ring when both name the same slot) that no other session's
-/// live lock holds, and a live lock is never taken over: only a session whose
-/// two lock slots both hold other sessions' live locks refreshes without cross-worker
-/// coordination (with refresh-token rotation, two workers may then both present the token and
-/// one of the requests lose the session), a chance of about (L/1,024)² for L locks held at
-/// once. Each worker also keeps its own recent answers.
+/// delete). An answer goes to the slot of the refresh-token digest's bytes 0-1 (modulo 1,024),
+/// shared by every session whose refresh falls in it: at R refreshes per second a slot gets
+/// another session's answer about every 1,024/R seconds. Fresh tokens give way to another
+/// session's tokens, never to another session's refusal or failure (those reach their waiters
+/// through the released lock slot), nor to their own session's unless the refused session held
+/// them already. A lock takes the first of two slots (the digest's bytes 0-1 and 2-3, each
+/// modulo 1,024; the opposite half of the ring when both name the same slot) that no other
+/// session's live lock holds, and a live lock is never taken over: only a session whose two lock
+/// slots both hold other sessions' live locks refreshes without cross-worker coordination (with
+/// refresh-token rotation, two workers may then both present the token and one of the requests
+/// lose the session), a chance of about (L/1,024)² for L locks held at once. Each worker also
+/// keeps its own recent answers.
 const REFRESH_SLOTS: usize = 1024;
 
 /// The result slot of a refresh-token digest, also its first lock slot.
@@ -277,8 +278,8 @@ fn refresh_lock_slots_of(key: &[u8; 16]) -> [usize; 2] {
 }
 /// Refresh answers longer than this are not shared if they carry tokens (a 200 without its body
 /// would read as garbage and end the session elsewhere), and shared without their body otherwise
-/// (the status decides), so the result ring stays within 1,024 × 32 KB; real answers (2-4 KB) are
-/// far smaller.
+/// (the status decides), so the result ring stays within about 1,024 × 44 KB (a 32 KB body sealed
+/// and in base64); real answers (2-4 KB) are far smaller.
 pub const MAX_SHARED_REFRESH_RESULT_BYTES: usize = 32 * 1024;
 /// How long a refresh's tokens or refusal may be applied by another worker holding the same old
 /// refresh token.
@@ -411,7 +412,7 @@ impl IdpCache {
         refresh_lock_slots_of(key).map(|slot| self.refresh_key(&format!("refreshing/v3/{slot}")))
     }
 
-    /// Creates the slots that are taken by compare-and-swap (the refresh locks and the JWKS
+    /// Creates the slots written by compare-and-swap (the refresh lock and result slots, the JWKS
     /// refetch claim): a slot that does not exist yet has no CAS to compare, so two VMs creating
     /// it at once would both win.
     pub fn init_shared_slots(&self) {
@@ -459,7 +460,8 @@ impl IdpCache {
         })
     }
 
-    /// Takes the process-wide right to refresh this session; false if another VM holds it. Live
+    /// Takes the process-wide right to refresh this session; false if another VM holds it (or
+    /// after two compare-and-swaps lost to other writers, when the request waits one poll). Live
     /// locks of other sessions in both of the session's lock slots are left to them: this
     /// refresh then goes on without cross-worker coordination (true, nothing written).
     pub fn try_lock_refresh(&self, key: &[u8; 16], now: UnixSeconds) -> bool {

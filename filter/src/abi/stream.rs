@@ -762,8 +762,9 @@ impl Stream {
             self.waiting = Waiting::RemoteRefresh { key };
             return Action::Pause;
         }
-        // A leader elsewhere may have stored its answer and let go between the first look and
-        // this worker's lock.
+        // A leader elsewhere may have stored its answer (in the result slot, or a verdict in the
+        // session's other lock slot; one left in the slot this lock took is overwritten) and
+        // let go between the first look and this worker's lock.
         if let Some(answer) = recent_answer(shared, &pending, &key, now) {
             return self.finish_refresh(pending, key, answer, AnswerFrom::OwnShared, paused);
         }
