@@ -27,15 +27,31 @@ pub const DEFAULT_SESSION_MAX_AGE_SECS: u64 = 24 * 3600;
 
 /// Refresh this long before the access token expires, when `refresh_skew` is not set.
 pub const DEFAULT_REFRESH_SKEW_SECS: u64 = 60;
-/// Headers a claim can never be mapped to.
-const RESERVED_HEADERS: [&str; 6] = [
+/// Headers a claim can never be mapped to: credentials, the request's framing (hop-by-hop and
+/// length headers), and what Envoy and the upstream route or trust by.
+const RESERVED_HEADERS: [&str; 19] = [
     "authorization",
+    "proxy-authorization",
     "cookie",
     "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "forwarded",
     "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
     "x-forwarded-proto",
     "x-request-id",
 ];
+/// Header-name prefixes a claim can never be mapped to: Envoy's own control headers.
+const RESERVED_HEADER_PREFIXES: [&str; 1] = ["x-envoy-"];
 
 /// A configuration error: which field, and why. Printed as the one log line an operator reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,6 +237,9 @@ pub struct Config {
     pub claims_to_headers: Vec<(String, String)>,
     /// Also send the access token as `x-auth-request-access-token` and `x-forwarded-access-token`.
     pub pass_access_token_headers: bool,
+    /// Map `email` to a header even when the token says `email_verified: false` (oauth2-proxy's
+    /// `--insecure-oidc-allow-unverified-email`).
+    pub allow_unverified_email: bool,
     /// Older cookie secrets, accepted for decryption only.
     pub previous_cookie_secrets: Vec<SecretBytes>,
 }
@@ -287,6 +306,8 @@ struct RawConfig {
     claims_to_headers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     pass_access_token_headers: Option<bool>,
+    #[serde(default)]
+    allow_unverified_email: Option<bool>,
     #[serde(default)]
     previous_cookie_secrets: Option<Vec<String>>,
     #[serde(default)]
@@ -386,6 +407,17 @@ impl Config {
                         "must be an absolute http(s) URL",
                     ));
                 }
+                // The login cookie is `Secure`: a browser sends it back over plain HTTP only to
+                // a loopback host, and anywhere else the code would travel in the clear.
+                if url.scheme() == "http"
+                    && !matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+                {
+                    return Err(ConfigError::new(
+                        "redirect_uri",
+                        "must be https (plain http only for localhost)",
+                    ));
+                }
+                validate_path("redirect_uri", url.path())?;
                 if url.fragment().is_some() {
                     return Err(ConfigError::new("redirect_uri", "must not have a fragment"));
                 }
@@ -504,7 +536,9 @@ impl Config {
                     "not a valid header name (letters, digits, `-`)",
                 ));
             }
-            if RESERVED_HEADERS.contains(&name.as_str()) {
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || RESERVED_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+            {
                 return Err(ConfigError::new(
                     &field,
                     "this header cannot be set from a claim",
@@ -576,6 +610,7 @@ impl Config {
             bearer_tokens,
             claims_to_headers,
             pass_access_token_headers: raw.pass_access_token_headers.unwrap_or(false),
+            allow_unverified_email: raw.allow_unverified_email.unwrap_or(false),
             previous_cookie_secrets,
         })
     }

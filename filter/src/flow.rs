@@ -23,7 +23,7 @@ use crate::config::{
 use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
-use crate::headers::claim_header_value;
+use crate::headers::{claim_header_value, email_unverified};
 use crate::http::{
     cookie_header_without, form_encode, same_origin_target, split_path, CookieList, QueryError,
     StrictQuery,
@@ -1128,15 +1128,30 @@ impl Gate {
         )
     }
 
+    /// The value of an identity header from `claim`, if it can be passed on: `sub` from the
+    /// session's subject when given, and `email` only when the token did not say it is
+    /// unverified (unless `allow_unverified_email`): an IdP that lets users sign up with any
+    /// address would otherwise let one claim another's.
+    fn header_from_claim(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+        subject: Option<&str>,
+        claim: &str,
+    ) -> Option<String> {
+        if claim == "email" && !self.config.allow_unverified_email && email_unverified(claims) {
+            return None;
+        }
+        match subject {
+            Some(s) if claim == "sub" => claim_header_value(&serde_json::Value::String(s.into())),
+            _ => claims.get(claim).and_then(claim_header_value),
+        }
+    }
+
     fn identity_headers(&self, session: &Session) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for (header, claim) in &self.config.claims_to_headers {
-            let value = if claim == "sub" {
-                Some(session.subject.clone()).filter(|s| !s.is_empty())
-            } else {
-                session.claims.get(claim).and_then(claim_header_value)
-            };
-            if let Some(v) = value {
+            if let Some(v) = self.header_from_claim(&session.claims, Some(&session.subject), claim)
+            {
                 out.push((header.clone(), v));
             }
         }
@@ -1290,7 +1305,7 @@ impl Gate {
             Ok(verified) => {
                 let mut set_headers = Vec::new();
                 for (header, claim) in &self.config.claims_to_headers {
-                    if let Some(v) = verified.claims.get(claim).and_then(claim_header_value) {
+                    if let Some(v) = self.header_from_claim(&verified.claims, None, claim) {
                         set_headers.push((header.clone(), v));
                     }
                 }

@@ -71,30 +71,45 @@ fn starts_with_normalized(name: &[u8], prefix: &str) -> bool {
 }
 
 /// A header value from a claim: strings as they are, arrays joined by commas, numbers and
-/// booleans printed; control characters removed so no header can be split or injected.
+/// booleans printed. A value that cannot be passed on as it is, unambiguously, is left out
+/// rather than altered, so the upstream may miss a header but never reads another identity: a
+/// control character (it could split the header), an array element with a comma or with
+/// surrounding spaces (`["viewers,admins"]` would read as two groups, `[" admins"]` as
+/// `admins`), or more than 4,096 bytes (a cut list could name fewer groups, a cut name another
+/// user).
 pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
     const MAX_LEN: usize = 4096;
     let raw = match value {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::Bool(b) => b.to_string(),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .filter_map(|v| match v {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join(","),
+        serde_json::Value::Array(items) => {
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    serde_json::Value::String(s) if s.contains(',') || s.trim() != s => {
+                        return None
+                    }
+                    serde_json::Value::String(s) => parts.push(s.clone()),
+                    serde_json::Value::Number(n) => parts.push(n.to_string()),
+                    _ => {}
+                }
+            }
+            parts.join(",")
+        }
         _ => return None,
     };
-    let clean: String = raw
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_LEN)
-        .collect();
-    (!clean.is_empty()).then_some(clean)
+    (!raw.is_empty() && raw.len() <= MAX_LEN && !raw.chars().any(char::is_control)).then_some(raw)
+}
+
+/// Whether the claims say the `email` is not verified (`email_verified` false, or `"false"` as
+/// some IdPs send it).
+pub fn email_unverified(claims: &serde_json::Map<String, serde_json::Value>) -> bool {
+    match claims.get("email_verified") {
+        Some(serde_json::Value::Bool(verified)) => !verified,
+        Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("false"),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -140,17 +155,46 @@ mod tests {
     }
 
     #[test]
-    fn claim_values_are_flattened_and_sanitized() {
+    fn claim_values_are_flattened_or_left_out_never_altered() {
         assert_eq!(
             claim_header_value(&json!(["a", "b", 3])).as_deref(),
             Some("a,b,3")
         );
-        assert_eq!(
-            claim_header_value(&json!("x\r\nSet-Cookie: y")).as_deref(),
-            Some("xSet-Cookie: y")
-        );
         assert_eq!(claim_header_value(&json!(true)).as_deref(), Some("true"));
-        assert_eq!(claim_header_value(&json!({"a": 1})), None);
-        assert_eq!(claim_header_value(&json!("")), None);
+        assert_eq!(
+            claim_header_value(&json!("Ada Lovelace")).as_deref(),
+            Some("Ada Lovelace")
+        );
+        for ambiguous in [
+            json!("x\r\nSet-Cookie: y"),
+            json!("admin\u{0}x"),
+            json!(["viewers,admins"]),
+            json!(["viewers", " admins"]),
+            json!(["viewers", "admins "]),
+            json!("a".repeat(4097)),
+            json!(vec!["group"; 1000]),
+            json!({"a": 1}),
+            json!(""),
+        ] {
+            assert_eq!(claim_header_value(&ambiguous), None, "{ambiguous}");
+        }
+        assert!(claim_header_value(&json!("a".repeat(4096))).is_some());
+    }
+
+    #[test]
+    fn an_email_is_unverified_only_when_the_token_says_so() {
+        let claims = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        assert!(email_unverified(&claims(json!({"email_verified": false}))));
+        assert!(email_unverified(&claims(
+            json!({"email_verified": "False"})
+        )));
+        assert!(!email_unverified(&claims(json!({"email_verified": true}))));
+        assert!(!email_unverified(&claims(
+            json!({"email_verified": "true"})
+        )));
+        // Many IdPs (Entra ID among them) send no such claim.
+        assert!(!email_unverified(&claims(
+            json!({"email": "a@example.com"})
+        )));
     }
 }

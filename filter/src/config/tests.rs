@@ -309,3 +309,65 @@ fn the_client_id_as_a_bearer_audience_is_accepted_with_a_warning() {
     assert!(c.warnings().is_empty());
     assert!(parse(&base()).unwrap().warnings().is_empty());
 }
+
+/// Found in review: a claim (which users may edit at some IdPs) mapped to a framing or routing
+/// header would let them shape the request the upstream parses.
+#[test]
+fn claims_cannot_set_credential_framing_or_routing_headers() {
+    for header in [
+        "Authorization",
+        "cookie",
+        "Content-Length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "x-forwarded-host",
+        "forwarded",
+        "x-envoy-original-path",
+        "X-Envoy-Upstream-Rq-Timeout-Ms",
+    ] {
+        let e = parse(&with("claims_to_headers", json!({ header: "email" }))).unwrap_err();
+        assert_eq!(e.field, format!("claims_to_headers.{header}"));
+    }
+    let c = parse(&with(
+        "claims_to_headers",
+        json!({"x-auth-request-email": "email"}),
+    ))
+    .unwrap();
+    assert_eq!(
+        c.claims_to_headers,
+        vec![("x-auth-request-email".to_string(), "email".to_string())]
+    );
+}
+
+/// Found in review: the login cookie is `Secure`, so over plain http it comes back only to a
+/// loopback host (and the code would travel in the clear); and a callback path the filter's own
+/// paths would refuse can never match Envoy's normalised path.
+#[test]
+fn redirect_uri_is_https_but_on_loopback_and_its_path_plain() {
+    let one_host = |uri: &str| {
+        let mut v = with("redirect_uri", json!(uri));
+        v["hosts"] = json!([url::Url::parse(uri).unwrap().host_str().unwrap()]);
+        parse(&v)
+    };
+    for refused in [
+        "http://app.example.com/cb",
+        "https://app.example.com/a;b",
+        "https://app.example.com/a%20b/cb",
+        "https://app.example.com//cb",
+    ] {
+        assert_eq!(
+            one_host(refused).unwrap_err().field,
+            "redirect_uri",
+            "{refused}"
+        );
+    }
+    for accepted in [
+        "http://localhost:8080/cb",
+        "http://127.0.0.1/cb",
+        "https://app.example.com/cb",
+    ] {
+        assert!(one_host(accepted).is_ok(), "{accepted}");
+    }
+}

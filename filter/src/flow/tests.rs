@@ -2732,3 +2732,90 @@ fn an_id_token_without_a_readable_expiry_is_not_forwarded_as_valid() {
         &mut rng,
     );
 }
+
+/// The identity headers a login with these ID-token claims gets on its next request.
+fn identity_headers_after_login(
+    config: serde_json::Value,
+    claims: serde_json::Value,
+) -> std::collections::HashMap<String, String> {
+    let g = gate_with(config);
+    let idp = Idp::new();
+    let mut rng = SeededRandom(76);
+    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
+        let mut all = json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": nonce});
+        for (k, v) in claims.as_object().unwrap() {
+            all[k] = v.clone();
+        }
+        let id = idp.0.sign_jwt(json!({}), all);
+        json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id}).to_string()
+    });
+    let cookie = cookies_of(&r).remove(0);
+    match g
+        .decide(
+            &browser("/", vec![&cookie]),
+            Known::default(),
+            NOW,
+            &mut rng,
+        )
+        .0
+    {
+        Decision::Forward(f) => f.set_headers.into_iter().collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_email_the_idp_did_not_verify_is_not_an_identity_header() {
+    let mapped = json!({"claims_to_headers": {"x-email": "email", "x-user": "sub"}});
+    let unverified = json!({"email": "cfo@example.com", "email_verified": false});
+    let h = identity_headers_after_login(mapped.clone(), unverified.clone());
+    assert_eq!(h.get("x-email"), None);
+    assert_eq!(h["x-user"], "user-1");
+    let h = identity_headers_after_login(
+        mapped.clone(),
+        json!({"email": "cfo@example.com", "email_verified": "false"}),
+    );
+    assert_eq!(h.get("x-email"), None, "as a string, as some IdPs send it");
+    for verified in [
+        json!({"email": "cfo@example.com", "email_verified": true}),
+        json!({"email": "cfo@example.com"}),
+    ] {
+        let h = identity_headers_after_login(mapped.clone(), verified);
+        assert_eq!(h["x-email"], "cfo@example.com");
+    }
+    let mut allowed = mapped;
+    allowed["allow_unverified_email"] = json!(true);
+    let h = identity_headers_after_login(allowed, unverified);
+    assert_eq!(h["x-email"], "cfo@example.com");
+}
+
+#[test]
+fn a_bearer_token_with_an_unverified_email_gets_no_email_header() {
+    let g = gate_with(
+        json!({"bearer_tokens": {"audiences": ["api://orders"]}, "claims_to_headers": {"x-email": "email", "x-user": "sub"}}),
+    );
+    let idp = Idp::new();
+    let mut rng = SeededRandom(77);
+    let jwks = idp.jwks();
+    let p = provider();
+    let known = Known {
+        provider: Some(&p),
+        jwks: Some(&jwks),
+        may_refetch_keys: false,
+    };
+    let token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "svc-1", "aud": "api://orders", "exp": NOW + 60, "email": "cfo@example.com", "email_verified": false}),
+    );
+    let header_value = format!("Bearer {token}");
+    match g
+        .decide(&api_request(vec![&header_value]), known, NOW, &mut rng)
+        .0
+    {
+        Decision::Forward(f) => assert_eq!(
+            f.set_headers,
+            vec![("x-user".to_string(), "svc-1".to_string())]
+        ),
+        other => panic!("{other:?}"),
+    }
+}
