@@ -70,6 +70,8 @@ pub struct Request<'a> {
     pub cookie_headers: Vec<&'a str>,
     /// `sec-fetch-mode`.
     pub sec_fetch_mode: Option<&'a str>,
+    /// `sec-fetch-site`.
+    pub sec_fetch_site: Option<&'a str>,
     /// Whether any `sec-fetch-*` header was sent.
     pub has_sec_fetch: bool,
     /// `accept`.
@@ -858,6 +860,14 @@ impl Gate {
             return self.callback(req, &host, query, &cookies, provider, now);
         }
         if path == self.config.logout_path {
+            if req.sec_fetch_site == Some("cross-site") {
+                // Another site's link or form would sign the user out here and, with the ID
+                // token hint, at the IdP: asked first, and the confirmation posts same-origin.
+                return (
+                    Decision::Reply(Reply::logout_confirmation(&self.config.logout_path)),
+                    Note::log("cross-site logout request: confirmation asked"),
+                );
+            }
             let Some(provider) = known.provider else {
                 return (Decision::NeedProvider, Note::none());
             };

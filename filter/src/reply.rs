@@ -33,6 +33,36 @@ impl Reply {
         }
     }
 
+    /// A page that asks before signing out, for a logout another site started: its button posts
+    /// to `logout_path` from this origin. No script; it cannot be framed.
+    pub fn logout_confirmation(logout_path: &str) -> Self {
+        let body = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+             <title>Sign out?</title><style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}}\
+             h1{{font-size:1.4rem}}</style></head><body><h1>Sign out?</h1><p>Another site sent you here to sign out.</p>\
+             <form method=\"post\" action=\"{}\"><button type=\"submit\">Sign out</button></form>\
+             <p><a href=\"/\">Stay signed in</a></p></body></html>",
+            html_escape(logout_path)
+        );
+        Self {
+            status: 200,
+            headers: vec![
+                ("cache-control".to_string(), "no-store".to_string()),
+                (
+                    "content-type".to_string(),
+                    "text/html; charset=utf-8".to_string(),
+                ),
+                (
+                    "content-security-policy".to_string(),
+                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+                        .to_string(),
+                ),
+                ("x-frame-options".to_string(), "DENY".to_string()),
+            ],
+            body,
+        }
+    }
+
     /// Adds `Set-Cookie` headers.
     pub fn with_cookies(mut self, cookies: Vec<String>) -> Self {
         self.headers

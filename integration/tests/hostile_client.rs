@@ -1688,3 +1688,37 @@ async fn header_values_that_are_not_utf8_get_an_answer_not_a_crash() {
     assert_eq!(r.status, 200, "{}", r.describe());
     assert_no_crash(&stack);
 }
+
+/// Logout CSRF: another site's link to the logout path (a top-level GET, which carries the Lax
+/// session cookie) gets a confirmation page and the session stays; its button, posted from the
+/// gateway's own page, signs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_another_site_starts_asks_first() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (b, _) = logged_in(&stack, "/in").await;
+    let logout = Url::parse(&stack.url("/oauth2/sign_out")).unwrap();
+    let page = b
+        .send(
+            reqwest::Method::GET,
+            logout,
+            &[],
+            None,
+            Some("https://evil.example".into()),
+            true,
+        )
+        .await;
+    assert_eq!(page.status, 200, "{}", page.describe());
+    assert!(page.set_cookies().is_empty(), "{}", page.describe());
+    assert!(page
+        .header("content-security-policy")
+        .is_some_and(|c| c.contains("frame-ancestors 'none'")));
+    let r = b.get(&stack.url("/still-signed-in")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    let form = integration::browser::Form::parse(&page.body, &page.url).expect("a form");
+    let r = b.submit(&page, &form).await;
+    assert_eq!(r.status, 302, "{}", r.describe());
+    let loc = r.location().unwrap();
+    assert!(loc.as_str().starts_with(&stack.logout_endpoint()), "{loc}");
+    assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_none());
+}

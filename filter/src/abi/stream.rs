@@ -60,6 +60,7 @@ pub struct Facts {
     /// ended): what a forwarded request must replace, so no cookie of ours reaches the upstream.
     sent_cookies: Option<Vec<Span>>,
     sec_fetch_mode: Option<Span>,
+    sec_fetch_site: Option<Span>,
     has_sec_fetch: bool,
     accept: Option<Span>,
     request_id: Option<Span>,
@@ -99,6 +100,10 @@ impl Facts {
                 b"sec-fetch-mode" => {
                     f.has_sec_fetch = true;
                     f.sec_fetch_mode = Some(span);
+                }
+                b"sec-fetch-site" => {
+                    f.has_sec_fetch = true;
+                    f.sec_fetch_site = Some(span);
                 }
                 n if n.starts_with(b"sec-fetch-") => f.has_sec_fetch = true,
                 b"accept" => f.accept = Some(span),
@@ -148,6 +153,7 @@ impl Facts {
             path: self.at(self.path),
             cookie_headers: self.at_each(&self.cookies),
             sec_fetch_mode: self.sec_fetch_mode.map(|s| self.at(s)),
+            sec_fetch_site: self.sec_fetch_site.map(|s| self.at(s)),
             has_sec_fetch: self.has_sec_fetch,
             accept: self.accept.map(|s| self.at(s)),
             request_id: self.request_id(),
@@ -207,6 +213,7 @@ impl Facts {
             cookies,
             sent_cookies,
             sec_fetch_mode,
+            sec_fetch_site,
             has_sec_fetch: _,
             accept,
             request_id,
@@ -222,6 +229,7 @@ impl Facts {
             .chain(sent_cookies.iter_mut().flatten())
             .chain(authorization.iter_mut())
             .chain(sec_fetch_mode.iter_mut())
+            .chain(sec_fetch_site.iter_mut())
             .chain(accept.iter_mut())
             .chain(request_id.iter_mut())
             .chain(origin.iter_mut())
@@ -1408,6 +1416,7 @@ mod tests {
         (b"accept", b"text/html"),
         (b"sec-fetch-dest", b"document"),
         (b"sec-fetch-mode", b"navigate"),
+        (b"sec-fetch-site", b"cross-site"),
         (b"origin", b"https://app.example.com"),
         (b"access-control-request-method", b"PUT"),
         (b"x-request-id", b"rid-1"),
@@ -1431,6 +1440,7 @@ mod tests {
         assert_eq!(r.accept, Some("text/html"));
         assert!(r.has_sec_fetch);
         assert_eq!(r.sec_fetch_mode, Some("navigate"));
+        assert_eq!(r.sec_fetch_site, Some("cross-site"));
         assert_eq!(r.origin, Some("https://app.example.com"));
         assert_eq!(r.access_control_request_method, Some("PUT"));
         assert_eq!(r.request_id, Some("rid-1"));

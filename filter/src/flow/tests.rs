@@ -2819,3 +2819,47 @@ fn a_bearer_token_with_an_unverified_email_gets_no_email_header() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Found in review: any site could sign a user out (here and, with the ID token hint, at the
+/// IdP) with a link to the logout path, a top-level GET that carries the Lax session cookie.
+#[test]
+fn a_logout_another_site_starts_is_confirmed_first() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(78);
+    let session = logged_in(&g, &idp, &mut rng);
+    let from = |site: Option<&'static str>, method: &'static str| Request {
+        method,
+        sec_fetch_site: site,
+        ..browser("/oauth2/sign_out", vec![&session])
+    };
+    for method in ["GET", "POST"] {
+        let r = expect_reply(g.decide(
+            &from(Some("cross-site"), method),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        ));
+        assert_eq!(r.status, 200, "{method}");
+        assert!(header(&r, "set-cookie").is_empty(), "{method}");
+        assert!(r
+            .body
+            .contains("<form method=\"post\" action=\"/oauth2/sign_out\">"));
+        assert!(header(&r, "content-security-policy")[0].contains("frame-ancestors 'none'"));
+    }
+    // The session goes on.
+    assert_eq!(
+        forwarded_authorization(&g, &session, NOW + 1, &mut rng),
+        "Bearer access-abc"
+    );
+    // The confirmation posts same-origin; a link on this site or a typed address signs out.
+    for site in [Some("same-origin"), Some("same-site"), Some("none"), None] {
+        let r = expect_reply(g.decide(
+            &from(site, "POST"),
+            with_provider(&provider()),
+            NOW + 2,
+            &mut rng,
+        ));
+        assert_eq!(r.status, 302, "{site:?}");
+    }
+}
