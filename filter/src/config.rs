@@ -27,31 +27,51 @@ pub const DEFAULT_SESSION_MAX_AGE_SECS: u64 = 24 * 3600;
 
 /// Refresh this long before the access token expires, when `refresh_skew` is not set.
 pub const DEFAULT_REFRESH_SKEW_SECS: u64 = 60;
-/// Headers a claim can never be mapped to: credentials, the request's framing (hop-by-hop and
-/// length headers), and what Envoy and the upstream route or trust by.
-const RESERVED_HEADERS: [&str; 19] = [
+/// Headers a claim can never be mapped to: credentials (the filter's own included), the
+/// request's framing and encoding, what Envoy and the upstream route, trust or check by (client
+/// address, original URL and method, CSRF checks).
+const RESERVED_HEADERS: [&str; 37] = [
     "authorization",
-    "proxy-authorization",
     "cookie",
+    "cookie2",
     "host",
     "content-length",
     "content-type",
+    "content-encoding",
     "transfer-encoding",
     "connection",
     "keep-alive",
-    "proxy-connection",
     "te",
     "trailer",
     "upgrade",
+    "expect",
+    "max-forwards",
+    "via",
     "forwarded",
+    "origin",
+    "referer",
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-proto",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-forwarded-client-cert",
+    "x-forwarded-access-token",
+    "x-auth-request-access-token",
+    "x-real-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-method-override",
     "x-request-id",
 ];
-/// Header-name prefixes a claim can never be mapped to: Envoy's own control headers.
-const RESERVED_HEADER_PREFIXES: [&str; 1] = ["x-envoy-"];
+/// Header-name prefixes a claim can never be mapped to: Envoy's control headers, proxy
+/// credentials and hop-by-hop headers, Fetch Metadata.
+const RESERVED_HEADER_PREFIXES: [&str; 3] = ["x-envoy-", "proxy-", "sec-"];
 
 /// A configuration error: which field, and why. Printed as the one log line an operator reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -410,7 +430,7 @@ impl Config {
                 // The login cookie is `Secure`: a browser sends it back over plain HTTP only to
                 // a loopback host, and anywhere else the code would travel in the clear.
                 if url.scheme() == "http"
-                    && !matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+                    && !matches!(url.host_str(), Some("localhost" | "127.0.0.1"))
                 {
                     return Err(ConfigError::new(
                         "redirect_uri",

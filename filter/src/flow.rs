@@ -23,7 +23,7 @@ use crate::config::{
 use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
-use crate::headers::{claim_header_value, email_unverified};
+use crate::headers::{claim_header_value, email_vouched_for};
 use crate::http::{
     cookie_header_without, form_encode, same_origin_target, split_path, CookieList, QueryError,
     StrictQuery,
@@ -860,12 +860,14 @@ impl Gate {
             return self.callback(req, &host, query, &cookies, provider, now);
         }
         if path == self.config.logout_path {
-            if req.sec_fetch_site == Some("cross-site") {
-                // Another site's link or form would sign the user out here and, with the ID
-                // token hint, at the IdP: asked first, and the confirmation posts same-origin.
+            if !matches!(req.sec_fetch_site, None | Some("same-origin" | "none")) {
+                // Another site's link or form (a sibling subdomain's too) would sign the user
+                // out here and, with the ID token hint, at the IdP: asked first, and the
+                // confirmation posts same-origin. Clients without Fetch Metadata sign out as
+                // they ask.
                 return (
                     Decision::Reply(Reply::logout_confirmation(&self.config.logout_path)),
-                    Note::log("cross-site logout request: confirmation asked"),
+                    Note::log("logout request from another site: confirmation asked"),
                 );
             }
             let Some(provider) = known.provider else {
@@ -1139,16 +1141,17 @@ impl Gate {
     }
 
     /// The value of an identity header from `claim`, if it can be passed on: `sub` from the
-    /// session's subject when given, and `email` only when the token did not say it is
-    /// unverified (unless `allow_unverified_email`): an IdP that lets users sign up with any
-    /// address would otherwise let one claim another's.
+    /// session's subject when given, and the claim named `email` only when the token vouches for
+    /// it (unless `allow_unverified_email`): an IdP that lets users sign up with any address
+    /// would otherwise let one claim another's. The rule follows the claim's name: another claim
+    /// holding an address (`mail`, `upn`) is passed on as the IdP sends it.
     fn header_from_claim(
         &self,
         claims: &serde_json::Map<String, serde_json::Value>,
         subject: Option<&str>,
         claim: &str,
     ) -> Option<String> {
-        if claim == "email" && !self.config.allow_unverified_email && email_unverified(claims) {
+        if claim == "email" && !self.config.allow_unverified_email && !email_vouched_for(claims) {
             return None;
         }
         match subject {

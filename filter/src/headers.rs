@@ -70,30 +70,35 @@ fn starts_with_normalized(name: &[u8], prefix: &str) -> bool {
             .all(|(a, b)| normalized_byte(*a) == b)
 }
 
-/// A header value from a claim: strings as they are, arrays joined by commas, numbers and
-/// booleans printed. A value that cannot be passed on as it is, unambiguously, is left out
-/// rather than altered, so the upstream may miss a header but never reads another identity: a
-/// control character (it could split the header), an array element with a comma or with
-/// surrounding spaces (`["viewers,admins"]` would read as two groups, `[" admins"]` as
-/// `admins`), or more than 4,096 bytes (a cut list could name fewer groups, a cut name another
+/// A header value from a claim: strings as they are, integers printed, booleans as `true` or
+/// `false`, arrays of strings and integers joined by commas. A value that cannot be passed on as
+/// it is, unambiguously, is left out rather than altered, so the upstream may miss a header but
+/// never reads another identity: a control character (it could split the header), surrounding
+/// spaces (an HTTP/1 upstream strips them: `" alice"` would read as `alice`), an array element
+/// with a comma, spaces around it or empty (`["viewers,admins"]` would read as two groups), any
+/// other element (objects, booleans, nulls), a number that is not an integer (printing it may
+/// round), or more than 4,096 bytes (a cut list could name fewer groups, a cut name another
 /// user).
 pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
     const MAX_LEN: usize = 4096;
+    fn plain(s: &str) -> bool {
+        !s.is_empty() && s.trim() == s
+    }
+    fn integer(n: &serde_json::Number) -> Option<String> {
+        (n.is_i64() || n.is_u64()).then(|| n.to_string())
+    }
     let raw = match value {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) if plain(s) => s.clone(),
+        serde_json::Value::Number(n) => integer(n)?,
         serde_json::Value::Bool(b) => b.to_string(),
         serde_json::Value::Array(items) => {
             let mut parts = Vec::with_capacity(items.len());
             for item in items {
-                match item {
-                    serde_json::Value::String(s) if s.contains(',') || s.trim() != s => {
-                        return None
-                    }
-                    serde_json::Value::String(s) => parts.push(s.clone()),
-                    serde_json::Value::Number(n) => parts.push(n.to_string()),
-                    _ => {}
-                }
+                parts.push(match item {
+                    serde_json::Value::String(s) if plain(s) && !s.contains(',') => s.clone(),
+                    serde_json::Value::Number(n) => integer(n)?,
+                    _ => return None,
+                });
             }
             parts.join(",")
         }
@@ -102,13 +107,15 @@ pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
     (!raw.is_empty() && raw.len() <= MAX_LEN && !raw.chars().any(char::is_control)).then_some(raw)
 }
 
-/// Whether the claims say the `email` is not verified (`email_verified` false, or `"false"` as
-/// some IdPs send it).
-pub fn email_unverified(claims: &serde_json::Map<String, serde_json::Value>) -> bool {
+/// Whether the claims vouch for the `email`: `email_verified` true (or `"true"`, as some IdPs
+/// send it), or absent, as many IdPs (Entra ID among them) send no such claim. Anything else
+/// (false, `"false"`, 0, null) does not.
+pub fn email_vouched_for(claims: &serde_json::Map<String, serde_json::Value>) -> bool {
     match claims.get("email_verified") {
-        Some(serde_json::Value::Bool(verified)) => !verified,
-        Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("false"),
-        _ => false,
+        None => true,
+        Some(serde_json::Value::Bool(verified)) => *verified,
+        Some(serde_json::Value::String(s)) => s.eq_ignore_ascii_case("true"),
+        Some(_) => false,
     }
 }
 
@@ -168,6 +175,16 @@ mod tests {
         for ambiguous in [
             json!("x\r\nSet-Cookie: y"),
             json!("admin\u{0}x"),
+            json!(" alice"),
+            json!("alice "),
+            json!("   "),
+            json!(["a", ""]),
+            json!(["a", true]),
+            json!(["a", null]),
+            json!(["a", ["b"]]),
+            json!(1.5),
+            json!(12345678901234567890123.0),
+            json!(["a", 2.5]),
             json!(["viewers,admins"]),
             json!(["viewers", " admins"]),
             json!(["viewers", "admins "]),
@@ -179,22 +196,33 @@ mod tests {
             assert_eq!(claim_header_value(&ambiguous), None, "{ambiguous}");
         }
         assert!(claim_header_value(&json!("a".repeat(4096))).is_some());
+        assert_eq!(
+            claim_header_value(&json!(12345678901234567890u64)).as_deref(),
+            Some("12345678901234567890")
+        );
+        assert_eq!(claim_header_value(&json!(-3)).as_deref(), Some("-3"));
     }
 
     #[test]
-    fn an_email_is_unverified_only_when_the_token_says_so() {
+    fn an_email_is_vouched_for_when_verified_or_when_the_idp_says_nothing() {
         let claims = |v: serde_json::Value| v.as_object().cloned().unwrap();
-        assert!(email_unverified(&claims(json!({"email_verified": false}))));
-        assert!(email_unverified(&claims(
-            json!({"email_verified": "False"})
-        )));
-        assert!(!email_unverified(&claims(json!({"email_verified": true}))));
-        assert!(!email_unverified(&claims(
-            json!({"email_verified": "true"})
-        )));
-        // Many IdPs (Entra ID among them) send no such claim.
-        assert!(!email_unverified(&claims(
-            json!({"email": "a@example.com"})
-        )));
+        for vouched in [
+            json!({"email_verified": true}),
+            json!({"email_verified": "TRUE"}),
+            // Many IdPs (Entra ID among them) send no such claim.
+            json!({"email": "a@example.com"}),
+        ] {
+            assert!(email_vouched_for(&claims(vouched.clone())), "{vouched}");
+        }
+        for not in [
+            json!({"email_verified": false}),
+            json!({"email_verified": "False"}),
+            json!({"email_verified": 0}),
+            json!({"email_verified": 1}),
+            json!({"email_verified": null}),
+            json!({"email_verified": " true"}),
+        ] {
+            assert!(!email_vouched_for(&claims(not.clone())), "{not}");
+        }
     }
 }

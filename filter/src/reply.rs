@@ -58,6 +58,7 @@ impl Reply {
                         .to_string(),
                 ),
                 ("x-frame-options".to_string(), "DENY".to_string()),
+                ("x-content-type-options".to_string(), "nosniff".to_string()),
             ],
             body,
         }

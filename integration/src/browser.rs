@@ -351,6 +351,13 @@ fn origin_of(url: &Url) -> String {
     url.origin().ascii_serialization()
 }
 
+/// The site of a navigation's initiator, given as an origin (a page's) or as a site.
+fn initiator_site(initiator: &str) -> String {
+    Url::parse(initiator)
+        .map(|u| site_of(&u))
+        .unwrap_or_else(|_| initiator.to_string())
+}
+
 /// A response, fully read.
 #[derive(Clone, Debug)]
 pub struct Resp {
@@ -639,15 +646,15 @@ impl Browser {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let initiator = Some(site_of(&url));
+        let initiator = Some(origin_of(&url));
         self.send(Method::POST, url, &[], Some(fields), initiator, false)
             .await
     }
 
-    /// Submit `form` as found on `page` (initiator = the page's site).
+    /// Submit `form` as found on `page` (initiator = the page's origin).
     pub async fn submit(&self, page: &Resp, form: &Form) -> Resp {
         let action = form.action.clone().unwrap_or_else(|| page.url.clone());
-        let initiator = Some(site_of(&page.url));
+        let initiator = Some(origin_of(&page.url));
         let cross = site_of(&page.url) != site_of(&action);
         if form.method == "post" {
             self.send(
@@ -674,7 +681,7 @@ impl Browser {
             .unwrap_or_else(|| panic!("not a redirect: {}", resp.describe()));
         let mut cross = resp.cross_site || site_of(&resp.url) != site_of(&next);
         if let Some(i) = &resp.initiator {
-            cross |= *i != site_of(&next);
+            cross |= initiator_site(i) != site_of(&next);
         }
         // 301/302/303 turn a POST into a GET; 307/308 would keep it, not needed here.
         self.send(
@@ -747,7 +754,8 @@ impl Browser {
                 let sfs = match &initiator {
                     None => "none",
                     Some(_) if cross_site => "cross-site",
-                    Some(i) if *i == site_of(&url) => {
+                    Some(i) if *i == origin_of(&url) => "same-origin",
+                    Some(i) if initiator_site(i) == site_of(&url) => {
                         if origin_of(&url).starts_with(i.as_str()) {
                             "same-origin"
                         } else {

@@ -326,6 +326,13 @@ fn claims_cannot_set_credential_framing_or_routing_headers() {
         "forwarded",
         "x-envoy-original-path",
         "X-Envoy-Upstream-Rq-Timeout-Ms",
+        "proxy-authorization",
+        "sec-fetch-site",
+        "origin",
+        "x-forwarded-client-cert",
+        "x-real-ip",
+        "x-http-method-override",
+        "x-auth-request-access-token",
     ] {
         let e = parse(&with("claims_to_headers", json!({ header: "email" }))).unwrap_err();
         assert_eq!(e.field, format!("claims_to_headers.{header}"));
