@@ -1871,24 +1871,7 @@ mod tests {
     // requests waiting on other workers get the refusal from the lock slot its leader released.
     #[test]
     fn a_refusal_kept_out_of_the_result_slot_still_reaches_the_waiters() {
-        let (worker_a, pending, key) = refreshing();
-        worker_a.cache.borrow().init_shared_slots();
-        // Another session's fresh tokens in the same result slot.
-        let mut other = key;
-        other[15] ^= 1;
-        let tokens = RefreshAnswer {
-            status: 200,
-            body: br#"{"access_token":"x","token_type":"Bearer"}"#.to_vec(),
-            at: VALID - 1,
-        };
-        worker_a
-            .cache
-            .borrow()
-            .store_refresh_result(&worker_a.gate, &other, &tokens, 0);
-        // Worker A leads the refresh and holds the cross-worker lock; the IdP refuses.
-        assert!(worker_a.refreshes.borrow_mut().lead(key));
-        assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
-        refused_at_the_idp(&worker_a, pending, key);
+        let (worker_a, key, other, tokens) = refused_with_another_sessions_tokens_kept();
         assert_eq!(
             worker_a
                 .cache
@@ -1906,34 +1889,13 @@ mod tests {
     // the IdP again.
     #[test]
     fn a_refusal_left_in_the_lock_slot_reaches_later_requests_on_other_workers() {
-        let (worker_a, pending, key) = refreshing();
-        worker_a.cache.borrow().init_shared_slots();
-        let mut other = key;
-        other[15] ^= 1;
-        let tokens = RefreshAnswer {
-            status: 200,
-            body: br#"{"access_token":"x","token_type":"Bearer"}"#.to_vec(),
-            at: VALID - 1,
-        };
-        worker_a
-            .cache
-            .borrow()
-            .store_refresh_result(&worker_a.gate, &other, &tokens, 0);
-        assert!(worker_a.refreshes.borrow_mut().lead(key));
-        assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
-        refused_at_the_idp(&worker_a, pending, key);
+        refused_with_another_sessions_tokens_kept();
         // A later request of the session on worker B.
         let (g, pending) = crate::flow::tests::a_due_refresh();
         let worker_b = shared_for(g);
         let mut stream = Stream::new(8, Some(worker_b.clone()));
         stream.facts = api_call_facts(&worker_b.gate);
-        let call = Callout {
-            method: "POST",
-            path: "/token".into(),
-            authority: "idp.example.com".into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        };
+        let call = token_callout();
         let outcome = outcome_of(|| {
             stream.start_refresh(&worker_b, call, pending, VALID, true);
         });
@@ -2033,13 +1995,7 @@ mod tests {
         let mut stream = Stream::new(7, Some(shared.clone()));
         stream.facts = api_call_facts(&shared.gate);
         host_stubs::NOW_NS.with(|t| t.set(DUE * 1_000_000_000));
-        let call = Callout {
-            method: "POST",
-            path: "/token".into(),
-            authority: "idp.example.com".into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        };
+        let call = token_callout();
         stream.start_refresh(&shared, call, pending, DUE, true);
         assert!(
             matches!(stream.waiting, Waiting::Refresh { .. }),
@@ -2155,13 +2111,7 @@ mod tests {
             let mut stream = Stream::new(7, Some(shared.clone()));
             stream.facts = api_call_facts(&shared.gate);
             host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-            let call = Callout {
-                method: "POST",
-                path: "/token".into(),
-                authority: "idp.example.com".into(),
-                headers: Vec::new(),
-                body: Vec::new(),
-            };
+            let call = token_callout();
             let elsewhere = shared.clone();
             host_stubs::AFTER_WRITE.with(|h| {
                 *h.borrow_mut() = Some(Box::new(move |written: &[u8]| {
@@ -2205,13 +2155,7 @@ mod tests {
             let mut stream = Stream::new(7, Some(shared.clone()));
             stream.facts = api_call_facts(&shared.gate);
             host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
-            let call = Callout {
-                method: "POST",
-                path: "/token".into(),
-                authority: "idp.example.com".into(),
-                headers: Vec::new(),
-                body: Vec::new(),
-            };
+            let call = token_callout();
             host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
             let outcome = outcome_of(|| {
                 stream.start_refresh(&shared, call, pending, now, true);
@@ -2240,13 +2184,7 @@ mod tests {
         let mut stream = Stream::new(7, Some(shared.clone()));
         stream.facts = api_call_facts(&shared.gate);
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        let call = Callout {
-            method: "POST",
-            path: "/token".into(),
-            authority: "idp.example.com".into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        };
+        let call = token_callout();
         host_stubs::RESUMED.with(|r| r.set(false));
         host_stubs::LAST_REPLY.with(|r| r.set(0));
         let action = stream.start_refresh(&shared, call, pending, VALID, false);
@@ -2493,6 +2431,42 @@ mod tests {
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
         leader.on_http_call_response(1, 1, 0, 0);
         leader
+    }
+
+    /// Worker A's refresh of a session, refused by the IdP while another session's fresh tokens
+    /// (`other`'s) hold the shared result slot: worker A, the session's key, `other` and its
+    /// tokens.
+    fn refused_with_another_sessions_tokens_kept() -> (Rc<Shared>, [u8; 16], [u8; 16], RefreshAnswer)
+    {
+        let (worker_a, pending, key) = refreshing();
+        worker_a.cache.borrow().init_shared_slots();
+        let mut other = key;
+        other[15] ^= 1;
+        let tokens = RefreshAnswer {
+            status: 200,
+            body: br#"{"access_token":"x","token_type":"Bearer"}"#.to_vec(),
+            at: VALID - 1,
+        };
+        worker_a
+            .cache
+            .borrow()
+            .store_refresh_result(&worker_a.gate, &other, &tokens, 0);
+        // Worker A leads the refresh and holds the cross-worker lock; the IdP refuses.
+        assert!(worker_a.refreshes.borrow_mut().lead(key));
+        assert!(worker_a.cache.borrow().try_lock_refresh(&key, VALID));
+        refused_at_the_idp(&worker_a, pending, key);
+        (worker_a, key, other, tokens)
+    }
+
+    /// A refresh grant to the IdP's token endpoint, as the engine would build it.
+    fn token_callout() -> Callout {
+        Callout {
+            method: "POST",
+            path: "/token".into(),
+            authority: "idp.example.com".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
     }
 
     /// What an API call of the session, waiting on another worker for the refresh `key`, gets

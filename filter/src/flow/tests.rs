@@ -64,6 +64,15 @@ fn browser<'a>(path: &'a str, cookies: Vec<&'a str>) -> Request<'a> {
     }
 }
 
+/// Discovery and keys at hand in the VM, with no right to fetch more.
+fn keys_at_hand<'a>(p: &'a ProviderMetadata, jwks: &'a Jwks) -> Known<'a> {
+    Known {
+        provider: Some(p),
+        jwks: Some(jwks),
+        may_refetch_keys: false,
+    }
+}
+
 fn with_provider(p: &ProviderMetadata) -> Known<'_> {
     Known {
         provider: Some(p),
@@ -1460,11 +1469,7 @@ fn bearer_tokens_are_verified_and_forwarded() {
     let mut rng = SeededRandom(28);
     let jwks = idp.jwks();
     let p = provider();
-    let known = Known {
-        provider: Some(&p),
-        jwks: Some(&jwks),
-        may_refetch_keys: false,
-    };
+    let known = keys_at_hand(&p, &jwks);
     let good = idp.0.sign_jwt(
         json!({}),
         json!({"iss": ISS, "sub": "svc-1", "aud": "api://orders", "exp": NOW + 60}),
@@ -1832,11 +1837,7 @@ fn verified_bearer_tokens_are_cached_but_still_expire() {
     let mut rng = SeededRandom(60);
     let jwks = idp.jwks();
     let p = provider();
-    let known = Known {
-        provider: Some(&p),
-        jwks: Some(&jwks),
-        may_refetch_keys: false,
-    };
+    let known = keys_at_hand(&p, &jwks);
     let token = idp.0.sign_jwt(
         json!({}),
         json!({"iss": ISS, "sub": "svc", "aud": "api://orders", "exp": NOW + 60}),
@@ -2798,11 +2799,7 @@ fn a_bearer_token_with_an_unverified_email_gets_no_email_header() {
     let mut rng = SeededRandom(77);
     let jwks = idp.jwks();
     let p = provider();
-    let known = Known {
-        provider: Some(&p),
-        jwks: Some(&jwks),
-        may_refetch_keys: false,
-    };
+    let known = keys_at_hand(&p, &jwks);
     let token = idp.0.sign_jwt(
         json!({}),
         json!({"iss": ISS, "sub": "svc-1", "aud": "api://orders", "exp": NOW + 60, "email": "cfo@example.com", "email_verified": false}),
