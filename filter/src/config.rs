@@ -490,6 +490,14 @@ impl Config {
                     "must be an absolute http(s) URL",
                 ));
             }
+            // The IdP's redirect back comes from another site: on the logout path it would ask
+            // for confirmation again, and again after every confirmation.
+            if url.path() == logout_path {
+                return Err(ConfigError::new(
+                    "post_logout_redirect_uri",
+                    "must not be the logout path",
+                ));
+            }
         }
         let scopes = validate_scopes(raw.scopes)?;
         let skip_paths = raw

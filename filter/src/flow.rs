@@ -860,7 +860,10 @@ impl Gate {
             return self.callback(req, &host, query, &cookies, provider, now);
         }
         if path == self.config.logout_path {
-            if !matches!(req.sec_fetch_site, None | Some("same-origin" | "none")) {
+            let signs_out_at_once = req.sec_fetch_site.is_none_or(|site| {
+                site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")
+            });
+            if !signs_out_at_once {
                 // Another site's link or form (a sibling subdomain's too) would sign the user
                 // out here and, with the ID token hint, at the IdP: asked first, and the
                 // confirmation posts same-origin. Clients without Fetch Metadata sign out as

@@ -371,7 +371,7 @@ pub struct Resp {
     pub headers: HeaderMap,
     /// Body as text (lossy UTF-8).
     pub body: String,
-    /// The site that initiated the navigation (None = typed by the user).
+    /// The origin that initiated the navigation (None = typed by the user).
     pub initiator: Option<String>,
     /// Whether this request was cross-site (for SameSite).
     pub cross_site: bool,
@@ -689,7 +689,9 @@ impl Browser {
             next,
             &[],
             None,
-            resp.initiator.clone().or_else(|| Some(site_of(&resp.url))),
+            resp.initiator
+                .clone()
+                .or_else(|| Some(origin_of(&resp.url))),
             cross,
         )
         .await
@@ -755,13 +757,7 @@ impl Browser {
                     None => "none",
                     Some(_) if cross_site => "cross-site",
                     Some(i) if *i == origin_of(&url) => "same-origin",
-                    Some(i) if initiator_site(i) == site_of(&url) => {
-                        if origin_of(&url).starts_with(i.as_str()) {
-                            "same-origin"
-                        } else {
-                            "same-site"
-                        }
-                    }
+                    Some(i) if initiator_site(i) == site_of(&url) => "same-site",
                     Some(_) => "cross-site",
                 };
                 hm.insert("sec-fetch-site", HeaderValue::from_static(sfs));

@@ -378,3 +378,20 @@ fn redirect_uri_is_https_but_on_loopback_and_its_path_plain() {
         assert!(one_host(accepted).is_ok(), "{accepted}");
     }
 }
+
+/// Found in review: the IdP's redirect back after logout comes from another site, so on the
+/// logout path it would get the confirmation page after every confirmation.
+#[test]
+fn post_logout_redirect_uri_is_not_the_logout_path() {
+    let e = parse(&with(
+        "post_logout_redirect_uri",
+        json!("https://app.example.com/oauth2/sign_out"),
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "post_logout_redirect_uri");
+    assert!(parse(&with(
+        "post_logout_redirect_uri",
+        json!("https://app.example.com/bye")
+    ))
+    .is_ok());
+}

@@ -2854,7 +2854,7 @@ fn a_logout_another_site_starts_is_confirmed_first() {
         "Bearer access-abc"
     );
     // The confirmation posts same-origin; a link on this site or a typed address signs out.
-    for site in [Some("same-origin"), Some("none"), None] {
+    for site in [Some("same-origin"), Some("Same-Origin"), Some("none"), None] {
         let r = expect_reply(g.decide(
             &from(site, "POST"),
             with_provider(&provider()),
