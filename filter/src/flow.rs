@@ -72,6 +72,8 @@ pub struct Request<'a> {
     pub sec_fetch_mode: Option<&'a str>,
     /// `sec-fetch-site`.
     pub sec_fetch_site: Option<&'a str>,
+    /// Whether a body follows the headers.
+    pub has_body: bool,
     /// Whether any `sec-fetch-*` header was sent.
     pub has_sec_fetch: bool,
     /// `accept`.
@@ -2352,8 +2354,14 @@ fn is_login_cookie_name(name: &str) -> bool {
     })
 }
 
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`, and no body
+/// (browsers never send one): an upstream handler that ignores the method must not run a request
+/// with a body for nobody.
 fn is_cors_preflight(req: &Request<'_>) -> bool {
-    req.method == "OPTIONS" && req.origin.is_some() && req.access_control_request_method.is_some()
+    req.method == "OPTIONS"
+        && req.origin.is_some()
+        && req.access_control_request_method.is_some()
+        && !req.has_body
 }
 
 fn path_and_query(url: &Url) -> String {

@@ -2079,6 +2079,7 @@ struct Scenario {
     sec_fetch_mode: Option<String>,
     sec_fetch_site: Option<String>,
     has_sec_fetch: bool,
+    has_body: bool,
     accept: Option<String>,
     request_id: Option<String>,
     origin: Option<String>,
@@ -2302,6 +2303,7 @@ fn scenario() -> BoxedStrategy<Scenario> {
         any::<bool>(),
         prop_oneof![4 => Just(NOW), 1 => (NOW - 100_000)..(NOW + 100_000)],
         any::<u64>(),
+        any::<bool>(),
     );
     (request, identity, headers, world)
         .prop_map(|(r, i, h, w)| Scenario {
@@ -2327,6 +2329,7 @@ fn scenario() -> BoxedStrategy<Scenario> {
             may_refetch: w.2,
             now: w.3,
             seed: w.4,
+            has_body: w.5,
         })
         .boxed()
 }
@@ -2536,6 +2539,7 @@ fn gate_decide() {
             sec_fetch_mode: sc.sec_fetch_mode.as_deref(),
             sec_fetch_site: sc.sec_fetch_site.as_deref(),
             has_sec_fetch: sc.has_sec_fetch,
+            has_body: sc.has_body,
             accept: sc.accept.as_deref(),
             request_id: sc.request_id.as_deref(),
             authorization: sc.authorization.iter().map(String::as_str).collect(),
@@ -2605,7 +2609,7 @@ fn gate_decide() {
         let (path_only, _) = split_path(&sc.path);
         let skipped = g.config().is_skipped(&sc.path)
                 // CORS preflights pass by default (`pass_cors_preflight`), without identity.
-                || (sc.method == "OPTIONS" && sc.origin.is_some() && sc.acrm.is_some());
+                || (sc.method == "OPTIONS" && sc.origin.is_some() && sc.acrm.is_some() && !sc.has_body);
         let special = path_only == "/oauth2/callback" || path_only == "/oauth2/sign_out";
         match &decision {
             Decision::PassThrough => {

@@ -995,6 +995,17 @@ async fn cors_preflight_passes_unless_disabled() {
     assert_unauthenticated(&r, "OPTIONS without Access-Control-Request-Method");
     let r = api.get_with(&stack.url("/orders/4"), &full).await;
     assert_unauthenticated(&r, "GET with preflight headers");
+    let r = api
+        .send(
+            Method::OPTIONS,
+            Url::parse(&stack.url("/orders/5")).expect("url"),
+            &full,
+            Some(vec![("delete".into(), "everything".into())]),
+            None,
+            false,
+        )
+        .await;
+    assert_unauthenticated(&r, "OPTIONS with preflight headers and a body");
     assert_eq!(stack.upstream.count(), 1);
 
     // pass_cors_preflight: false -> the preflight needs a session like anything else.

@@ -72,6 +72,8 @@ pub struct Facts {
     /// A client-sent header the filter owns whose name is not UTF-8: the host's API cannot name
     /// it to remove it, so the request is refused.
     unremovable_identity_header: bool,
+    /// Whether a body follows the headers (the host's `end_of_stream` said otherwise).
+    has_body: bool,
 }
 
 impl Facts {
@@ -160,6 +162,7 @@ impl Facts {
             authorization: self.at_each(&self.authorization),
             origin: self.origin.map(|s| self.at(s)),
             access_control_request_method: self.access_control_request_method.map(|s| self.at(s)),
+            has_body: self.has_body,
         }
     }
 
@@ -222,6 +225,7 @@ impl Facts {
             access_control_request_method,
             identity_headers: _,
             unremovable_identity_header: _,
+            has_body: _,
         } = &mut self;
         for s in [method, authority, path]
             .into_iter()
@@ -1304,9 +1308,9 @@ impl Stream {
 }
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         timing::end(Stage::CreateToRequest);
-        let action = self.request_headers();
+        let action = self.request_headers(end_of_stream);
         timing::end(Stage::Act);
         action
     }
@@ -1324,7 +1328,7 @@ impl HttpContext for Stream {
 }
 
 impl Stream {
-    fn request_headers(&mut self) -> Action {
+    fn request_headers(&mut self, end_of_stream: bool) -> Action {
         let gate = self.shared.as_ref().map(|s| s.gate.clone());
         // One read of the header map serves every decision (each host call costs more than the
         // work the filter does per request).
@@ -1336,6 +1340,7 @@ impl Stream {
             return self.fail(Failure::Internal);
         };
         self.facts = facts;
+        self.facts.has_body = !end_of_stream;
         if gate
             .as_ref()
             .is_some_and(|g| !g.config().protects(self.facts.authority()))

@@ -1571,6 +1571,15 @@ fn preflights_pass_and_api_paths_never_redirect() {
         expect_reply(g.decide(&plain_options, with_provider(&provider()), NOW, &mut rng)).status,
         401
     );
+    // Browsers send no body with a preflight: an OPTIONS with one needs a session.
+    let with_body = Request {
+        has_body: true,
+        ..preflight.clone()
+    };
+    assert_eq!(
+        expect_reply(g.decide(&with_body, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
     let off = gate_with(json!({"pass_cors_preflight": false}));
     assert_eq!(
         expect_reply(off.decide(&preflight, with_provider(&provider()), NOW, &mut rng)).status,
