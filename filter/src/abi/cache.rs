@@ -254,7 +254,7 @@ impl RefreshAnswer {
 /// through the released lock slot), nor to their own session's unless the refused session held
 /// them already. A lock takes the first of two slots (the digest's bytes 0-1 and 2-3, each
 /// modulo 1,024; the opposite half of the ring when both name the same slot) that no other
-/// session's live lock holds, and a live lock is never taken over: only a session whose two lock
+/// session's live lock holds, one without a released verdict first, and a live lock is never taken over: only a session whose two lock
 /// slots both hold other sessions' live locks refreshes without cross-worker coordination (with
 /// refresh-token rotation, two workers may then both present the token and one of the requests
 /// lose the session), a chance of about (L/1,024)² for L locks held at once. Each worker also
@@ -471,7 +471,9 @@ impl IdpCache {
         for _ in 0..2 {
             // Both slots are read before either is taken: another VM may hold this session's
             // lock in the second while the first is free again.
-            let mut free = None;
+            // (slot, its CAS, whether it holds a released lock's verdict): a slot without one is
+            // taken first, so that another session's waiters still find their verdict.
+            let mut free: Option<(usize, Option<u32>, bool)> = None;
             for (index, slot) in slots.iter().enumerate() {
                 let Ok((bytes, cas)) = hostcalls::get_shared_data(slot) else {
                     continue;
@@ -482,12 +484,15 @@ impl IdpCache {
                             return false;
                         }
                     }
-                    _ => {
-                        free = free.or(Some((index, cas)));
+                    bytes => {
+                        let holds_verdict = bytes.is_some_and(|b| b.len() > LOCK_LEN);
+                        if free.is_none_or(|(_, _, verdict)| verdict && !holds_verdict) {
+                            free = Some((index, cas, holds_verdict));
+                        }
                     }
                 }
             }
-            let Some((index, cas)) = free else {
+            let Some((index, cas, _)) = free else {
                 return true;
             };
             let mut lock = [0u8; LOCK_LEN];

@@ -775,8 +775,8 @@ impl Stream {
             return Action::Pause;
         }
         // A leader elsewhere may have stored its answer (in the result slot, or a verdict in the
-        // session's other lock slot; one left in the slot this lock took is overwritten) and
-        // let go between the first look and this worker's lock.
+        // session's other lock slot; one left in the slot this lock took, when both held one, is
+        // overwritten) and let go between the first look and this worker's lock.
         if let Some(answer) = recent_answer(shared, &pending, &key, now) {
             return self.finish_refresh(pending, key, answer, AnswerFrom::OwnShared, paused);
         }
@@ -1887,6 +1887,31 @@ mod tests {
         );
         // A request of the session waiting on worker B.
         assert_eq!(waiting_on_another_worker(key), Outcome::Answered(401));
+    }
+
+    // Found in review: a new lock took the first free slot even when it held another session's
+    // released verdict, which that session's later requests would have read.
+    #[test]
+    fn a_lock_leaves_another_sessions_verdict_when_its_other_slot_is_free() {
+        let (worker_a, key, _, _) = refused_with_another_sessions_tokens_kept();
+        assert!(worker_a
+            .cache
+            .borrow()
+            .refresh_verdict(&worker_a.gate, &key, VALID)
+            .is_some());
+        // Another session whose first lock slot is the one the verdict lies in.
+        let mut other = key;
+        other[2] ^= 0x55;
+        assert!(worker_a.cache.borrow().try_lock_refresh(&other, VALID));
+        assert!(worker_a.cache.borrow().refresh_locked(&other, VALID));
+        assert!(
+            worker_a
+                .cache
+                .borrow()
+                .refresh_verdict(&worker_a.gate, &key, VALID)
+                .is_some(),
+            "the verdict stays"
+        );
     }
 
     // Found in review: a refusal kept out of the result slot reached only the requests already
