@@ -1728,6 +1728,19 @@ impl Gate {
                 )
             }
         };
+        if self.config.upstream_authorization == UpstreamAuthorization::IdToken
+            && verified.expires_at <= now
+        {
+            // Accepted within the clock skew, but the upstream would get it expired and the
+            // session would be due at once: a login loop instead of an answer.
+            return fail(
+                Failure::IdpInvalid,
+                "id token",
+                "ID token rejected: it has expired, and upstream_authorization is id_token \
+                 (is the IdP's clock behind the gateway's?)"
+                    .into(),
+            );
+        }
         let Ok(login_id) = random_token(rng, 16) else {
             return fail(
                 Failure::Internal,

@@ -2873,3 +2873,29 @@ fn a_logout_another_site_starts_is_confirmed_first() {
         assert_eq!(r.status, 302, "{site:?}");
     }
 }
+
+/// Found in review: an ID token up to 60 s past its `exp` passes the clock skew; with
+/// `upstream_authorization: id_token` its session was due at once and each login came back to
+/// the login page.
+#[test]
+fn an_id_token_expired_within_the_skew_fails_an_id_token_login_instead_of_looping() {
+    let idp = Idp::new();
+    let mut rng = SeededRandom(79);
+    let expired_id_token_login = |g: &Gate, rng: &mut SeededRandom| {
+        login_with_body(g, &idp, rng, |nonce| {
+            let id = idp.0.sign_jwt(
+                json!({}),
+                json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW - 10, "iat": NOW - 300, "nonce": nonce}),
+            );
+            json!({"access_token": "at-1", "token_type": "Bearer", "expires_in": 300, "id_token": id, "refresh_token": "r1"}).to_string()
+        })
+        .0
+    };
+    let r = expired_id_token_login(
+        &gate_with(json!({"upstream_authorization": "id_token"})),
+        &mut rng,
+    );
+    assert_eq!(r.status, 502);
+    // The access token is what the upstream gets otherwise: the login goes through.
+    assert_eq!(expired_id_token_login(&gate(), &mut rng).status, 302);
+}
