@@ -1968,10 +1968,7 @@ mod tests {
     // back to fetching keys again and again. It now ends as a refresh without answer does.
     #[test]
     fn a_leader_that_cannot_get_keys_for_the_answer_goes_on_as_without_answer() {
-        for (now, expected) in [
-            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
-            (EXPIRED, Outcome::Answered(503)),
-        ] {
+        for (now, expected) in as_without_an_answer() {
             let (shared, pending, key) = refreshing();
             assert!(shared.refreshes.borrow_mut().lead(key));
             let answer = RefreshAnswer {
@@ -2177,10 +2174,7 @@ mod tests {
     /// nor the cross-worker lock keeps other requests waiting for an answer that never comes.
     #[test]
     fn a_refresh_the_host_would_not_send_leaves_the_session_and_frees_the_lock() {
-        for (now, expected) in [
-            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
-            (EXPIRED, Outcome::Answered(503)),
-        ] {
+        for (now, expected) in as_without_an_answer() {
             let (shared, pending, key) = refreshing();
             let mut stream = Stream::new(7, Some(shared.clone()));
             stream.facts = api_call_facts(&shared.gate);
@@ -2447,8 +2441,13 @@ mod tests {
         leader
     }
 
-    /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call.
-    fn refused_at_the_idp(worker: &Rc<Shared>, pending: PendingRefresh, key: [u8; 16]) -> Stream {
+    /// An API call of the session on `worker` that leads the refresh `key` and waits for the
+    /// IdP's answer to its callout (token 1).
+    fn leader_awaiting_its_callout(
+        worker: &Rc<Shared>,
+        pending: PendingRefresh,
+        key: [u8; 16],
+    ) -> Stream {
         let mut leader = Stream::new(7, Some(worker.clone()));
         leader.facts = api_call_facts(&worker.gate);
         leader.waiting = Waiting::Refresh {
@@ -2457,6 +2456,12 @@ mod tests {
             pending,
             key,
         };
+        leader
+    }
+
+    /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call.
+    fn refused_at_the_idp(worker: &Rc<Shared>, pending: PendingRefresh, key: [u8; 16]) -> Stream {
+        let mut leader = leader_awaiting_its_callout(worker, pending, key);
         host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
         leader.on_http_call_response(1, 1, 0, 0);
@@ -2591,6 +2596,15 @@ mod tests {
         }
     }
 
+    /// What a request of `a_due_refresh`'s session gets from a refresh that ended without an
+    /// answer: its old token while valid, a retryable 503 once expired.
+    fn as_without_an_answer() -> [(u64, Outcome); 2] {
+        [
+            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
+            (EXPIRED, Outcome::Answered(503)),
+        ]
+    }
+
     /// The access token of `a_due_refresh`'s session: valid until NOW + 300.
     const OLD_TOKEN: &str = "Bearer access-abc";
     const VALID: u64 = 1_800_000_290;
@@ -2604,10 +2618,7 @@ mod tests {
     fn a_refresh_given_up_on_another_worker_goes_on_with_a_valid_token_else_a_retryable_503() {
         use super::super::refresh::{poll_remote, RemoteWaiter};
         use super::super::root::Follower;
-        for (now, expected) in [
-            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
-            (EXPIRED, Outcome::Answered(503)),
-        ] {
+        for (now, expected) in as_without_an_answer() {
             let (shared, pending, key) = refreshing();
             // An API call: had its session ended, it would get a 401.
             let facts = api_call_facts(&shared.gate);
@@ -2630,19 +2641,10 @@ mod tests {
     #[test]
     fn a_refresh_leader_whose_client_leaves_lets_its_followers_go_on_with_a_valid_token() {
         use super::super::root::Follower;
-        for (now, expected) in [
-            (VALID, Outcome::Forwarded(OLD_TOKEN.into())),
-            (EXPIRED, Outcome::Answered(503)),
-        ] {
+        for (now, expected) in as_without_an_answer() {
             let (shared, pending, key) = refreshing();
             assert!(shared.refreshes.borrow_mut().lead(key));
-            let mut leader = Stream::new(7, Some(shared.clone()));
-            leader.waiting = Waiting::Refresh {
-                token: 1,
-                started: SystemTime::UNIX_EPOCH,
-                pending,
-                key,
-            };
+            let mut leader = leader_awaiting_its_callout(&shared, pending, key);
             let (_, pending_follower) = crate::flow::tests::a_due_refresh();
             shared.refreshes.borrow_mut().follow(
                 key,
@@ -2707,14 +2709,7 @@ mod tests {
             let key = pending.coalescing_key();
             let shared = shared_for(g);
             assert!(shared.refreshes.borrow_mut().lead(key));
-            let mut leader = Stream::new(7, Some(shared.clone()));
-            leader.facts = api_call_facts(&shared.gate);
-            leader.waiting = Waiting::Refresh {
-                token: 1,
-                started: SystemTime::UNIX_EPOCH,
-                pending,
-                key,
-            };
+            let mut leader = leader_awaiting_its_callout(&shared, pending, key);
             host_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
             // The access token (exp NOW + 300) is still valid.
             host_stubs::NOW_NS.with(|t| t.set(1_800_000_291 * 1_000_000_000));
