@@ -375,6 +375,9 @@ pub struct Resp {
     pub initiator: Option<String>,
     /// Whether this request was cross-site (for SameSite).
     pub cross_site: bool,
+    /// Whether some URL of the navigation so far, this one included, had an origin other than
+    /// the initiator's: later hops are then at most `same-site` (Fetch Metadata's URL-list rule).
+    pub left_origin: bool,
     /// HTTP version used.
     pub version: String,
 }
@@ -684,7 +687,7 @@ impl Browser {
             cross |= initiator_site(i) != site_of(&next);
         }
         // 301/302/303 turn a POST into a GET; 307/308 would keep it, not needed here.
-        self.send(
+        self.send_hop(
             Method::GET,
             next,
             &[],
@@ -693,6 +696,7 @@ impl Browser {
                 .clone()
                 .or_else(|| Some(origin_of(&resp.url))),
             cross,
+            resp.left_origin,
         )
         .await
     }
@@ -740,6 +744,24 @@ impl Browser {
         initiator: Option<String>,
         cross_site: bool,
     ) -> Resp {
+        self.send_hop(method, url, headers, form, initiator, cross_site, false)
+            .await
+    }
+
+    /// One request of a navigation; `left_origin`: an earlier URL of it had an origin other
+    /// than the initiator's.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_hop(
+        &self,
+        method: Method,
+        url: Url,
+        headers: &[(&str, &str)],
+        form: Option<Vec<(String, String)>>,
+        initiator: Option<String>,
+        cross_site: bool,
+        left_origin: bool,
+    ) -> Resp {
+        let left_origin = left_origin || initiator.as_ref().is_some_and(|i| *i != origin_of(&url));
         let mut rb = self.client.request(method.clone(), url.clone());
         let mut hm = HeaderMap::new();
         match self.mode {
@@ -756,7 +778,7 @@ impl Browser {
                 let sfs = match &initiator {
                     None => "none",
                     Some(_) if cross_site => "cross-site",
-                    Some(i) if *i == origin_of(&url) => "same-origin",
+                    Some(_) if !left_origin => "same-origin",
                     Some(i) if initiator_site(i) == site_of(&url) => "same-site",
                     Some(_) => "cross-site",
                 };
@@ -806,6 +828,7 @@ impl Browser {
             body,
             initiator,
             cross_site,
+            left_origin,
             version,
         }
     }
@@ -897,5 +920,74 @@ mod tests {
                 ("password".to_string(), String::new())
             ]
         );
+    }
+
+    /// Two origins of one site (ports of 127.0.0.1): `/to-other` on the first redirects to the
+    /// second's `/back`, which redirects to the first's `/echo`; `/to-echo` goes to `/echo`
+    /// directly. `/echo` answers with the request's `Sec-Fetch-Site`.
+    async fn two_origins_of_one_site() -> (String, String) {
+        use axum::{extract::State, http::HeaderMap as Headers, response::Redirect, Router};
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let second = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let first_origin = format!("http://{}", first.local_addr().unwrap());
+        let second_origin = format!("http://{}", second.local_addr().unwrap());
+        let first_app = Router::new()
+            .route(
+                "/to-other",
+                axum::routing::get(|State(other): State<String>| async move {
+                    Redirect::to(&format!("{other}/back"))
+                }),
+            )
+            .route(
+                "/to-echo",
+                axum::routing::get(|| async { Redirect::to("/echo") }),
+            )
+            .route(
+                "/echo",
+                axum::routing::get(|headers: Headers| async move {
+                    headers
+                        .get("sec-fetch-site")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("absent")
+                        .to_string()
+                }),
+            )
+            .with_state(second_origin.clone());
+        let second_app = Router::new()
+            .route(
+                "/back",
+                axum::routing::get(|State(first): State<String>| async move {
+                    Redirect::to(&format!("{first}/echo"))
+                }),
+            )
+            .with_state(first_origin.clone());
+        tokio::spawn(async move { axum::serve(first, first_app).await });
+        tokio::spawn(async move { axum::serve(second, second_app).await });
+        (first_origin, second_origin)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_through_another_origin_of_the_site_makes_the_chain_same_site() {
+        let (first, _second) = two_origins_of_one_site().await;
+        let browser = Browser::new("127.0.0.1:9".parse().unwrap(), &[], Mode::Navigation);
+        let navigate = |path: &str| {
+            browser.send(
+                Method::GET,
+                u(&format!("{first}{path}")),
+                &[],
+                None,
+                Some(first.clone()),
+                false,
+            )
+        };
+
+        let direct = navigate("/to-echo").await;
+        let landed = browser.follow(&direct, 3).await;
+        assert_eq!(landed.body, "same-origin", "{}", landed.describe());
+
+        let through_other = navigate("/to-other").await;
+        let landed = browser.follow(&through_other, 3).await;
+        assert_eq!(landed.url.as_str(), format!("{first}/echo"));
+        assert_eq!(landed.body, "same-site", "{}", landed.describe());
     }
 }
