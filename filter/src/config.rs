@@ -363,7 +363,10 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let msg = strip_position(&inner.to_string());
+            let mut msg = strip_position(&inner.to_string());
+            if holds_secret(&path) {
+                msg = without_value(&msg);
+            }
             // serde reports an unknown key at the parent path; name the key itself.
             match unknown_field_name(&msg) {
                 Some(name) => ConfigError::new(&name, "unknown field"),
@@ -805,6 +808,29 @@ fn strip_position(msg: &str) -> String {
     match msg.find(" at line ") {
         Some(i) => msg[..i].to_string(),
         None => msg.to_string(),
+    }
+}
+
+/// Whether the value at `path` (serde_path_to_error's) is a secret: a slip such as a list given
+/// as a string must not put the secret into Envoy's log.
+fn holds_secret(path: &str) -> bool {
+    let top = path.split(['.', '[']).next().unwrap_or_default();
+    matches!(
+        top,
+        "client_secret" | "cookie_secret" | "previous_cookie_secrets"
+    )
+}
+
+/// serde's `invalid type: string "…", expected …` without the value it quotes.
+fn without_value(msg: &str) -> String {
+    let (found, expected) = match msg.split_once(", expected ") {
+        Some((found, expected)) => (found, Some(expected)),
+        None => (msg, None),
+    };
+    let kind = found.split(':').next().unwrap_or("invalid value");
+    match expected {
+        Some(expected) => format!("{kind} (the value is secret: not shown), expected {expected}"),
+        None => format!("{kind} (the value is secret: not shown)"),
     }
 }
 

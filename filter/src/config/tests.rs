@@ -395,3 +395,42 @@ fn post_logout_redirect_uri_is_not_the_logout_path() {
     ))
     .is_ok());
 }
+
+#[test]
+fn errors_in_secret_fields_never_show_the_value() {
+    let numeric_secret = 918_273_645_012_345u64;
+    for (field, value, shown) in [
+        // A list given as one string, an easy slip during key rotation.
+        (
+            "previous_cookie_secrets",
+            json!(SECRET32),
+            SECRET32.to_string(),
+        ),
+        (
+            "previous_cookie_secrets",
+            json!([7, SECRET32]),
+            "7".to_string(),
+        ),
+        // An all-digit secret left unquoted in YAML.
+        (
+            "client_secret",
+            json!(numeric_secret),
+            numeric_secret.to_string(),
+        ),
+        (
+            "cookie_secret",
+            json!(numeric_secret),
+            numeric_secret.to_string(),
+        ),
+        ("cookie_secret", json!([SECRET32]), SECRET32.to_string()),
+    ] {
+        let e = parse(&with(field, value.clone())).unwrap_err();
+        let text = e.to_string();
+        assert!(e.field.starts_with(field), "{value}: {text}");
+        assert!(!text.contains(&shown), "{field} = {value}: {text}");
+        assert!(text.contains("expected"), "{field} = {value}: {text}");
+    }
+    // Other fields still show what was wrong.
+    let e = parse(&with("idp_cluster", json!(12345))).unwrap_err();
+    assert!(e.to_string().contains("12345"), "{e}");
+}
