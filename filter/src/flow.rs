@@ -1459,7 +1459,8 @@ impl Gate {
         let q = match StrictQuery::parse(query) {
             Ok(q) => q,
             Err(QueryError::Duplicate(_)) => return fail(malformed, "duplicate parameter", vec![]),
-            Err(_) => return fail(malformed, "query too long", vec![]),
+            Err(QueryError::TooMany) => return fail(malformed, "too many parameters", vec![]),
+            Err(QueryError::TooLong) => return fail(malformed, "query too long", vec![]),
         };
         let Some(state) = q.get("state") else {
             return fail(

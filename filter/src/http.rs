@@ -176,10 +176,19 @@ pub enum QueryError {
     /// The query is too long to be a real callback.
     #[error("query too long")]
     TooLong,
+    /// More parameters than any real callback has.
+    #[error("too many parameters")]
+    TooMany,
 }
 
 /// Longest callback query accepted; real ones are a few hundred bytes.
 pub const MAX_QUERY_LEN: usize = 8 * 1024;
+
+/// Most parameters in a callback query accepted. Real ones have up to about ten (`code`,
+/// `state`, `iss`, `session_state`, `scope`, Google's `authuser`, `hd`, `prompt`); the bound keeps
+/// the duplicate check cheap for a query of thousands of one-letter parameters, which anyone
+/// can send to the callback path without signing in.
+pub const MAX_QUERY_PARAMS: usize = 32;
 
 impl StrictQuery {
     /// Parses `query` (without `?`), refusing repeated parameters.
@@ -189,6 +198,9 @@ impl StrictQuery {
         }
         let mut pairs: Vec<(String, String)> = Vec::new();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if pairs.len() == MAX_QUERY_PARAMS {
+                return Err(QueryError::TooMany);
+            }
             if pairs.iter().any(|(seen, _)| *seen == k) {
                 return Err(QueryError::Duplicate(k.into_owned()));
             }
@@ -481,6 +493,26 @@ mod tests {
         let q = StrictQuery::parse("state=a%2Bb&code=c").unwrap();
         assert_eq!(q.get("state"), Some("a+b"));
         assert_eq!(q.get("iss"), None);
+    }
+
+    #[test]
+    fn refuses_more_parameters_than_a_callback_has() {
+        let query = |n: usize| {
+            (0..n)
+                .map(|i| format!("p{i}=v"))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        let most = StrictQuery::parse(&query(MAX_QUERY_PARAMS)).unwrap();
+        assert_eq!(most.get("p31"), Some("v"));
+        assert_eq!(
+            StrictQuery::parse(&query(MAX_QUERY_PARAMS + 1)).unwrap_err(),
+            QueryError::TooMany
+        );
+        // Thousands of short parameters fit in the length bound: they are refused by count.
+        let many = query(1000);
+        assert!(many.len() <= MAX_QUERY_LEN);
+        assert_eq!(StrictQuery::parse(&many).unwrap_err(), QueryError::TooMany);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use oidc_filter::flow::{parse_token_response, Decision, Gate, Known};
 use oidc_filter::http::{
     cookie_header_without, parse_cookies, parse_url, same_origin_target, sanitize_return_path,
     skip_path_matches, split_path, CookieList, QueryError, StrictQuery, MAX_QUERY_LEN,
+    MAX_QUERY_PARAMS,
 };
 use oidc_filter::session::{
     cookie_context, is_own_cookie, login_cookie_name, LoginCookieError, LoginState, Session,
@@ -786,6 +787,10 @@ proptest! {
     fn strict_query_matches_form_urlencoded(q in query()) {
         match StrictQuery::parse(&q) {
             Err(QueryError::TooLong) => prop_assert!(q.len() > MAX_QUERY_LEN),
+            Err(QueryError::TooMany) => {
+                prop_assert!(q.len() <= MAX_QUERY_LEN);
+                prop_assert!(form_urlencoded::parse(q.as_bytes()).count() > MAX_QUERY_PARAMS);
+            }
             Err(QueryError::Duplicate(k)) => {
                 prop_assert!(q.len() <= MAX_QUERY_LEN);
                 let n = form_urlencoded::parse(q.as_bytes()).filter(|(key, _)| *key == k).count();

@@ -482,6 +482,7 @@ fn callback_rejections_never_call_the_token_endpoint() {
         (format!("/oauth2/callback?code=c&state={}&iss=https://attacker.example", login.state), vec![&login.cookie], 400),
         (format!("/oauth2/callback?code=c&state={}&iss={ISS}/", login.state), vec![&login.cookie], 400),
         (format!("/oauth2/callback?code=c&state={}", login.state), vec![&login.cookie], 400),
+        (format!("{}{}", callback_path(&login, "c"), (0..30).map(|i| format!("&x{i}=1")).collect::<String>()), vec![&login.cookie], 400),
         (
             format!("/oauth2/callback?error=access_denied&error_description=%3Cscript%3E&state={}&iss={ISS}", login.state),
             vec![&login.cookie],
