@@ -23,7 +23,7 @@ use crate::config::{
 use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
-use crate::headers::{claim_header_value, email_vouched_for};
+use crate::headers::{claim_header_value, email_vouched_for, named_claim_header_value};
 use crate::http::{
     cookie_header_without, form_encode, same_origin_target, split_path, CookieList, QueryError,
     StrictQuery,
@@ -1161,7 +1161,9 @@ impl Gate {
         }
         match subject {
             Some(s) if claim == "sub" => claim_header_value(&serde_json::Value::String(s.into())),
-            _ => claims.get(claim).and_then(claim_header_value),
+            _ => claims
+                .get(claim)
+                .and_then(|value| named_claim_header_value(claim, value)),
         }
     }
 

@@ -107,6 +107,20 @@ pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
     (!raw.is_empty() && raw.len() <= MAX_LEN && !raw.chars().any(char::is_control)).then_some(raw)
 }
 
+/// Claims that hold lists (RFC 9068 §2.2.3.1's `groups`, `roles` and `entitlements`; RFC 8176's
+/// `amr`). Some IdPs send a single member as a plain string (AD FS, PingFederate): a comma in it
+/// would read as two members, so it leaves the header out, as in an array.
+const LIST_CLAIMS: [&str; 4] = ["groups", "roles", "entitlements", "amr"];
+
+/// [`claim_header_value`] for the claim named `claim`: a plain string in a list claim is a
+/// one-member list.
+pub fn named_claim_header_value(claim: &str, value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if s.contains(',') && LIST_CLAIMS.contains(&claim) => None,
+        _ => claim_header_value(value),
+    }
+}
+
 /// Whether the claims vouch for the `email`: `email_verified` true (or `"true"`, as some IdPs
 /// send it), or absent, as many IdPs (Entra ID among them) send no such claim. Anything else
 /// (false, `"false"`, 0, null) does not.
@@ -201,6 +215,31 @@ mod tests {
             Some("12345678901234567890")
         );
         assert_eq!(claim_header_value(&json!(-3)).as_deref(), Some("-3"));
+    }
+
+    #[test]
+    fn a_single_member_of_a_list_claim_sent_as_a_string_is_a_one_member_list() {
+        // AD FS sends one group as a plain string: `Finance,Admins` would read as two groups.
+        for claim in ["groups", "roles", "entitlements", "amr"] {
+            assert_eq!(
+                named_claim_header_value(claim, &json!("Finance,Admins")),
+                None,
+                "{claim}"
+            );
+            assert_eq!(
+                named_claim_header_value(claim, &json!("Finance")).as_deref(),
+                Some("Finance")
+            );
+            assert_eq!(
+                named_claim_header_value(claim, &json!(["Finance", "Admins"])).as_deref(),
+                Some("Finance,Admins")
+            );
+        }
+        // Other claims are single values: a comma is part of them.
+        assert_eq!(
+            named_claim_header_value("name", &json!("Lovelace, Ada")).as_deref(),
+            Some("Lovelace, Ada")
+        );
     }
 
     #[test]

@@ -1593,41 +1593,65 @@ fn preflights_pass_and_api_paths_never_redirect() {
     );
 }
 
+/// The headers an authenticated request gets after a login whose ID token carries `extra`.
+fn headers_after_login_with_claims(
+    g: &Gate,
+    extra: serde_json::Value,
+    rng: &mut SeededRandom,
+) -> std::collections::HashMap<String, String> {
+    let idp = Idp::new();
+    let (r, _) = login_with_body(g, &idp, rng, |nonce| {
+        let mut claims = json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": nonce});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let id = idp.0.sign_jwt(json!({}), claims);
+        json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id}).to_string()
+    });
+    let cookie = cookies_of(&r).remove(0);
+    match g
+        .decide(&browser("/", vec![&cookie]), Known::default(), NOW, rng)
+        .0
+    {
+        Decision::Forward(f) => f.set_headers.into_iter().collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn claims_and_access_token_headers() {
     let g = gate_with(json!({
         "claims_to_headers": {"x-auth-request-email": "email", "x-auth-request-user": "sub", "x-auth-request-groups": "groups"},
         "pass_access_token_headers": true
     }));
-    let idp = Idp::new();
     let mut rng = SeededRandom(31);
-    let (r, _) = login_with_body(&g, &idp, &mut rng, |nonce| {
-        let id = idp.0.sign_jwt(
-            json!({}),
-            json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": nonce, "email": "u@example.com", "groups": ["admins", "users"]}),
-        );
-        json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id}).to_string()
-    });
-    let cookie = cookies_of(&r).remove(0);
-    match g
-        .decide(
-            &browser("/", vec![&cookie]),
-            Known::default(),
-            NOW,
-            &mut rng,
-        )
-        .0
-    {
-        Decision::Forward(f) => {
-            let h: std::collections::HashMap<_, _> = f.set_headers.into_iter().collect();
-            assert_eq!(h["x-auth-request-email"], "u@example.com");
-            assert_eq!(h["x-auth-request-user"], "user-1");
-            assert_eq!(h["x-auth-request-groups"], "admins,users");
-            assert_eq!(h["x-auth-request-access-token"], "at-1");
-            assert_eq!(h["x-forwarded-access-token"], "at-1");
-        }
-        other => panic!("{other:?}"),
-    }
+    let h = headers_after_login_with_claims(
+        &g,
+        json!({"email": "u@example.com", "groups": ["admins", "users"]}),
+        &mut rng,
+    );
+    assert_eq!(h["x-auth-request-email"], "u@example.com");
+    assert_eq!(h["x-auth-request-user"], "user-1");
+    assert_eq!(h["x-auth-request-groups"], "admins,users");
+    assert_eq!(h["x-auth-request-access-token"], "at-1");
+    assert_eq!(h["x-forwarded-access-token"], "at-1");
+}
+
+/// AD FS sends a single group as a string; one named `Finance,Admins` must not read as two.
+#[test]
+fn a_list_claim_sent_as_one_string_with_a_comma_is_left_out() {
+    let g = gate_with(json!({
+        "claims_to_headers": {"x-groups": "groups", "x-roles": "roles", "x-name": "name"},
+    }));
+    let mut rng = SeededRandom(33);
+    let h = headers_after_login_with_claims(
+        &g,
+        json!({"groups": "Finance,Admins", "roles": "viewer", "name": "Lovelace, Ada"}),
+        &mut rng,
+    );
+    assert!(!h.contains_key("x-groups"), "{h:?}");
+    assert_eq!(h["x-roles"], "viewer");
+    assert_eq!(h["x-name"], "Lovelace, Ada");
 }
 
 #[test]
