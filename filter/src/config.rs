@@ -649,17 +649,24 @@ impl Config {
     /// Settings that are valid but weaken something, each a log line for the operator.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(b) = &self.bearer_tokens {
-            if b.audiences.contains(&self.client_id) {
-                out.push(format!(
-                    "bearer_tokens.audiences lists the client id `{}`: ID tokens of this \
-                     gateway's own logins pass as bearer tokens too (needed only for IdPs whose \
-                     access tokens carry the client id as their audience, such as Dex)",
-                    self.client_id
-                ));
-            }
+        if self.id_tokens_are_bearer_credentials() {
+            out.push(format!(
+                "bearer_tokens.audiences lists the client id `{}`: ID tokens of this gateway's \
+                 own logins pass as bearer tokens too (needed only for IdPs whose access tokens \
+                 carry the client id as their audience, such as Dex), so logout sends the IdP no \
+                 id_token_hint",
+                self.client_id
+            ));
         }
         out
+    }
+
+    /// Whether the ID tokens of this gateway's logins pass as bearer tokens: then one must
+    /// never be put where it outlives the session (a logout URL in browser history).
+    pub fn id_tokens_are_bearer_credentials(&self) -> bool {
+        self.bearer_tokens
+            .as_ref()
+            .is_some_and(|b| b.audiences.contains(&self.client_id))
     }
 
     /// Whether this policy applies to a request for `authority` (any case, port ignored).

@@ -2233,6 +2233,13 @@ impl Gate {
             self.sessions.borrow_mut().remove(v);
         }
         let session = value.and_then(|v| Session::open(&self.keys, host, &v).ok());
+        // Only a live session's logout names its ID token to the IdP: a copy of an ended or
+        // expired one would otherwise hand it out at every visit of the logout path.
+        let hint_allowed = session.as_ref().is_some_and(|(s, _)| {
+            now < self.session_end(s)
+                && !self.ended.borrow().ends(&SessionIds::of(s))
+                && !self.config.id_tokens_are_bearer_credentials()
+        });
         let mut list_full = false;
         if let Some((s, _)) = &session {
             // A copy of the cookie (another tab, a stolen copy) must not outlive the logout. A
@@ -2244,7 +2251,9 @@ impl Gate {
                 .saturating_add(DEFAULT_CLOCK_SKEW_SECS);
             list_full = self.end(endings_of(s, keep_until), now);
         }
-        let id_token_hint = session.and_then(|(s, _)| s.id_token);
+        let id_token_hint = session
+            .and_then(|(s, _)| s.id_token)
+            .filter(|_| hint_allowed);
         let mut set_cookies = vec![delete_cookie(SESSION_COOKIE)];
         set_cookies.extend(
             session_cookie_names(cookies)

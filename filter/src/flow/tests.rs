@@ -868,6 +868,43 @@ fn logout_clears_cookies_and_goes_to_end_session_with_hint() {
         .any(|c| c.starts_with(LOGIN_COOKIE_PREFIX) && c.contains("Max-Age=0")));
 }
 
+/// The `id_token_hint` a logout of `cookie` sends to the IdP, if any.
+fn logout_hint(g: &Gate, cookie: &str, at: u64, rng: &mut SeededRandom) -> Option<String> {
+    let r = expect_reply(g.decide(
+        &browser("/oauth2/sign_out", vec![cookie]),
+        with_provider(&provider()),
+        at,
+        rng,
+    ));
+    assert_eq!(r.status, 302);
+    let loc = Url::parse(header(&r, "location")[0]).unwrap();
+    assert_eq!(loc.path(), "/logout");
+    let mut q: std::collections::HashMap<_, _> = loc.query_pairs().into_owned().collect();
+    q.remove("id_token_hint")
+}
+
+/// The hint is a token: it goes out only for a live session, never again for a copy of an ended
+/// or expired one, and never when this gateway itself accepts ID tokens as bearer tokens (the
+/// logout URL stays in browser history).
+#[test]
+fn logout_names_the_id_token_only_for_a_live_session_whose_id_token_is_no_credential() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(19);
+    let session = logged_in(&g, &idp, &mut rng);
+    assert!(logout_hint(&g, &session, NOW + 1, &mut rng).is_some());
+    // The copy, at the logout path again (or the first logout's URL reloaded).
+    assert_eq!(logout_hint(&g, &session, NOW + 2, &mut rng), None);
+    // Past session_max_age (a day).
+    let expired = logged_in(&g, &idp, &mut rng);
+    assert_eq!(logout_hint(&g, &expired, NOW + 86_401, &mut rng), None);
+
+    let dex_like = gate_with(json!({"bearer_tokens": {"audiences": ["gate"]}}));
+    assert!(dex_like.config().warnings()[0].contains("id_token_hint"));
+    let session = logged_in(&dex_like, &idp, &mut rng);
+    assert_eq!(logout_hint(&dex_like, &session, NOW + 1, &mut rng), None);
+}
+
 #[test]
 fn logout_without_end_session_goes_home() {
     let g = gate();
