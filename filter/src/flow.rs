@@ -179,6 +179,14 @@ impl PendingLogin {
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
     }
+
+    /// The answer to a callback whose login failed after its login cookie matched: `f`, and the
+    /// login cookie deleted whatever went wrong, so a reload of the callback from history is no
+    /// second try with the same code.
+    pub fn failed(&self, f: Failure) -> Reply {
+        f.reply(self.browser, self.request_id.as_deref())
+            .with_cookies(vec![delete_cookie(&self.login_cookie)])
+    }
 }
 
 /// What to do with a request.
@@ -1660,13 +1668,9 @@ impl Gate {
         now: UnixSeconds,
         rng: &mut dyn Random,
     ) -> (LoginStep, Note) {
-        let delete_login = vec![delete_cookie(&pending.login_cookie)];
         let fail = |f: Failure, reason: &'static str, detail: String| {
             (
-                LoginStep::Done(
-                    f.reply(pending.browser, pending.request_id.as_deref())
-                        .with_cookies(delete_login.clone()),
-                ),
+                LoginStep::Done(pending.failed(f)),
                 Note::event(Event::LoginFailed(reason), detail),
             )
         };
@@ -1787,7 +1791,7 @@ impl Gate {
                 )
             }
         };
-        cookies.extend(delete_login);
+        cookies.push(delete_cookie(&pending.login_cookie));
         let location = same_origin_target(
             &pending.origin_scheme,
             &pending.authority.to_ascii_lowercase(),

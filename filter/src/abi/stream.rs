@@ -639,7 +639,7 @@ impl Stream {
                     };
                     Action::Pause
                 }
-                None => self.fail(Failure::IdpUnavailable),
+                None => self.reply(pending.failed(Failure::IdpUnavailable)),
             },
             Decision::Refresh { call, pending } => {
                 self.start_refresh(&shared, call, pending, now, paused)
@@ -1088,7 +1088,7 @@ impl Stream {
                 self.note(Note::count(crate::flow::Event::LoginFailed(
                     "idp unreachable",
                 )));
-                let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                let r = pending.failed(Failure::IdpUnavailable);
                 self.reply(r);
             }
             Some((status, None)) => {
@@ -1099,7 +1099,7 @@ impl Stream {
                 self.note(Note::count(crate::flow::Event::LoginFailed(
                     "token exchange",
                 )));
-                let r = Failure::IdpInvalid.reply(pending.browser(), pending.request_id());
+                let r = pending.failed(Failure::IdpInvalid);
                 self.reply(r);
             }
             Some((status, Some(body))) => self.finish_login(pending, status, body),
@@ -1130,7 +1130,7 @@ impl Stream {
                 self.reply(reply);
             }
             LoginStep::NeedKeys if self.keys_fetched => {
-                let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                let r = pending.failed(Failure::IdpUnavailable);
                 self.reply(r);
             }
             LoginStep::NeedKeys => {
@@ -1189,7 +1189,7 @@ impl Stream {
                     self.finish_without_answer(&shared, pending, key, from.leading(), true);
                 }
                 AfterKeys::Login { pending, .. } => {
-                    let r = Failure::IdpUnavailable.reply(pending.browser(), pending.request_id());
+                    let r = pending.failed(Failure::IdpUnavailable);
                     self.reply(r);
                 }
                 AfterKeys::Decide => {
@@ -1635,6 +1635,8 @@ mod tests {
             pub static LAST_SET_CAS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The status of the last local reply this thread's test sent.
             pub static LAST_REPLY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+            /// The headers of that reply, serialised as the SDK sends them.
+            pub static LAST_REPLY_HEADERS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The `:status` of the callout answer the host hands over.
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The host clock, in nanoseconds.
@@ -1651,10 +1653,12 @@ mod tests {
             _: usize,
             _: *const u8,
             _: usize,
-            _: *const u8,
-            _: usize,
+            headers: *const u8,
+            headers_size: usize,
             _: i32,
         ) -> u32 {
+            let headers = unsafe { bytes(headers, headers_size) }.to_vec();
+            LAST_REPLY_HEADERS.with(|h| *h.borrow_mut() = headers);
             LAST_REPLY.with(|r| r.set(status));
             0
         }
@@ -2536,6 +2540,102 @@ mod tests {
             .borrow()
             .store_refresh_result(&shared.gate, key, &answer, 0);
         answer
+    }
+
+    /// The status of the last local reply, and whether it deleted a login cookie.
+    fn last_reply_and_login_cookie_deleted() -> (u32, bool) {
+        let headers = host_stubs::LAST_REPLY_HEADERS.with(|h| h.borrow_mut().split_off(0));
+        let deleted = HeaderMapBytes::from_bytes(headers)
+            .pairs()
+            .any(|(name, value)| {
+                let value = String::from_utf8_lossy(value);
+                name == b"set-cookie"
+                    && value.starts_with("__Host-oidc-gate-login-")
+                    && value.contains("Max-Age=0")
+            });
+        (host_stubs::LAST_REPLY.with(|r| r.replace(0)), deleted)
+    }
+
+    /// A login whose callback matched its login cookie deletes that cookie however it fails
+    /// (SECURITY.md: one-time), also where the glue answers: the host refusing the token
+    /// callout, no answer, an oversized answer, no keys after a fetch, a failed key fetch.
+    #[test]
+    fn a_login_that_fails_in_the_glue_deletes_its_login_cookie() {
+        use crate::flow::tests::{a_callback, a_pending_login, NOW};
+        host_stubs::NOW_NS.with(|t| t.set(NOW * 1_000_000_000));
+        let stream_for = |g: Gate| {
+            let shared = shared_for(g);
+            (Stream::new(7, Some(shared.clone())), shared)
+        };
+        let mut outcomes = Vec::new();
+
+        let (g, path, cookie) = a_callback();
+        let (mut s, shared) = stream_for(g);
+        let provider = crate::flow::tests::provider();
+        shared
+            .cache
+            .borrow_mut()
+            .store_provider(b"{}", provider, NOW);
+        let callback: &[(&[u8], &[u8])] = &[
+            (b":authority", b"app.example.com"),
+            (b":path", path.as_bytes()),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b"cookie", cookie.as_bytes()),
+        ];
+        s.facts = Facts::read(
+            HeaderMapBytes::from_bytes(serialise(callback)),
+            Some(&shared.gate),
+        );
+        host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
+        s.run(false);
+        host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
+        outcomes.push(("callout refused", last_reply_and_login_cookie_deleted()));
+
+        for (what, status, body_size) in [
+            ("no answer", &b""[..], 0),
+            (
+                "oversized answer",
+                &b"200"[..],
+                MAX_TOKEN_RESPONSE_BYTES + 1,
+            ),
+        ] {
+            let (g, pending, _) = a_pending_login();
+            let (mut s, _) = stream_for(g);
+            s.waiting = Waiting::Token {
+                token: 1,
+                started: SystemTime::UNIX_EPOCH,
+                pending,
+            };
+            host_stubs::STATUS.with(|st| *st.borrow_mut() = status.to_vec());
+            s.on_http_call_response(1, 0, body_size, 0);
+            outcomes.push((what, last_reply_and_login_cookie_deleted()));
+        }
+
+        let (g, pending, body) = a_pending_login();
+        let (mut s, _) = stream_for(g);
+        s.keys_fetched = true;
+        s.finish_login(pending, 200, body);
+        outcomes.push((
+            "no keys after a fetch",
+            last_reply_and_login_cookie_deleted(),
+        ));
+
+        let (g, pending, body) = a_pending_login();
+        let (mut s, _) = stream_for(g);
+        host_stubs::STATUS.with(|st| *st.borrow_mut() = b"500".to_vec());
+        let then = AfterKeys::Login {
+            pending,
+            status: 200,
+            body,
+        };
+        s.on_jwks(then, 0, SystemTime::UNIX_EPOCH);
+        outcomes.push(("key fetch failed", last_reply_and_login_cookie_deleted()));
+
+        for (what, (status, deleted)) in outcomes {
+            assert!(matches!(status, 502 | 503), "{what}: {status}");
+            assert!(deleted, "{what}: the login cookie was kept");
+        }
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

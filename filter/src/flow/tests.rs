@@ -8,7 +8,7 @@ use super::*;
 use crate::types::testing::SeededRandom;
 
 const ISS: &str = "https://idp.example.com";
-const NOW: u64 = 1_800_000_000;
+pub(crate) const NOW: u64 = 1_800_000_000;
 const COOKIE_SECRET: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
 
 fn gate_with(extra: serde_json::Value) -> Gate {
@@ -2960,4 +2960,28 @@ fn an_id_token_expired_within_the_skew_fails_an_id_token_login_instead_of_loopin
     assert_eq!(r.status, 502);
     // The access token is what the upstream gets otherwise: the login goes through.
     assert_eq!(expired_id_token_login(&gate(), &mut rng).status, 302);
+}
+
+/// A browser's callback to `a_pending_login`'s gate: its path (query included) and the login
+/// cookie it carries, at [`NOW`].
+pub(crate) fn a_callback() -> (Gate, String, String) {
+    let g = gate();
+    let mut rng = SeededRandom(94);
+    let login = start_login(&g, "/x", &mut rng);
+    (g, callback_path(&login, "c"), login.cookie)
+}
+
+/// A login waiting for the token endpoint, and an answer to it with an ID token.
+pub(crate) fn a_pending_login() -> (Gate, PendingLogin, Vec<u8>) {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(95);
+    let login = start_login(&g, "/x", &mut rng);
+    let pending = pending_for(&g, &login, &mut rng);
+    let id_token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": login.nonce}),
+    );
+    let body = json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id_token});
+    (g, pending, body.to_string().into_bytes())
 }
