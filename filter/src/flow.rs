@@ -25,8 +25,8 @@ use crate::discovery::ProviderMetadata;
 use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::{claim_header_value, email_vouched_for, named_claim_header_value};
 use crate::http::{
-    cookie_header_without, form_encode, same_origin_target, split_path, CookieList, QueryError,
-    StrictQuery,
+    cookie_header_without, form_encode, same_origin_target, sanitize_return_path, split_path,
+    CookieList, QueryError, StrictQuery,
 };
 use crate::reply::{Failure, Reply};
 use crate::session::{
@@ -1000,6 +1000,17 @@ impl Gate {
                         .collect(),
                 );
             }
+            return (Decision::Reply(reply), note);
+        }
+        if !matches!(req.method, "GET" | "HEAD") {
+            // A cross-site form POST carries none of this site's SameSite=Lax cookies, though its
+            // answer may set them: a login started here could not see the pending logins to cap
+            // them, and a page posting again and again would pile up login cookies until every
+            // request to the host got Envoy's 431. The GET this 303 turns it into carries them.
+            // Relative: whatever the Host header holds, the browser stays on the origin it is on.
+            let again = sanitize_return_path(req.path).to_string();
+            let mut reply = Reply::redirect(again, Vec::new());
+            reply.status = 303;
             return (Decision::Reply(reply), note);
         }
         let Some(provider) = known.provider else {

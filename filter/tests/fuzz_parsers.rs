@@ -2737,12 +2737,23 @@ fn gate_decide() {
                         site.eq_ignore_ascii_case("same-origin")
                             || site.eq_ignore_ascii_case("none")
                     });
+                let not_a_get = !matches!(sc.method.as_str(), "GET" | "HEAD");
                 prop_assert!(
                     [302u16, 400, 401, 403, 500, 502, 503].contains(&r.status)
-                        || (r.status == 200 && logout_confirmation),
+                        || (r.status == 200 && logout_confirmation)
+                        || (r.status == 303 && not_a_get),
                     "status {}",
                     r.status
                 );
+                if r.status == 303 {
+                    // A navigation that is not a GET comes back as one, on the same origin: a
+                    // path, never a scheme, host or protocol-relative reference.
+                    let loc = &r.headers.iter().find(|(n, _)| n == "location").unwrap().1;
+                    let base = url::Url::parse("https://app.example.com/").unwrap();
+                    prop_assert!(loc.starts_with('/') && !loc.starts_with("//"), "{}", loc);
+                    prop_assert_eq!(base.join(loc).map(|u| u.origin()), Ok(base.origin()));
+                    prop_assert!(!r.headers.iter().any(|(n, _)| n == "set-cookie"));
+                }
                 if r.status == 302 {
                     let loc = &r.headers.iter().find(|(n, _)| n == "location").unwrap().1;
                     if loc != "/" {

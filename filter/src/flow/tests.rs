@@ -970,6 +970,64 @@ fn pending_logins_are_capped() {
     assert_eq!(deleted, 6 - (MAX_PENDING_LOGINS - 1));
 }
 
+/// A cross-site form POST carries none of the site's SameSite=Lax cookies, though its answer may
+/// set them: a login started from it could not cap the pending logins it cannot see, and a page
+/// posting 30 times would leave 30 login cookies (70 KB of Cookie header, Envoy's 431 for every
+/// request to the host). A navigation that is not a GET gets a 303 to itself and no cookie; the
+/// GET carries the pending logins and is capped.
+#[test]
+fn a_navigation_that_posts_starts_no_login_until_it_comes_back_as_a_get() {
+    let g = gate();
+    let mut rng = SeededRandom(22);
+    let long = format!("/form/{}?x=1", "a".repeat(1500));
+    for method in ["POST", "PUT", "DELETE"] {
+        let req = Request {
+            method,
+            sec_fetch_site: Some("cross-site"),
+            has_body: true,
+            ..browser(&long, vec![])
+        };
+        let r = expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng));
+        assert_eq!(r.status, 303, "{method}");
+        assert_eq!(header(&r, "location"), vec![long.as_str()]);
+        assert!(header(&r, "set-cookie").is_empty(), "{method}");
+        assert_eq!(header(&r, "cache-control"), vec!["no-store"]);
+    }
+    // A path, never another origin, whatever the request's path or Host header looks like.
+    for (authority, path, location) in [
+        ("app.example.com", "//evil.example/x", "/"),
+        ("APP.example.com.:8443", "/x", "/x"),
+    ] {
+        let req = Request {
+            method: "POST",
+            authority,
+            ..browser(path, vec![])
+        };
+        let r = expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng));
+        assert_eq!(header(&r, "location"), vec![location], "{authority} {path}");
+    }
+    // The GET that follows starts the login, and with the pending logins it carries, is capped.
+    let mut jar: Vec<String> = Vec::new();
+    for _ in 0..30 {
+        let cookies = jar.iter().map(String::as_str).collect();
+        let r = expect_reply(g.decide(
+            &browser(&long, cookies),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        ));
+        assert_eq!(r.status, 302);
+        for c in header(&r, "set-cookie") {
+            let (name, value) = cookie_pair(c);
+            jar.retain(|kept| !kept.starts_with(&format!("{name}=")));
+            if !c.contains("Max-Age=0") {
+                jar.push(format!("{name}={value}"));
+            }
+        }
+    }
+    assert_eq!(jar.len(), MAX_PENDING_LOGINS);
+}
+
 fn cookies_of(r: &Reply) -> Vec<String> {
     header(r, "set-cookie")
         .iter()
