@@ -870,10 +870,7 @@ impl Gate {
             return self.callback(req, &host, query, &cookies, provider, now);
         }
         if path == self.config.logout_path {
-            let signs_out_at_once = req.sec_fetch_site.is_none_or(|site| {
-                site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")
-            });
-            if !signs_out_at_once {
+            if !signs_out_at_once(req) {
                 // Another site's link or form (a sibling subdomain's too) would sign the user
                 // out here and, with the ID token hint, at the IdP: asked first, and the
                 // confirmation posts same-origin. Clients without Fetch Metadata sign out as
@@ -886,22 +883,7 @@ impl Gate {
             let Some(provider) = known.provider else {
                 return (Decision::NeedProvider, Note::none());
             };
-            let (reply, list_full) = self.logout(&host, &cookies, provider, now);
-            let event = Event::Logout {
-                dropped_an_ended_login: list_full,
-            };
-            let note = if list_full {
-                Note::event(
-                    event,
-                    format!(
-                        "logout; the list of ended logins is full ({MAX_ENDED}): the one \
-                         expiring first was dropped, and copies of its cookie pass again until \
-                         their refresh or expiry"
-                    ),
-                )
-            } else {
-                Note::event(event, "logout")
-            };
+            let (reply, note) = self.sign_out(&host, &cookies, Some(provider), now);
             return (Decision::Reply(reply), note);
         }
         if self.config.is_skipped(req.path)
@@ -1029,6 +1011,28 @@ impl Gate {
                 Note::log("no randomness from the host"),
             ),
         }
+    }
+
+    /// A logout while the IdP's discovery document cannot be had (none cached, the IdP down):
+    /// signed out here all the same, cookies deleted and the login ended in every worker, and
+    /// sent to `/`; the IdP's own session remains. `None` for any other request, which waits
+    /// for the IdP as before.
+    pub fn logout_without_idp(&self, req: &Request<'_>, now: UnixSeconds) -> Option<(Reply, Note)> {
+        if !self.config.protects(req.authority)
+            || !port_is_well_formed(req.authority)
+            || split_path(req.path).0 != self.config.logout_path
+            || !signs_out_at_once(req)
+        {
+            return None;
+        }
+        let cookies = CookieList::parse(&req.cookie_headers);
+        let (reply, mut note) = self.sign_out(&req.host(), &cookies, None, now);
+        note.log = Some(format!(
+            "{}; IdP discovery unavailable: signed out at the gateway only, the IdP session \
+             remains",
+            note.log.unwrap_or_default()
+        ));
+        Some((reply, note))
     }
 
     /// The path the IdP redirects back to.
@@ -2234,12 +2238,39 @@ impl Gate {
         Ok((out, dropped))
     }
 
+    /// The logout reply and its note.
+    fn sign_out(
+        &self,
+        host: &str,
+        cookies: &[(&str, &str)],
+        provider: Option<&ProviderMetadata>,
+        now: UnixSeconds,
+    ) -> (Reply, Note) {
+        let (reply, list_full) = self.logout(host, cookies, provider, now);
+        let event = Event::Logout {
+            dropped_an_ended_login: list_full,
+        };
+        let note = if list_full {
+            Note::event(
+                event,
+                format!(
+                    "logout; the list of ended logins is full ({MAX_ENDED}): the one expiring \
+                     first was dropped, and copies of its cookie pass again until their refresh \
+                     or expiry"
+                ),
+            )
+        } else {
+            Note::event(event, "logout")
+        };
+        (reply, note)
+    }
+
     /// The logout reply, and whether the list of ended logins was full.
     fn logout(
         &self,
         host: &str,
         cookies: &[(&str, &str)],
-        provider: &ProviderMetadata,
+        provider: Option<&ProviderMetadata>,
         now: UnixSeconds,
     ) -> (Reply, bool) {
         let value = assemble_session_cookie(cookies).ok().flatten();
@@ -2282,7 +2313,7 @@ impl Gate {
                 .filter(|(n, _)| is_login_cookie_name(n))
                 .map(|(n, _)| delete_cookie(n)),
         );
-        let location = match &provider.end_session_endpoint {
+        let location = match provider.and_then(|p| p.end_session_endpoint.as_ref()) {
             Some(end) => {
                 let mut u = end.clone();
                 {
@@ -2301,6 +2332,14 @@ impl Gate {
         };
         (Reply::redirect(location, set_cookies), list_full)
     }
+}
+
+/// Whether a logout request signs out without asking: not started by another site (Fetch
+/// Metadata), or from a client that sends none.
+fn signs_out_at_once(req: &Request<'_>) -> bool {
+    req.sec_fetch_site.is_none_or(|site| {
+        site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")
+    })
 }
 
 /// Bytes of sealed session per cookie: with the name and attributes this stays under the

@@ -698,7 +698,15 @@ impl Stream {
                 self.provider = Some(f.value);
                 self.run(paused)
             }
-            None => self.fail(Failure::IdpUnavailable),
+            None => {
+                let gate = shared.gate.clone();
+                if let Some((reply, note)) = gate.logout_without_idp(&self.facts.request(), now) {
+                    self.note(note);
+                    shared.endings.publish(&gate, now);
+                    return self.reply(reply);
+                }
+                self.fail(Failure::IdpUnavailable)
+            }
         }
     }
 
@@ -2636,6 +2644,57 @@ mod tests {
             assert!(matches!(status, 502 | 503), "{what}: {status}");
             assert!(deleted, "{what}: the login cookie was kept");
         }
+    }
+
+    /// The IdP down, no discovery document cached: a logout is still answered, locally, with
+    /// the session cookie deleted and the login ended for the other workers; a navigation that
+    /// needs the IdP gets a 503.
+    #[test]
+    fn a_logout_with_the_idp_unreachable_signs_out_at_the_gateway() {
+        use crate::flow::tests::{a_logged_in_session, NOW};
+        host_stubs::NOW_NS.with(|t| t.set((NOW + 1) * 1_000_000_000));
+        host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
+        let mut outcomes = Vec::new();
+        for path in ["/oauth2/sign_out", "/some/page"] {
+            host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+            let (g, session) = a_logged_in_session();
+            let shared = shared_for(g);
+            let mut s = Stream::new(7, Some(shared.clone()));
+            let navigation: &[(&[u8], &[u8])] = &[
+                (b":authority", b"app.example.com"),
+                (b":path", path.as_bytes()),
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b"sec-fetch-mode", b"navigate"),
+                (b"cookie", session.as_bytes()),
+            ];
+            s.facts = Facts::read(
+                HeaderMapBytes::from_bytes(serialise(navigation)),
+                Some(&shared.gate),
+            );
+            if path == "/some/page" {
+                // Its session ended: the way to the IdP's login is the only way on.
+                s.facts = s.facts.without_session();
+            }
+            s.run(false);
+            let headers = host_stubs::LAST_REPLY_HEADERS.with(|h| h.borrow_mut().split_off(0));
+            let deleted = HeaderMapBytes::from_bytes(headers)
+                .pairs()
+                .any(|(n, v)| n == b"set-cookie" && v.starts_with(b"__Host-oidc-gate=;"));
+            let status = host_stubs::LAST_REPLY.with(|r| r.replace(0));
+            // Another worker learns of the ended login from shared data.
+            let other = shared_for(a_logged_in_session().0);
+            other.endings.learn(&other.gate, NOW + 1);
+            outcomes.push((path, status, deleted, other.gate.ended_logins() > 0));
+        }
+        host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
+        assert_eq!(
+            outcomes,
+            [
+                ("/oauth2/sign_out", 302, true, true),
+                ("/some/page", 503, false, false)
+            ]
+        );
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

@@ -905,6 +905,53 @@ fn logout_names_the_id_token_only_for_a_live_session_whose_id_token_is_no_creden
     assert_eq!(logout_hint(&dex_like, &session, NOW + 1, &mut rng), None);
 }
 
+/// With the IdP down and no discovery document cached, a logout still ends the session here:
+/// cookies deleted, the login ended for every copy, `/` instead of the IdP. Nothing else is
+/// answered this way.
+#[test]
+fn logout_while_the_idp_is_unreachable_signs_out_at_the_gateway() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(23);
+    let session = logged_in(&g, &idp, &mut rng);
+    assert!(matches!(
+        g.decide(
+            &browser("/oauth2/sign_out", vec![&session]),
+            Known::default(),
+            NOW + 1,
+            &mut rng
+        )
+        .0,
+        Decision::NeedProvider
+    ));
+    let other_site = Request {
+        sec_fetch_site: Some("cross-site"),
+        ..browser("/oauth2/sign_out", vec![&session])
+    };
+    for not_a_logout in [
+        browser("/", vec![&session]),
+        browser("/oauth2/callback?code=c&state=s", vec![&session]),
+        other_site,
+    ] {
+        assert!(
+            g.logout_without_idp(&not_a_logout, NOW + 1).is_none(),
+            "{not_a_logout:?}"
+        );
+    }
+
+    let (r, note) = g
+        .logout_without_idp(&browser("/oauth2/sign_out?x=1", vec![&session]), NOW + 1)
+        .unwrap();
+    assert_eq!(r.status, 302);
+    assert_eq!(header(&r, "location"), vec!["/"]);
+    assert!(header(&r, "set-cookie")
+        .iter()
+        .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
+    assert!(matches!(note.event, Some(Event::Logout { .. })), "{note:?}");
+    assert!(note.log.unwrap().contains("IdP session remains"));
+    refused_as_ended(&g, &session, NOW + 2, &mut rng);
+}
+
 #[test]
 fn logout_without_end_session_goes_home() {
     let g = gate();
@@ -3042,4 +3089,13 @@ pub(crate) fn a_pending_login() -> (Gate, PendingLogin, Vec<u8>) {
     );
     let body = json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id_token});
     (g, pending, body.to_string().into_bytes())
+}
+
+/// A gate and the session cookie of a login completed at [`NOW`].
+pub(crate) fn a_logged_in_session() -> (Gate, String) {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(96);
+    let session = logged_in(&g, &idp, &mut rng);
+    (g, session)
 }
