@@ -603,7 +603,8 @@ impl Config {
             let value = env(key).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
                 ConfigError::new(
                     &field,
-                    format!("environment variable `{key}` is not set in the VM"),
+                    "the environment variable it names is not set in the VM (the name is not \
+                     shown: a secret pasted here by mistake must not reach the log)",
                 )
             })?;
             previous_cookie_secrets.push(
@@ -789,9 +790,9 @@ fn one_of(
             Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
             _ => Err(ConfigError::new(
                 env_name,
-                format!(
-                    "environment variable `{key}` is not set in the VM (WasmPlugin vmConfig.env)"
-                ),
+                "the environment variable it names is not set in the VM (WasmPlugin \
+                 vmConfig.env; the name is not shown: a secret pasted here by mistake must not \
+                 reach the log)",
             )),
         },
     }

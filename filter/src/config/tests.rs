@@ -98,7 +98,7 @@ fn reads_secrets_from_environment() {
     assert_eq!(c.client_secret.expose(), "from-env");
     let e = Config::parse(v.to_string().as_bytes(), &no_env).unwrap_err();
     assert_eq!(e.field, "client_secret_env");
-    assert!(e.reason.contains("CS"));
+    assert!(e.reason.contains("not set"), "{e}");
 }
 
 #[test]
@@ -433,4 +433,19 @@ fn errors_in_secret_fields_never_show_the_value() {
     // Other fields still show what was wrong.
     let e = parse(&with("idp_cluster", json!(12345))).unwrap_err();
     assert!(e.to_string().contains("12345"), "{e}");
+    // The secret itself pasted where the name of its variable belongs.
+    for (field, value) in [
+        ("client_secret_env", json!(SECRET32)),
+        ("cookie_secret_env", json!(SECRET32)),
+        ("previous_cookie_secrets_env", json!([SECRET32])),
+    ] {
+        let mut config = with(field, value);
+        let own = field.trim_end_matches("_env");
+        if own != "previous_cookie_secrets" {
+            config.as_object_mut().unwrap().remove(own);
+        }
+        let e = parse(&config).unwrap_err();
+        assert!(e.field.starts_with(field), "{e}");
+        assert!(!e.to_string().contains(SECRET32), "{field}: {e}");
+    }
 }
