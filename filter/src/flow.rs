@@ -993,7 +993,8 @@ impl Gate {
             let again = sanitize_return_path(req.path).to_string();
             let mut reply = Reply::redirect(again, Vec::new());
             reply.status = 303;
-            return (Decision::Reply(reply), note);
+            // Whatever was wrong with the session is noted (and counted) by the GET.
+            return (Decision::Reply(reply), Note::none());
         }
         let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);
@@ -1013,10 +1014,10 @@ impl Gate {
         }
     }
 
-    /// A logout while the IdP's discovery document cannot be had (none cached, the IdP down):
-    /// signed out here all the same, cookies deleted and the login ended in every worker, and
-    /// sent to `/`; the IdP's own session remains. `None` for any other request, which waits
-    /// for the IdP as before.
+    /// A logout while the IdP's discovery document cannot be had (none cached, the IdP down or
+    /// answering garbage): signed out here all the same, cookies deleted and the login ended in
+    /// every worker, with a page saying that the IdP's own session remains. `None` for any
+    /// other request, which fails as before.
     pub fn logout_without_idp(&self, req: &Request<'_>, now: UnixSeconds) -> Option<(Reply, Note)> {
         if !self.config.protects(req.authority)
             || !port_is_well_formed(req.authority)
@@ -2327,6 +2328,12 @@ impl Gate {
                     }
                 }
                 u.to_string()
+            }
+            None if provider.is_none() => {
+                return (
+                    Reply::signed_out_here_only().with_cookies(set_cookies),
+                    list_full,
+                )
             }
             None => "/".to_string(),
         };

@@ -107,10 +107,20 @@ pub fn claim_header_value(value: &serde_json::Value) -> Option<String> {
     (!raw.is_empty() && raw.len() <= MAX_LEN && !raw.chars().any(char::is_control)).then_some(raw)
 }
 
-/// Claims that hold lists (RFC 9068 §2.2.3.1's `groups`, `roles` and `entitlements`; RFC 8176's
-/// `amr`). Some IdPs send a single member as a plain string (AD FS, PingFederate): a comma in it
-/// would read as two members, so it leaves the header out, as in an array.
-const LIST_CLAIMS: [&str; 4] = ["groups", "roles", "entitlements", "amr"];
+/// Claims that hold lists: RFC 9068 §2.2.3.1's `groups`, `roles` and `entitlements`, RFC 8176's
+/// `amr`, AD FS's `group` and `role`, LDAP's `memberOf` and Cognito's `cognito:groups`. Some IdPs
+/// send a single member as a plain string (AD FS, PingFederate): a comma in it would read as two
+/// members, so it leaves the header out, as in an array.
+const LIST_CLAIMS: [&str; 8] = [
+    "groups",
+    "roles",
+    "entitlements",
+    "amr",
+    "group",
+    "role",
+    "memberOf",
+    "cognito:groups",
+];
 
 /// [`claim_header_value`] for the claim named `claim`: a plain string in a list claim is a
 /// one-member list.
@@ -220,7 +230,17 @@ mod tests {
     #[test]
     fn a_single_member_of_a_list_claim_sent_as_a_string_is_a_one_member_list() {
         // AD FS sends one group as a plain string: `Finance,Admins` would read as two groups.
-        for claim in ["groups", "roles", "entitlements", "amr"] {
+        // AD FS's names (`group`, `role`) as well as RFC 9068's, LDAP's and Cognito's.
+        let names = [
+            "groups",
+            "roles",
+            "entitlements",
+            "amr",
+            "group",
+            "role",
+            "memberOf",
+        ];
+        for claim in names.into_iter().chain(["cognito:groups"]) {
             assert_eq!(
                 named_claim_header_value(claim, &json!("Finance,Admins")),
                 None,

@@ -36,13 +36,34 @@ impl Reply {
     /// A page that asks before signing out, for a logout another site started: its button posts
     /// to `logout_path` from this origin. No script; it cannot be framed.
     pub fn logout_confirmation(logout_path: &str) -> Self {
+        Self::page(
+            "Sign out?",
+            &format!(
+                "<p>Another site sent you here to sign out.</p>\
+                 <form method=\"post\" action=\"{}\"><button type=\"submit\">Sign out</button></form>\
+                 <p><a href=\"/\">Stay signed in</a></p>",
+                html_escape(logout_path)
+            ),
+        )
+    }
+
+    /// The page after a logout the IdP could not be told of: the user must know that the IdP
+    /// still holds a session that would sign the next person at this browser in.
+    pub fn signed_out_here_only() -> Self {
+        Self::page(
+            "Signed out of this site",
+            "<p>You are signed out of this site.</p><p><strong>The sign-in provider could not \
+             be reached, so you may still be signed in there.</strong> On a shared computer, \
+             close every browser window, or sign out at the provider once it is back.</p>",
+        )
+    }
+
+    /// A short page of the filter's own, with no script, that cannot be framed.
+    fn page(title: &str, inner_html: &str) -> Self {
         let body = format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
-             <title>Sign out?</title><style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}}\
-             h1{{font-size:1.4rem}}</style></head><body><h1>Sign out?</h1><p>Another site sent you here to sign out.</p>\
-             <form method=\"post\" action=\"{}\"><button type=\"submit\">Sign out</button></form>\
-             <p><a href=\"/\">Stay signed in</a></p></body></html>",
-            html_escape(logout_path)
+             <title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}}\
+             h1{{font-size:1.4rem}}</style></head><body><h1>{title}</h1>{inner_html}</body></html>"
         );
         Self {
             status: 200,

@@ -621,7 +621,12 @@ impl Stream {
                         };
                         Action::Pause
                     }
-                    None => self.use_stale_provider_or_fail(&shared, now, paused),
+                    None => self.use_stale_provider_or_fail(
+                        &shared,
+                        now,
+                        paused,
+                        Failure::IdpUnavailable,
+                    ),
                 }
             }
             Decision::NeedKeys => {
@@ -684,7 +689,15 @@ impl Stream {
         Action::Continue
     }
 
-    fn use_stale_provider_or_fail(&mut self, shared: &Shared, now: u64, paused: bool) -> Action {
+    /// Goes on with the cached discovery document while the IdP gives no usable one; without
+    /// one, a logout still signs out here and anything else gets `failure`.
+    fn use_stale_provider_or_fail(
+        &mut self,
+        shared: &Shared,
+        now: u64,
+        paused: bool,
+        failure: Failure,
+    ) -> Action {
         let stale = shared
             .cache
             .borrow_mut()
@@ -705,7 +718,7 @@ impl Stream {
                     shared.endings.publish(&gate, now);
                     return self.reply(reply);
                 }
-                self.fail(Failure::IdpUnavailable)
+                self.fail(failure)
             }
         }
     }
@@ -945,16 +958,17 @@ impl Stream {
         }
     }
 
-    /// No keys to go on with: a 503, or for a refresh, what a refresh with no answer gives (its
-    /// answer, if any, stays shared for a request that can check it).
+    /// No keys to go on with: a 503 (a login's also deletes its login cookie), or for a refresh,
+    /// what a refresh with no answer gives (its answer, if any, stays shared for a request that
+    /// can check it).
     fn fail_after_keys(&mut self, shared: &Rc<Shared>, then: AfterKeys, paused: bool) -> Action {
-        if let AfterKeys::Refresh {
-            pending, key, from, ..
-        } = then
-        {
-            return self.finish_without_answer(shared, pending, key, from.leading(), paused);
+        match then {
+            AfterKeys::Refresh {
+                pending, key, from, ..
+            } => self.finish_without_answer(shared, pending, key, from.leading(), paused),
+            AfterKeys::Login { pending, .. } => self.reply(pending.failed(Failure::IdpUnavailable)),
+            AfterKeys::Decide => self.fail(Failure::IdpUnavailable),
         }
-        self.fail(Failure::IdpUnavailable)
     }
 
     /// A refresh ends with no answer to apply here (the IdP was not asked, or its answer cannot
@@ -1066,7 +1080,7 @@ impl Stream {
                 }
                 Err(e) => {
                     log::error!("oidc-gate #{}: discovery document refused: {e}", self.id);
-                    self.fail(Failure::IdpInvalid);
+                    self.use_stale_provider_or_fail(&shared, now, true, Failure::IdpInvalid);
                 }
             },
             Some((status, _)) => {
@@ -1074,14 +1088,14 @@ impl Stream {
                     "oidc-gate #{}: discovery answered HTTP {status} (or too large)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&shared, now, true);
+                self.use_stale_provider_or_fail(&shared, now, true, Failure::IdpUnavailable);
             }
             None => {
                 log::error!(
                     "oidc-gate #{}: discovery callout failed (IdP unreachable or timed out)",
                     self.id
                 );
-                self.use_stale_provider_or_fail(&shared, now, true);
+                self.use_stale_provider_or_fail(&shared, now, true, Failure::IdpUnavailable);
             }
         }
     }
@@ -2566,7 +2580,8 @@ mod tests {
 
     /// A login whose callback matched its login cookie deletes that cookie however it fails
     /// (SECURITY.md: one-time), also where the glue answers: the host refusing the token
-    /// callout, no answer, an oversized answer, no keys after a fetch, a failed key fetch.
+    /// callout, no answer, an oversized answer, no keys after a fetch, a failed key fetch, no
+    /// discovery document to fetch keys with.
     #[test]
     fn a_login_that_fails_in_the_glue_deletes_its_login_cookie() {
         use crate::flow::tests::{a_callback, a_pending_login, NOW};
@@ -2640,6 +2655,19 @@ mod tests {
         s.on_jwks(then, 0, SystemTime::UNIX_EPOCH);
         outcomes.push(("key fetch failed", last_reply_and_login_cookie_deleted()));
 
+        let (g, pending, body) = a_pending_login();
+        let (mut s, shared) = stream_for(g);
+        let then = AfterKeys::Login {
+            pending,
+            status: 200,
+            body,
+        };
+        s.fetch_jwks(&shared, then, None, true);
+        outcomes.push((
+            "no provider to fetch keys from",
+            last_reply_and_login_cookie_deleted(),
+        ));
+
         for (what, (status, deleted)) in outcomes {
             assert!(matches!(status, 502 | 503), "{what}: {status}");
             assert!(deleted, "{what}: the login cookie was kept");
@@ -2691,9 +2719,51 @@ mod tests {
         assert_eq!(
             outcomes,
             [
-                ("/oauth2/sign_out", 302, true, true),
+                ("/oauth2/sign_out", 200, true, true),
                 ("/some/page", 503, false, false)
             ]
+        );
+    }
+
+    /// The same when the IdP answers its discovery URL with something that is no discovery
+    /// document (a maintenance page): the logout signs out here; anything else gets a 502.
+    #[test]
+    fn a_logout_while_the_idp_serves_no_discovery_document_signs_out_at_the_gateway() {
+        use crate::flow::tests::{a_logged_in_session, NOW};
+        host_stubs::NOW_NS.with(|t| t.set((NOW + 1) * 1_000_000_000));
+        host_stubs::STATUS.with(|st| *st.borrow_mut() = b"200".to_vec());
+        let mut outcomes = Vec::new();
+        for path in ["/oauth2/sign_out", "/some/page"] {
+            let (g, session) = a_logged_in_session();
+            let shared = shared_for(g);
+            let mut s = Stream::new(7, Some(shared.clone()));
+            let navigation: &[(&[u8], &[u8])] = &[
+                (b":authority", b"app.example.com"),
+                (b":path", path.as_bytes()),
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b"sec-fetch-mode", b"navigate"),
+                (b"cookie", session.as_bytes()),
+            ];
+            s.facts = Facts::read(
+                HeaderMapBytes::from_bytes(serialise(navigation)),
+                Some(&shared.gate),
+            )
+            .without_session();
+            if path == "/oauth2/sign_out" {
+                s.facts = Facts::read(
+                    HeaderMapBytes::from_bytes(serialise(navigation)),
+                    Some(&shared.gate),
+                );
+            }
+            // An empty 200 answer: no discovery document.
+            s.on_discovery(0, SystemTime::UNIX_EPOCH);
+            let (status, _) = last_reply_and_login_cookie_deleted();
+            outcomes.push((path, status, shared.gate.ended_logins() > 0));
+        }
+        assert_eq!(
+            outcomes,
+            [("/oauth2/sign_out", 200, true), ("/some/page", 502, false)]
         );
     }
 

@@ -906,8 +906,8 @@ fn logout_names_the_id_token_only_for_a_live_session_whose_id_token_is_no_creden
 }
 
 /// With the IdP down and no discovery document cached, a logout still ends the session here:
-/// cookies deleted, the login ended for every copy, `/` instead of the IdP. Nothing else is
-/// answered this way.
+/// cookies deleted, the login ended for every copy, and a page saying the IdP's session
+/// remains. Nothing else is answered this way.
 #[test]
 fn logout_while_the_idp_is_unreachable_signs_out_at_the_gateway() {
     let g = gate();
@@ -942,8 +942,11 @@ fn logout_while_the_idp_is_unreachable_signs_out_at_the_gateway() {
     let (r, note) = g
         .logout_without_idp(&browser("/oauth2/sign_out?x=1", vec![&session]), NOW + 1)
         .unwrap();
-    assert_eq!(r.status, 302);
-    assert_eq!(header(&r, "location"), vec!["/"]);
+    // A page, not a redirect: the user must learn that the IdP's session remains.
+    assert_eq!(r.status, 200);
+    assert!(header(&r, "location").is_empty());
+    assert!(r.body.contains("may still be signed in"), "{}", r.body);
+    assert_eq!(header(&r, "x-frame-options"), vec!["DENY"]);
     assert!(header(&r, "set-cookie")
         .iter()
         .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
