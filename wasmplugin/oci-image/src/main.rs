@@ -199,7 +199,10 @@ fn run_validate(args: &[String]) -> Result<(), Failure> {
                 continue;
             }
             let name = json["metadata"]["name"].as_str().unwrap_or("?");
-            let problems = schema.validate(&json);
+            let mut problems = schema.validate(&json);
+            if let Err(e) = render::check_plugin_config(std::slice::from_ref(&doc)) {
+                problems.push(e.to_string());
+            }
             if problems.is_empty() {
                 println!("{file}: {} {name}: valid", schema.kind());
             } else {

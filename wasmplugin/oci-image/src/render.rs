@@ -172,7 +172,55 @@ pub fn apply(docs: &mut [Value], values: &Values) -> Result<Vec<String>, Error> 
         return Err(Error::new("the overlay has no WasmPlugin"));
     }
     check_idp_plumbing(docs)?;
+    check_plugin_config(docs)?;
     Ok(warnings)
+}
+
+/// Runs each `WasmPlugin`'s `pluginConfig` through the filter's own parser, as the filter will
+/// see it: Istio's JSON (numbers as doubles), with a stand-in value for every variable the
+/// manifest passes into the VM (`vmConfig.env`, `valueFrom: HOST`) and none for any other. A
+/// configuration the filter refuses is refused here, before running pods NACK it and new pods
+/// answer 500 to every host.
+pub fn check_plugin_config(docs: &[Value]) -> Result<(), Error> {
+    for doc in docs.iter().filter(|d| kind_of(d) == "WasmPlugin") {
+        let json = crate::yaml_to_json(doc)?;
+        let passed: Vec<&str> = json["spec"]["vmConfig"]["env"]
+            .as_array()
+            .map(|vars| {
+                vars.iter()
+                    .filter(|v| v["valueFrom"] == "HOST")
+                    .filter_map(|v| v["name"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Valid as a client secret and as a cookie secret (base64 of 32 bytes).
+        const STAND_IN: &str = "c3RhbmQtaW4gZm9yIGEgMzItYnl0ZSBzZWNyZXQgISE=";
+        let env = |name: &str| passed.contains(&name).then(|| STAND_IN.to_owned());
+        let config = serde_json::to_string(&as_istio_json(&json["spec"]["pluginConfig"]))?;
+        oidc_filter::config::Config::parse(config.as_bytes(), &env).map_err(|e| {
+            Error::new(format!(
+                "{}: the filter would refuse this pluginConfig: {e}",
+                name_of(doc)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// What Istio hands the filter: `pluginConfig` through a protobuf `Struct`, where every number
+/// is a double.
+pub fn as_istio_json(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        J::Number(n) => n.as_f64().map_or(J::Null, J::from),
+        J::Array(a) => J::Array(a.iter().map(as_istio_json).collect()),
+        J::Object(o) => J::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), as_istio_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// The external-IdP consistency checks described in the module docs.

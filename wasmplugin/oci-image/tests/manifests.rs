@@ -520,23 +520,6 @@ fn validate_command_reports_invalid_files() {
 /// secrets coming from the environment variables the manifest names.
 #[test]
 fn plugin_config_is_accepted_by_the_filter() {
-    fn as_istio_json(v: &Value) -> Value {
-        match v {
-            Value::Number(n) => n.as_f64().map(|f| json!(f)).unwrap_or(Value::Null),
-            Value::Array(a) => Value::Array(a.iter().map(as_istio_json).collect()),
-            Value::Object(o) => Value::Object(
-                o.iter()
-                    .map(|(k, v)| (k.clone(), as_istio_json(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
-    }
-    let env = |name: &str| match name {
-        "OIDC_CLIENT_SECRET" => Some("client-secret".to_string()),
-        "OIDC_COOKIE_SECRET" => Some("MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=".to_string()),
-        _ => None,
-    };
     let mut plugins = vec![base_plugin()];
     for overlay in overlays() {
         plugins.extend(
@@ -547,10 +530,36 @@ fn plugin_config_is_accepted_by_the_filter() {
     }
     assert!(plugins.len() >= 3, "base and at least two overlays");
     for plugin in plugins {
-        let config = as_istio_json(&plugin["spec"]["pluginConfig"]);
-        let text = serde_json::to_string(&config).unwrap();
-        if let Err(e) = oidc_filter::config::Config::parse(text.as_bytes(), &env) {
+        let doc: serde_yaml_ng::Value = serde_json::from_value(plugin.clone()).unwrap();
+        if let Err(e) = oci_image::render::check_plugin_config(&[doc]) {
             panic!("{}: {e}", plugin["metadata"]["name"]);
         }
     }
+}
+
+/// A configuration the filter would refuse is refused at render and validate time: a typo'd
+/// key, a wrong type, a secret variable the manifest does not pass into the VM.
+#[test]
+fn a_plugin_config_the_filter_refuses_is_refused_before_it_is_applied() {
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut plugin = base_plugin();
+        edit(&mut plugin);
+        serde_json::from_value::<serde_yaml_ng::Value>(plugin).unwrap()
+    };
+    let typo = with(&|p| p["spec"]["pluginConfig"]["isuer"] = json!("https://x"));
+    let wrong_type = with(&|p| p["spec"]["pluginConfig"]["hosts"] = json!("app.example.com"));
+    let env_not_passed = with(&|p| {
+        p["spec"]["vmConfig"]["env"] = json!([{"name": "OIDC_CLIENT_SECRET", "valueFrom": "HOST"}])
+    });
+    for (what, doc, field) in [
+        ("typo", typo, "isuer"),
+        ("wrong type", wrong_type, "hosts"),
+        ("variable not passed", env_not_passed, "cookie_secret_env"),
+    ] {
+        let e = oci_image::render::check_plugin_config(&[doc])
+            .expect_err(what)
+            .to_string();
+        assert!(e.contains(&format!("field `{field}`")), "{what}: {e}");
+    }
+    assert!(oci_image::render::check_plugin_config(&[with(&|_| {})]).is_ok());
 }
