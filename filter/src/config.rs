@@ -823,9 +823,15 @@ fn strip_position(msg: &str) -> String {
 /// as a string must not put the secret into Envoy's log.
 fn holds_secret(path: &str) -> bool {
     let top = path.split(['.', '[']).next().unwrap_or_default();
+    // The *_env fields too: the secret itself may be pasted where its variable's name belongs.
     matches!(
         top,
-        "client_secret" | "cookie_secret" | "previous_cookie_secrets"
+        "client_secret"
+            | "cookie_secret"
+            | "previous_cookie_secrets"
+            | "client_secret_env"
+            | "cookie_secret_env"
+            | "previous_cookie_secrets_env"
     )
 }
 

@@ -993,8 +993,13 @@ impl Gate {
             let again = sanitize_return_path(req.path).to_string();
             let mut reply = Reply::redirect(again, Vec::new());
             reply.status = 303;
-            // Whatever was wrong with the session is noted (and counted) by the GET.
-            return (Decision::Reply(reply), Note::none());
+            // Whatever was wrong with the session is counted by the GET; logged here too, for a
+            // client that does not follow.
+            let logged = Note {
+                event: None,
+                ..note
+            };
+            return (Decision::Reply(reply), logged);
         }
         let Some(provider) = known.provider else {
             return (Decision::NeedProvider, note);

@@ -53,7 +53,7 @@ impl Reply {
         Self::page(
             "Signed out of this site",
             "<p>You are signed out of this site.</p><p><strong>The sign-in provider could not \
-             be reached, so you may still be signed in there.</strong> On a shared computer, \
+             be asked to sign you out, so you may still be signed in there.</strong> On a shared computer, \
              close every browser window, or sign out at the provider once it is back.</p>",
         )
     }

@@ -2767,6 +2767,44 @@ mod tests {
         );
     }
 
+    /// An IdP that answers its discovery URL with something that is no discovery document is
+    /// treated as one that does not answer: a document checked earlier and still within its
+    /// staleness bound is used, and the login goes on; without one, a 502.
+    #[test]
+    fn a_refused_discovery_document_falls_back_to_the_cached_one() {
+        use crate::flow::tests::{a_logged_in_session, provider, NOW};
+        host_stubs::NOW_NS.with(|t| t.set(NOW * 1_000_000_000));
+        host_stubs::STATUS.with(|st| *st.borrow_mut() = b"200".to_vec());
+        let mut outcomes = Vec::new();
+        for cached in [true, false] {
+            host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+            let shared = shared_for(a_logged_in_session().0);
+            if cached {
+                // Past its refresh time (an hour), within the staleness bound (a day).
+                let fetched_at = NOW - 4_000;
+                shared
+                    .cache
+                    .borrow_mut()
+                    .store_provider(b"{}", provider(), fetched_at);
+            }
+            let mut s = Stream::new(7, Some(shared.clone()));
+            let navigation: &[(&[u8], &[u8])] = &[
+                (b":authority", b"app.example.com"),
+                (b":path", b"/some/page"),
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b"sec-fetch-mode", b"navigate"),
+            ];
+            s.facts = Facts::read(
+                HeaderMapBytes::from_bytes(serialise(navigation)),
+                Some(&shared.gate),
+            );
+            s.on_discovery(0, SystemTime::UNIX_EPOCH);
+            outcomes.push((cached, host_stubs::LAST_REPLY.with(|r| r.replace(0))));
+        }
+        assert_eq!(outcomes, [(true, 302), (false, 502)]);
+    }
+
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
     fn refreshing() -> (Rc<Shared>, PendingRefresh, [u8; 16]) {
         let (g, pending) = crate::flow::tests::a_due_refresh();

@@ -423,6 +423,22 @@ fn errors_in_secret_fields_never_show_the_value() {
             numeric_secret.to_string(),
         ),
         ("cookie_secret", json!([SECRET32]), SECRET32.to_string()),
+        // The same slips where the name of the secret's variable belongs.
+        (
+            "previous_cookie_secrets_env",
+            json!(SECRET32),
+            SECRET32.to_string(),
+        ),
+        (
+            "client_secret_env",
+            json!(numeric_secret),
+            numeric_secret.to_string(),
+        ),
+        (
+            "cookie_secret_env",
+            json!(numeric_secret),
+            numeric_secret.to_string(),
+        ),
     ] {
         let e = parse(&with(field, value.clone())).unwrap_err();
         let text = e.to_string();

@@ -1043,6 +1043,18 @@ fn a_navigation_that_posts_starts_no_login_until_it_comes_back_as_a_get() {
         assert!(header(&r, "set-cookie").is_empty(), "{method}");
         assert_eq!(header(&r, "cache-control"), vec!["no-store"]);
     }
+    // A session cookie that fails is logged here but counted only by the GET that follows.
+    let req = Request {
+        method: "POST",
+        ..browser("/form", vec!["__Host-oidc-gate=tampered"])
+    };
+    let (d, note) = g.decide(&req, with_provider(&provider()), NOW, &mut rng);
+    assert!(
+        matches!(d, Decision::Reply(ref r) if r.status == 303),
+        "{d:?}"
+    );
+    assert_eq!(note.event, None);
+    assert!(note.log.is_some());
     // A path, never another origin, whatever the request's path or Host header looks like.
     for (authority, path, location) in [
         ("app.example.com", "//evil.example/x", "/"),
