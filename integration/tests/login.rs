@@ -1,6 +1,7 @@
 //! The login flow through a real Envoy running the built filter (docs/CONTRACT.md).
 
 use cookie::SameSite;
+use integration::browser::Browser;
 use integration::stack::{
     jwt_payload, Stack, APP_HOST, CLIENT_ID, LOGIN_COOKIE_PREFIX, SESSION_COOKIE,
 };
@@ -296,46 +297,57 @@ async fn tampered_session_cookie_means_login_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_with_wrong_state_is_rejected_without_token_call() {
-    let stack = Stack::start_default().await;
-    let b = stack.browser();
-    let start = b.get(&stack.url("/anything")).await;
-    assert_eq!(start.status, 302, "{}", start.describe());
-    let page = b.follow_one(&start).await;
-    let to_callback = b
-        .submit_login(
-            &page,
-            integration::stack::USERNAME,
-            integration::stack::PASSWORD,
-        )
-        .await;
-    assert_eq!(to_callback.status, 302, "{}", to_callback.describe());
-    let cb_url = to_callback.location().expect("callback URL");
-    let code = to_callback.location_param("code").expect("code");
-    let state = to_callback.location_param("state").expect("state");
-    let (flow_id, random) = state.split_once('.').expect("<flow_id>.<random>");
-    let token_before = stack.idp.stats().token;
+    /// A browser with a login up to its callback: the browser, the callback URL without its
+    /// query, and the callback's `code`, `state` and `iss`.
+    async fn at_the_callback(stack: &Stack) -> (Browser, String, [String; 3]) {
+        let b = stack.browser();
+        let start = b.get(&stack.url("/anything")).await;
+        assert_eq!(start.status, 302, "{}", start.describe());
+        let page = b.follow_one(&start).await;
+        let to_callback = b
+            .submit_login(
+                &page,
+                integration::stack::USERNAME,
+                integration::stack::PASSWORD,
+            )
+            .await;
+        assert_eq!(to_callback.status, 302, "{}", to_callback.describe());
+        let cb_url = to_callback.location().expect("callback URL");
+        let base = format!("{}://{}{}", cb_url.scheme(), APP_HOST, cb_url.path());
+        let param = |name: &str| to_callback.location_param(name).expect(name);
+        let params = [param("code"), param("state"), param("iss")];
+        (b, base, params)
+    }
 
-    let base = format!("{}://{}{}", cb_url.scheme(), APP_HOST, cb_url.path());
-    let flipped = {
-        let mut r: Vec<char> = random.chars().collect();
-        r[0] = if r[0] == 'A' { 'B' } else { 'A' };
-        r.into_iter().collect::<String>()
-    };
-    let cases = [
-        (
-            "random part changed",
-            format!("{base}?code={code}&state={flow_id}.{flipped}"),
-        ),
-        (
-            "unknown flow id",
-            format!("{base}?code={code}&state=AAAAAAAAAAAAAAAA.{random}"),
-        ),
-        ("state missing", format!("{base}?code={code}")),
-        ("code missing", format!("{base}?state={state}")),
-        ("no query", base.clone()),
+    let stack = Stack::start_default().await;
+    let token_before = stack.idp.stats().token;
+    type Case = fn(&str, &str, &str, &str) -> String;
+    let cases: [(&str, Case); 5] = [
+        ("random part changed", |base, code, state, iss| {
+            let (flow_id, random) = state.split_once('.').expect("<flow_id>.<random>");
+            let mut r: Vec<char> = random.chars().collect();
+            r[0] = if r[0] == 'A' { 'B' } else { 'A' };
+            let flipped: String = r.into_iter().collect();
+            format!("{base}?code={code}&state={flow_id}.{flipped}&iss={iss}")
+        }),
+        ("unknown flow id", |base, code, state, iss| {
+            let (_, random) = state.split_once('.').expect("<flow_id>.<random>");
+            format!("{base}?code={code}&state=AAAAAAAAAAAAAAAA.{random}&iss={iss}")
+        }),
+        ("state missing", |base, code, _, iss| {
+            format!("{base}?code={code}&iss={iss}")
+        }),
+        ("code missing", |base, _, state, iss| {
+            format!("{base}?state={state}&iss={iss}")
+        }),
+        ("no query", |base, _, _, _| base.to_string()),
     ];
+    // Each case in a browser of its own, whose login cookie is still there: a refused callback
+    // deletes it, and the next case would be refused for that alone.
     for (what, url) in cases {
-        let r = b.get(&url).await;
+        let (b, base, [code, state, iss]) = at_the_callback(&stack).await;
+        let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
+        let r = b.get(&url(&base, &code, &state, &iss)).await;
         assert_eq!(r.status, 400, "{what}: {}", r.describe());
         assert!(r.set_cookie(SESSION_COOKIE).is_none(), "{what}: no session");
         assert_eq!(
@@ -346,13 +358,27 @@ async fn callback_with_wrong_state_is_rejected_without_token_call() {
     }
 
     // The right state without the login cookie (another browser: login CSRF) -> 400 too.
+    let (_, base, [code, state, iss]) = at_the_callback(&stack).await;
+    let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
     let other = stack.browser();
     let r = other
-        .get(&format!("{base}?code={code}&state={state}"))
+        .get(&format!("{base}?code={code}&state={state}&iss={iss}"))
         .await;
     assert_eq!(r.status, 400, "no login cookie: {}", r.describe());
     assert_eq!(stack.idp.stats().token, token_before);
     assert_eq!(stack.upstream.count(), 0, "nothing reached the upstream");
+    // The control: that browser's own callback completes the login.
+    let (b, base, [code, state, iss]) = at_the_callback(&stack).await;
+    let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
+    let r = b
+        .get(&format!("{base}?code={code}&state={state}&iss={iss}"))
+        .await;
+    assert_eq!(r.status, 302, "control: {}", r.describe());
+    assert!(
+        r.set_cookie(SESSION_COOKIE).is_some(),
+        "control: {}",
+        r.describe()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

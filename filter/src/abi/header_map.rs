@@ -203,6 +203,7 @@ mod tests {
         ];
         let map = HeaderMapBytes::from_bytes(serialise(pairs));
         let spans: Vec<_> = map.spans().map(|(n, r)| (n.to_vec(), r)).collect();
+        assert_eq!(spans.len(), pairs.len());
         for ((name, range), (want_name, want_value)) in spans.iter().zip(pairs) {
             assert_eq!(name, want_name);
             assert_eq!(&map.values()[range.clone()], *want_value);

@@ -832,11 +832,26 @@ fn duplicate_session_cookies_are_not_trusted() {
     let idp = Idp::new();
     let mut rng = SeededRandom(17);
     let session = logged_in(&g, &idp, &mut rng);
-    let req = browser("/", vec![&session, "__Host-oidc-gate=planted"]);
-    assert_eq!(
-        expect_reply(g.decide(&req, with_provider(&provider()), NOW, &mut rng)).status,
-        302
-    );
+    // Neither the first nor the last copy wins, and the same session twice is no session either.
+    for cookies in [
+        vec![session.as_str(), "__Host-oidc-gate=planted"],
+        vec!["__Host-oidc-gate=planted", session.as_str()],
+        vec![session.as_str(), session.as_str()],
+    ] {
+        let r = expect_reply(g.decide(
+            &browser("/", cookies.clone()),
+            with_provider(&provider()),
+            NOW,
+            &mut rng,
+        ));
+        assert_eq!(r.status, 302, "{cookies:?}");
+        assert!(
+            header(&r, "set-cookie")
+                .iter()
+                .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")),
+            "{cookies:?}"
+        );
+    }
 }
 
 #[test]
