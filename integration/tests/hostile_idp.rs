@@ -1841,6 +1841,41 @@ async fn jwks_outages_junk_and_weak_keys() {
         jwks_before,
         "no JWKS fetch needed while warm"
     );
+    // A key the gateway does not hold (an unknown kid) makes it refetch, and the IdP answers
+    // garbage: that login fails, and the keys in hand are not replaced by nothing.
+    login_case(
+        s,
+        &b,
+        "unknown kid while the JWKS is garbage",
+        "/warm-refetch",
+        |_| {
+            Fault::All(vec![
+                Fault::JwksBody("garbage".into()),
+                Fault::IdTokenHeader(json!({"kid": "not-a-key-of-this-idp"})),
+            ])
+        },
+        Expect::Reject(502),
+    )
+    .await;
+    assert_eq!(
+        stack.idp.stats().jwks,
+        jwks_before + 1,
+        "the unknown kid was looked for once, and answered with garbage"
+    );
+    login_case(
+        s,
+        &b,
+        "normal login after the garbage refetch",
+        "/warm-after",
+        |_| Fault::None,
+        Expect::Accept,
+    )
+    .await;
+    assert_eq!(
+        stack.idp.stats().jwks,
+        jwks_before + 1,
+        "verified with the keys kept, not fetched again"
+    );
     assert_eq!(stack.upstream.count(), 0);
     assert_no_crash(&stack);
 }
