@@ -537,6 +537,7 @@ async fn callback_on_another_port_is_not_the_callback() {
     );
     assert_eq!(stack.idp.stats().token, before.token, "no token call");
     assert_eq!(stack.upstream.count(), before.upstream, "nothing upstream");
+    assert_no_crash(&stack);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1652,10 +1653,15 @@ async fn huge_return_url_login_cookie_fits_a_browser() {
     let b = stack.browser();
     let long = format!("/long?q={}", "a".repeat(6000));
     let r = start(&stack, &b, &long).await;
-    for c in r.set_cookies_with_prefix(LOGIN_COOKIE_PREFIX) {
-        let size = c.name().len() + c.value().len();
-        assert!(size <= 4096, "login cookie of {size} bytes");
-    }
+    let login_cookies = r.set_cookies_with_prefix(LOGIN_COOKIE_PREFIX);
+    assert_eq!(login_cookies.len(), 1, "{}", r.describe());
+    let size = login_cookies[0].name().len() + login_cookies[0].value().len();
+    assert!(size <= 4096, "login cookie of {size} bytes");
+    // And the login completes, landing on the path without the query it could not keep.
+    let flow = stack.login_from(&b, r).await;
+    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
+    assert_eq!(flow.landed.url.path(), "/long");
+    assert_no_crash(&stack);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1717,6 +1723,7 @@ async fn header_values_that_are_not_utf8_get_an_answer_not_a_crash() {
 async fn a_logout_another_site_starts_asks_first() {
     let stack = Stack::start(StackOptions::default()).await;
     let (b, _) = logged_in(&stack, "/in").await;
+    let up = stack.upstream.count();
     let logout = Url::parse(&stack.url("/oauth2/sign_out")).unwrap();
     let page = b
         .send(
@@ -1733,8 +1740,14 @@ async fn a_logout_another_site_starts_asks_first() {
     assert!(page
         .header("content-security-policy")
         .is_some_and(|c| c.contains("frame-ancestors 'none'")));
+    assert_eq!(
+        stack.upstream.count(),
+        up,
+        "the logout path never reaches the upstream"
+    );
     let r = b.get(&stack.url("/still-signed-in")).await;
     assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(stack.upstream.count(), up + 1);
 
     let form = integration::browser::Form::parse(&page.body, &page.url).expect("a form");
     let r = b.submit(&page, &form).await;
@@ -1742,4 +1755,10 @@ async fn a_logout_another_site_starts_asks_first() {
     let loc = r.location().unwrap();
     assert!(loc.as_str().starts_with(&stack.logout_endpoint()), "{loc}");
     assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_none());
+    assert_eq!(
+        stack.upstream.count(),
+        up + 1,
+        "the logout never reaches the upstream"
+    );
+    assert_no_crash(&stack);
 }
