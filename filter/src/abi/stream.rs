@@ -2599,17 +2599,7 @@ mod tests {
             .cache
             .borrow_mut()
             .store_provider(b"{}", provider, NOW);
-        let callback: &[(&[u8], &[u8])] = &[
-            (b":authority", b"app.example.com"),
-            (b":path", path.as_bytes()),
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-            (b"cookie", cookie.as_bytes()),
-        ];
-        s.facts = Facts::read(
-            HeaderMapBytes::from_bytes(serialise(callback)),
-            Some(&shared.gate),
-        );
+        s.facts = navigation_facts(&shared.gate, &path, Some(&cookie));
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
         s.run(false);
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
@@ -2688,22 +2678,9 @@ mod tests {
             let (g, session) = a_logged_in_session();
             let shared = shared_for(g);
             let mut s = Stream::new(7, Some(shared.clone()));
-            let navigation: &[(&[u8], &[u8])] = &[
-                (b":authority", b"app.example.com"),
-                (b":path", path.as_bytes()),
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b"sec-fetch-mode", b"navigate"),
-                (b"cookie", session.as_bytes()),
-            ];
-            s.facts = Facts::read(
-                HeaderMapBytes::from_bytes(serialise(navigation)),
-                Some(&shared.gate),
-            );
-            if path == "/some/page" {
-                // Its session ended: the way to the IdP's login is the only way on.
-                s.facts = s.facts.without_session();
-            }
+            // The page without a session: the way to the IdP's login is the only way on.
+            let session = (path == "/oauth2/sign_out").then_some(session.as_str());
+            s.facts = navigation_facts(&shared.gate, path, session);
             s.run(false);
             let headers = host_stubs::LAST_REPLY_HEADERS.with(|h| h.borrow_mut().split_off(0));
             let deleted = HeaderMapBytes::from_bytes(headers)
@@ -2737,25 +2714,8 @@ mod tests {
             let (g, session) = a_logged_in_session();
             let shared = shared_for(g);
             let mut s = Stream::new(7, Some(shared.clone()));
-            let navigation: &[(&[u8], &[u8])] = &[
-                (b":authority", b"app.example.com"),
-                (b":path", path.as_bytes()),
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b"sec-fetch-mode", b"navigate"),
-                (b"cookie", session.as_bytes()),
-            ];
-            s.facts = Facts::read(
-                HeaderMapBytes::from_bytes(serialise(navigation)),
-                Some(&shared.gate),
-            )
-            .without_session();
-            if path == "/oauth2/sign_out" {
-                s.facts = Facts::read(
-                    HeaderMapBytes::from_bytes(serialise(navigation)),
-                    Some(&shared.gate),
-                );
-            }
+            let session = (path == "/oauth2/sign_out").then_some(session.as_str());
+            s.facts = navigation_facts(&shared.gate, path, session);
             // An empty 200 answer: no discovery document.
             s.on_discovery(0, SystemTime::UNIX_EPOCH);
             let (status, _) = last_reply_and_login_cookie_deleted();
@@ -2788,17 +2748,7 @@ mod tests {
                     .store_provider(b"{}", provider(), fetched_at);
             }
             let mut s = Stream::new(7, Some(shared.clone()));
-            let navigation: &[(&[u8], &[u8])] = &[
-                (b":authority", b"app.example.com"),
-                (b":path", b"/some/page"),
-                (b":method", b"GET"),
-                (b":scheme", b"https"),
-                (b"sec-fetch-mode", b"navigate"),
-            ];
-            s.facts = Facts::read(
-                HeaderMapBytes::from_bytes(serialise(navigation)),
-                Some(&shared.gate),
-            );
+            s.facts = navigation_facts(&shared.gate, "/some/page", None);
             s.on_discovery(0, SystemTime::UNIX_EPOCH);
             outcomes.push((cached, host_stubs::LAST_REPLY.with(|r| r.replace(0))));
         }
@@ -2810,6 +2760,19 @@ mod tests {
         let (g, pending) = crate::flow::tests::a_due_refresh();
         let key = pending.coalescing_key();
         (shared_for(g), pending, key)
+    }
+
+    /// A browser navigation to `path` on the session's host, with `cookie` when given.
+    fn navigation_facts(gate: &Gate, path: &str, cookie: Option<&str>) -> Facts {
+        let mut headers: Vec<(&[u8], &[u8])> = vec![
+            (b":authority", b"app.example.com"),
+            (b":path", path.as_bytes()),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b"sec-fetch-mode", b"navigate"),
+        ];
+        headers.extend(cookie.map(|c| (&b"cookie"[..], c.as_bytes())));
+        Facts::read(HeaderMapBytes::from_bytes(serialise(&headers)), Some(gate))
     }
 
     /// An API call of the session's host: had its session ended, it would get a 401.
