@@ -2569,7 +2569,15 @@ fn gate_decide() {
         // this engine (which may answer from its cache) as from a fresh one.
         let later = sc.now.saturating_add(sc.seed % 4000).saturating_sub(300);
         let warm = g.decide(&req, known, later, &mut Xorshift::new(sc.seed ^ 1));
-        let cold = new_gate(sc.full).decide(&req, known, later, &mut Xorshift::new(sc.seed ^ 1));
+        // A login the first decision ended (a logout) is state every VM learns, not the cache:
+        // the fresh engine learns it as another VM would.
+        let fresh = new_gate(sc.full);
+        let mut ended = oidc_filter::ended::EndedLogins::default();
+        for e in g.take_unpublished_endings() {
+            let _ = ended.insert(e, sc.now);
+        }
+        fresh.learn_endings(&ended.encode(), sc.now);
+        let cold = fresh.decide(&req, known, later, &mut Xorshift::new(sc.seed ^ 1));
         prop_assert_eq!(
             format!("{warm:?}"),
             format!("{cold:?}"),
