@@ -837,7 +837,8 @@ fn holds_secret(path: &str) -> bool {
 
 /// serde's `invalid type: string "…", expected …` without the value it quotes.
 fn without_value(msg: &str) -> String {
-    let (found, expected) = match msg.split_once(", expected ") {
+    // The last one is serde's: the quoted value may itself hold ", expected ".
+    let (found, expected) = match msg.rsplit_once(", expected ") {
         Some((found, expected)) => (found, Some(expected)),
         None => (msg, None),
     };

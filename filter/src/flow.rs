@@ -2271,7 +2271,8 @@ impl Gate {
         (reply, note)
     }
 
-    /// The logout reply, and whether the list of ended logins was full.
+    /// The logout reply (a page instead of a redirect when there is no `provider`, the IdP
+    /// having given no discovery document), and whether the list of ended logins was full.
     fn logout(
         &self,
         host: &str,
@@ -2319,7 +2320,14 @@ impl Gate {
                 .filter(|(n, _)| is_login_cookie_name(n))
                 .map(|(n, _)| delete_cookie(n)),
         );
-        let location = match provider.and_then(|p| p.end_session_endpoint.as_ref()) {
+        let Some(provider) = provider else {
+            // The IdP could not be asked: the user must learn that its session remains.
+            return (
+                Reply::signed_out_here_only().with_cookies(set_cookies),
+                list_full,
+            );
+        };
+        let location = match &provider.end_session_endpoint {
             Some(end) => {
                 let mut u = end.clone();
                 {
@@ -2333,12 +2341,6 @@ impl Gate {
                     }
                 }
                 u.to_string()
-            }
-            None if provider.is_none() => {
-                return (
-                    Reply::signed_out_here_only().with_cookies(set_cookies),
-                    list_full,
-                )
             }
             None => "/".to_string(),
         };

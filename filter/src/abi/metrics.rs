@@ -40,6 +40,13 @@ impl Metrics {
         Some(id)
     }
 
+    /// Whether a counter whose name starts with `name` was counted in this VM (tests).
+    #[cfg(test)]
+    pub fn counted(&self, name: &str) -> bool {
+        let full = format!("{PREFIX}{name}");
+        self.ids.borrow().keys().any(|k| k.starts_with(&full))
+    }
+
     /// Adds one to a counter.
     pub fn count(&self, name: &str) {
         let full = format!("{PREFIX}{name}");

@@ -644,7 +644,7 @@ impl Stream {
                     };
                     Action::Pause
                 }
-                None => self.reply(pending.failed(Failure::IdpUnavailable)),
+                None => self.fail_login(&pending, Failure::IdpUnavailable, "idp unreachable"),
             },
             Decision::Refresh { call, pending } => {
                 self.start_refresh(&shared, call, pending, now, paused)
@@ -966,9 +966,17 @@ impl Stream {
             AfterKeys::Refresh {
                 pending, key, from, ..
             } => self.finish_without_answer(shared, pending, key, from.leading(), paused),
-            AfterKeys::Login { pending, .. } => self.reply(pending.failed(Failure::IdpUnavailable)),
+            AfterKeys::Login { pending, .. } => {
+                self.fail_login(&pending, Failure::IdpUnavailable, "jwks unavailable")
+            }
             AfterKeys::Decide => self.fail(Failure::IdpUnavailable),
         }
+    }
+
+    /// A login the glue ends itself: counted, and answered with its login cookie deleted.
+    fn fail_login(&mut self, pending: &PendingLogin, f: Failure, reason: &'static str) -> Action {
+        self.note(Note::count(crate::flow::Event::LoginFailed(reason)));
+        self.reply(pending.failed(f))
     }
 
     /// A refresh ends with no answer to apply here (the IdP was not asked, or its answer cannot
@@ -1107,22 +1115,14 @@ impl Stream {
                     "oidc-gate #{}: token callout failed (IdP unreachable or timed out)",
                     self.id
                 );
-                self.note(Note::count(crate::flow::Event::LoginFailed(
-                    "idp unreachable",
-                )));
-                let r = pending.failed(Failure::IdpUnavailable);
-                self.reply(r);
+                self.fail_login(&pending, Failure::IdpUnavailable, "idp unreachable");
             }
             Some((status, None)) => {
                 log::error!(
                     "oidc-gate #{}: token endpoint answered HTTP {status} with an oversized body",
                     self.id
                 );
-                self.note(Note::count(crate::flow::Event::LoginFailed(
-                    "token exchange",
-                )));
-                let r = pending.failed(Failure::IdpInvalid);
-                self.reply(r);
+                self.fail_login(&pending, Failure::IdpInvalid, "token exchange");
             }
             Some((status, Some(body))) => self.finish_login(pending, status, body),
         }
@@ -1152,8 +1152,7 @@ impl Stream {
                 self.reply(reply);
             }
             LoginStep::NeedKeys if self.keys_fetched => {
-                let r = pending.failed(Failure::IdpUnavailable);
-                self.reply(r);
+                self.fail_login(&pending, Failure::IdpUnavailable, "jwks unavailable");
             }
             LoginStep::NeedKeys => {
                 let then = AfterKeys::Login {
@@ -1202,22 +1201,7 @@ impl Stream {
         if have_keys {
             self.after_keys(then, true);
         } else {
-            match then {
-                // No keys to check the answer with: for this stream like no answer; the answer
-                // itself stays shared for the next request.
-                AfterKeys::Refresh {
-                    pending, key, from, ..
-                } => {
-                    self.finish_without_answer(&shared, pending, key, from.leading(), true);
-                }
-                AfterKeys::Login { pending, .. } => {
-                    let r = pending.failed(Failure::IdpUnavailable);
-                    self.reply(r);
-                }
-                AfterKeys::Decide => {
-                    self.fail(Failure::IdpUnavailable);
-                }
-            }
+            self.fail_after_keys(&shared, then, true);
         }
     }
 }
@@ -2603,7 +2587,11 @@ mod tests {
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
         s.run(false);
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
-        outcomes.push(("callout refused", last_reply_and_login_cookie_deleted()));
+        outcomes.push((
+            "callout refused",
+            last_reply_and_login_cookie_deleted(),
+            shared.metrics.counted("logins_failed_"),
+        ));
 
         for (what, status, body_size) in [
             ("no answer", &b""[..], 0),
@@ -2614,7 +2602,7 @@ mod tests {
             ),
         ] {
             let (g, pending, _) = a_pending_login();
-            let (mut s, _) = stream_for(g);
+            let (mut s, shared) = stream_for(g);
             s.waiting = Waiting::Token {
                 token: 1,
                 started: SystemTime::UNIX_EPOCH,
@@ -2622,20 +2610,23 @@ mod tests {
             };
             host_stubs::STATUS.with(|st| *st.borrow_mut() = status.to_vec());
             s.on_http_call_response(1, 0, body_size, 0);
-            outcomes.push((what, last_reply_and_login_cookie_deleted()));
+            let counted = shared.metrics.counted("logins_failed_");
+            outcomes.push((what, last_reply_and_login_cookie_deleted(), counted));
         }
 
         let (g, pending, body) = a_pending_login();
-        let (mut s, _) = stream_for(g);
+        let (mut s, shared) = stream_for(g);
         s.keys_fetched = true;
         s.finish_login(pending, 200, body);
+        let counted = shared.metrics.counted("logins_failed_");
         outcomes.push((
             "no keys after a fetch",
             last_reply_and_login_cookie_deleted(),
+            counted,
         ));
 
         let (g, pending, body) = a_pending_login();
-        let (mut s, _) = stream_for(g);
+        let (mut s, shared) = stream_for(g);
         host_stubs::STATUS.with(|st| *st.borrow_mut() = b"500".to_vec());
         let then = AfterKeys::Login {
             pending,
@@ -2643,7 +2634,12 @@ mod tests {
             body,
         };
         s.on_jwks(then, 0, SystemTime::UNIX_EPOCH);
-        outcomes.push(("key fetch failed", last_reply_and_login_cookie_deleted()));
+        let counted = shared.metrics.counted("logins_failed_");
+        outcomes.push((
+            "key fetch failed",
+            last_reply_and_login_cookie_deleted(),
+            counted,
+        ));
 
         let (g, pending, body) = a_pending_login();
         let (mut s, shared) = stream_for(g);
@@ -2653,14 +2649,17 @@ mod tests {
             body,
         };
         s.fetch_jwks(&shared, then, None, true);
+        let counted = shared.metrics.counted("logins_failed_");
         outcomes.push((
             "no provider to fetch keys from",
             last_reply_and_login_cookie_deleted(),
+            counted,
         ));
 
-        for (what, (status, deleted)) in outcomes {
+        for (what, (status, deleted), counted) in outcomes {
             assert!(matches!(status, 502 | 503), "{what}: {status}");
             assert!(deleted, "{what}: the login cookie was kept");
+            assert!(counted, "{what}: not counted as a failed login");
         }
     }
 

@@ -423,6 +423,12 @@ fn errors_in_secret_fields_never_show_the_value() {
             numeric_secret.to_string(),
         ),
         ("cookie_secret", json!([SECRET32]), SECRET32.to_string()),
+        // A secret that holds serde's own words.
+        (
+            "previous_cookie_secrets",
+            json!("s3cret, expected b"),
+            "expected b".to_string(),
+        ),
         // The same slips where the name of the secret's variable belongs.
         (
             "previous_cookie_secrets_env",

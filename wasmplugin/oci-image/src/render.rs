@@ -209,7 +209,7 @@ pub fn check_plugin_config(docs: &[Value]) -> Result<(), Error> {
 
 /// What Istio hands the filter: `pluginConfig` through a protobuf `Struct`, where every number
 /// is a double.
-pub fn as_istio_json(v: &serde_json::Value) -> serde_json::Value {
+fn as_istio_json(v: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value as J;
     match v {
         J::Number(n) => n.as_f64().map_or(J::Null, J::from),
