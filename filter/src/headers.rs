@@ -239,8 +239,9 @@ mod tests {
             "group",
             "role",
             "memberOf",
+            "cognito:groups",
         ];
-        for claim in names.into_iter().chain(["cognito:groups"]) {
+        for claim in names {
             assert_eq!(
                 named_claim_header_value(claim, &json!("Finance,Admins")),
                 None,

@@ -298,7 +298,7 @@ async fn tampered_session_cookie_means_login_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_with_wrong_state_is_rejected_without_token_call() {
     /// A browser with a login up to its callback: the browser, the callback URL without its
-    /// query, and the callback's `code`, `state` and `iss`.
+    /// query, and the callback's `code`, `state` and `iss` (the last form-encoded).
     async fn at_the_callback(stack: &Stack) -> (Browser, String, [String; 3]) {
         let b = stack.browser();
         let start = b.get(&stack.url("/anything")).await;
@@ -315,7 +315,8 @@ async fn callback_with_wrong_state_is_rejected_without_token_call() {
         let cb_url = to_callback.location().expect("callback URL");
         let base = format!("{}://{}{}", cb_url.scheme(), APP_HOST, cb_url.path());
         let param = |name: &str| to_callback.location_param(name).expect(name);
-        let params = [param("code"), param("state"), param("iss")];
+        let iss = url::form_urlencoded::byte_serialize(param("iss").as_bytes()).collect();
+        let params = [param("code"), param("state"), iss];
         (b, base, params)
     }
 
@@ -346,7 +347,6 @@ async fn callback_with_wrong_state_is_rejected_without_token_call() {
     // deletes it, and the next case would be refused for that alone.
     for (what, url) in cases {
         let (b, base, [code, state, iss]) = at_the_callback(&stack).await;
-        let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
         let r = b.get(&url(&base, &code, &state, &iss)).await;
         assert_eq!(r.status, 400, "{what}: {}", r.describe());
         assert!(r.set_cookie(SESSION_COOKIE).is_none(), "{what}: no session");
@@ -359,7 +359,6 @@ async fn callback_with_wrong_state_is_rejected_without_token_call() {
 
     // The right state without the login cookie (another browser: login CSRF) -> 400 too.
     let (_, base, [code, state, iss]) = at_the_callback(&stack).await;
-    let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
     let other = stack.browser();
     let r = other
         .get(&format!("{base}?code={code}&state={state}&iss={iss}"))
@@ -369,7 +368,6 @@ async fn callback_with_wrong_state_is_rejected_without_token_call() {
     assert_eq!(stack.upstream.count(), 0, "nothing reached the upstream");
     // The control: that browser's own callback completes the login.
     let (b, base, [code, state, iss]) = at_the_callback(&stack).await;
-    let iss = url::form_urlencoded::byte_serialize(iss.as_bytes()).collect::<String>();
     let r = b
         .get(&format!("{base}?code={code}&state={state}&iss={iss}"))
         .await;

@@ -712,10 +712,10 @@ impl Stream {
                 self.run(paused)
             }
             None => {
-                let gate = shared.gate.clone();
+                let gate = &shared.gate;
                 if let Some((reply, note)) = gate.logout_without_idp(&self.facts.request(), now) {
                     self.note(note);
-                    shared.endings.publish(&gate, now);
+                    shared.endings.publish(gate, now);
                     return self.reply(reply);
                 }
                 self.fail(failure)
@@ -2548,18 +2548,23 @@ mod tests {
         answer
     }
 
-    /// The status of the last local reply, and whether it deleted a login cookie.
-    fn last_reply_and_login_cookie_deleted() -> (u32, bool) {
+    /// The status of the last local reply, and whether it deleted a cookie named `prefix`….
+    fn last_reply_and_deleted(prefix: &str) -> (u32, bool) {
         let headers = host_stubs::LAST_REPLY_HEADERS.with(|h| h.borrow_mut().split_off(0));
         let deleted = HeaderMapBytes::from_bytes(headers)
             .pairs()
             .any(|(name, value)| {
                 let value = String::from_utf8_lossy(value);
-                name == b"set-cookie"
-                    && value.starts_with("__Host-oidc-gate-login-")
-                    && value.contains("Max-Age=0")
+                name == b"set-cookie" && value.starts_with(prefix) && value.contains("Max-Age=0")
             });
         (host_stubs::LAST_REPLY.with(|r| r.replace(0)), deleted)
+    }
+
+    /// What a failed login left: the reply's status, whether it deleted the login cookie, and
+    /// whether `shared` counted a failed login.
+    fn failed_login(shared: &Shared) -> ((u32, bool), bool) {
+        let counted = shared.metrics.counted("logins_failed_");
+        (last_reply_and_deleted("__Host-oidc-gate-login-"), counted)
     }
 
     /// A login whose callback matched its login cookie deletes that cookie however it fails
@@ -2587,11 +2592,7 @@ mod tests {
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
         s.run(false);
         host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
-        outcomes.push((
-            "callout refused",
-            last_reply_and_login_cookie_deleted(),
-            shared.metrics.counted("logins_failed_"),
-        ));
+        outcomes.push(("callout refused", failed_login(&shared)));
 
         for (what, status, body_size) in [
             ("no answer", &b""[..], 0),
@@ -2610,20 +2611,14 @@ mod tests {
             };
             host_stubs::STATUS.with(|st| *st.borrow_mut() = status.to_vec());
             s.on_http_call_response(1, 0, body_size, 0);
-            let counted = shared.metrics.counted("logins_failed_");
-            outcomes.push((what, last_reply_and_login_cookie_deleted(), counted));
+            outcomes.push((what, failed_login(&shared)));
         }
 
         let (g, pending, body) = a_pending_login();
         let (mut s, shared) = stream_for(g);
         s.keys_fetched = true;
         s.finish_login(pending, 200, body);
-        let counted = shared.metrics.counted("logins_failed_");
-        outcomes.push((
-            "no keys after a fetch",
-            last_reply_and_login_cookie_deleted(),
-            counted,
-        ));
+        outcomes.push(("no keys after a fetch", failed_login(&shared)));
 
         let (g, pending, body) = a_pending_login();
         let (mut s, shared) = stream_for(g);
@@ -2634,12 +2629,7 @@ mod tests {
             body,
         };
         s.on_jwks(then, 0, SystemTime::UNIX_EPOCH);
-        let counted = shared.metrics.counted("logins_failed_");
-        outcomes.push((
-            "key fetch failed",
-            last_reply_and_login_cookie_deleted(),
-            counted,
-        ));
+        outcomes.push(("key fetch failed", failed_login(&shared)));
 
         let (g, pending, body) = a_pending_login();
         let (mut s, shared) = stream_for(g);
@@ -2649,14 +2639,9 @@ mod tests {
             body,
         };
         s.fetch_jwks(&shared, then, None, true);
-        let counted = shared.metrics.counted("logins_failed_");
-        outcomes.push((
-            "no provider to fetch keys from",
-            last_reply_and_login_cookie_deleted(),
-            counted,
-        ));
+        outcomes.push(("no provider to fetch keys from", failed_login(&shared)));
 
-        for (what, (status, deleted), counted) in outcomes {
+        for (what, ((status, deleted), counted)) in outcomes {
             assert!(matches!(status, 502 | 503), "{what}: {status}");
             assert!(deleted, "{what}: the login cookie was kept");
             assert!(counted, "{what}: not counted as a failed login");
@@ -2681,11 +2666,7 @@ mod tests {
             let session = (path == "/oauth2/sign_out").then_some(session.as_str());
             s.facts = navigation_facts(&shared.gate, path, session);
             s.run(false);
-            let headers = host_stubs::LAST_REPLY_HEADERS.with(|h| h.borrow_mut().split_off(0));
-            let deleted = HeaderMapBytes::from_bytes(headers)
-                .pairs()
-                .any(|(n, v)| n == b"set-cookie" && v.starts_with(b"__Host-oidc-gate=;"));
-            let status = host_stubs::LAST_REPLY.with(|r| r.replace(0));
+            let (status, deleted) = last_reply_and_deleted("__Host-oidc-gate=");
             // Another worker learns of the ended login from shared data.
             let other = shared_for(a_logged_in_session().0);
             other.endings.learn(&other.gate, NOW + 1);
@@ -2717,7 +2698,7 @@ mod tests {
             s.facts = navigation_facts(&shared.gate, path, session);
             // An empty 200 answer: no discovery document.
             s.on_discovery(0, SystemTime::UNIX_EPOCH);
-            let (status, _) = last_reply_and_login_cookie_deleted();
+            let (status, _) = last_reply_and_deleted("");
             outcomes.push((path, status, shared.gate.ended_logins() > 0));
         }
         assert_eq!(
