@@ -49,8 +49,9 @@ fn login_digest(login_id: &str, session: &Session) -> EndedId {
     )
 }
 
-/// A login sealed before sessions had an id (or refreshed by such a build during a rollout):
-/// named by subject and creation second alone.
+/// A session without a login id, named by subject and creation second alone. No build that
+/// can open today's cookies seals one (login ids came before the key derivation that made older
+/// cookies unreadable), so this only keeps an id-less session refusable rather than unnamed.
 fn legacy_digest(session: &Session) -> EndedId {
     digest(
         b"oidc-gate ended legacy login",
@@ -81,20 +82,14 @@ impl SessionIds {
     }
 }
 
-/// What a logout of `session` ends: its login, and copies of it that lost the login id (a
-/// refresh by an older build during a rollout).
-pub fn endings_of(session: &Session, keep_until: UnixSeconds) -> Vec<Ending> {
-    let mut out = vec![Ending {
-        id: legacy_digest(session),
+/// What a logout of `session` ends: its login, under the one id its copies are looked up by.
+/// One record per logout, so the list holds as many logouts as it has records, and evicting a
+/// record never leaves half of a logout behind.
+pub fn ending_of(session: &Session, keep_until: UnixSeconds) -> Ending {
+    Ending {
+        id: SessionIds::of(session).id,
         keep_until,
-    }];
-    if let Some(l) = &session.login_id {
-        out.push(Ending {
-            id: login_digest(l, session),
-            keep_until,
-        });
     }
-    out
 }
 
 /// One ended login.
@@ -240,9 +235,7 @@ mod tests {
 
     fn ended_by_logout_of(s: &Session, now: u64) -> EndedLogins {
         let mut ended = EndedLogins::default();
-        for e in endings_of(s, now + 3600) {
-            ended.insert(e, now);
-        }
+        ended.insert(ending_of(s, now + 3600), now);
         ended
     }
 
@@ -273,25 +266,25 @@ mod tests {
     }
 
     #[test]
-    fn copies_without_a_login_id_end_with_the_login() {
-        // A copy refreshed by an older build during a rollout lost the id: still ended.
+    fn a_logout_is_one_record_under_the_id_its_copies_are_looked_up_by() {
         let with_id = login("a", 1, Some("x"));
+        let ended = ended_by_logout_of(&with_id, 5);
+        assert_eq!(ended.len(), 1);
+        assert!(ends(&ended, &with_id));
+        // Sessions with an id are named by it alone; an id-less one by subject and second.
         let without = login("a", 1, None);
-        assert!(ends(&ended_by_logout_of(&with_id, 5), &without));
-        // Logging out with an id-less copy ends id-less copies; sessions with an id are named
-        // by it alone.
+        assert!(!ends(&ended, &without));
         let ended = ended_by_logout_of(&without, 5);
+        assert_eq!(ended.len(), 1);
         assert!(ends(&ended, &without));
         assert!(!ends(&ended, &with_id));
-        assert_eq!(endings_of(&without, 9).len(), 1);
-        assert_eq!(endings_of(&with_id, 9).len(), 2);
     }
 
     #[test]
     fn encoding_round_trips_and_refuses_other_bytes() {
         let ended = ended_by_logout_of(&login("a", 1, Some("x")), 10);
         let bytes = ended.encode();
-        assert_eq!(bytes.len(), 2 * RECORD_BYTES);
+        assert_eq!(bytes.len(), RECORD_BYTES);
         assert_eq!(EndedLogins::decode(&bytes, 10), Some(ended));
         assert_eq!(EndedLogins::decode(&bytes[..bytes.len() - 1], 10), None);
         assert_eq!(EndedLogins::decode(&[], 10), Some(EndedLogins::default()));

@@ -22,7 +22,7 @@ use crate::config::{
 };
 use crate::crypto::{key_scope, Keyring, Purpose};
 use crate::discovery::ProviderMetadata;
-use crate::ended::{endings_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
+use crate::ended::{ending_of, EndedLogins, Ending, Inserted, SessionIds, MAX_ENDED};
 use crate::headers::{claim_header_value, email_vouched_for, named_claim_header_value};
 use crate::http::{
     cookie_header_without, form_encode, same_origin_target, sanitize_return_path, split_path,
@@ -2302,7 +2302,7 @@ impl Gate {
                 .max_expires_at
                 .max(s.created_at.saturating_add(self.config.session_max_age))
                 .saturating_add(DEFAULT_CLOCK_SKEW_SECS);
-            list_full = self.end(endings_of(s, keep_until), now);
+            list_full = self.end(vec![ending_of(s, keep_until)], now);
         }
         let id_token_hint = session
             .and_then(|(s, _)| s.id_token)

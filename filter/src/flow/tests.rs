@@ -2255,6 +2255,8 @@ fn a_logout_that_overflows_the_ended_list_is_counted() {
             dropped_an_ended_login: false
         })
     );
+    // One record per logout: the list holds MAX_ENDED logouts, not half as many.
+    assert_eq!(g.ended_logins(), 1);
     // Other workers' logouts fill the list with records that outlast this login's.
     let mut full = Vec::new();
     for i in 0..MAX_ENDED as u64 {
