@@ -543,13 +543,22 @@ pub fn parse_token_response(
             "access_token empty or too long".into(),
         ));
     }
+    // It goes upstream as a header value, copied as is: a CR or LF would end the header on an
+    // HTTP/1 connection and start one the IdP chose. RFC 6750's b64token is narrower still.
+    if !raw.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenResponseError::Malformed(
+            "access_token has bytes other than visible ASCII".into(),
+        ));
+    }
     if !raw.token_type.eq_ignore_ascii_case("bearer") {
         return Err(TokenResponseError::NotBearer);
     }
     let expires_in = match raw.expires_in {
         None | Some(serde_json::Value::Null) => DEFAULT_EXPIRES_IN_SECS,
         Some(serde_json::Value::Number(n)) => match n.as_f64() {
-            Some(v) if v.is_finite() && (0.0..=MAX_EXPIRES_IN_SECS as f64).contains(&v) => v as u64,
+            // Under a second is an already expired token: a session with it would send the
+            // browser back to the IdP at once, and again, or refresh on every request.
+            Some(v) if v.is_finite() && (1.0..=MAX_EXPIRES_IN_SECS as f64).contains(&v) => v as u64,
             _ => return Err(TokenResponseError::BadExpiry),
         },
         // Some IdPs send it as a string; accept digits only.
@@ -558,7 +567,7 @@ pub fn parse_token_response(
         {
             s.parse::<u64>()
                 .ok()
-                .filter(|v| *v <= MAX_EXPIRES_IN_SECS)
+                .filter(|v| (1..=MAX_EXPIRES_IN_SECS).contains(v))
                 .ok_or(TokenResponseError::BadExpiry)?
         }
         Some(_) => return Err(TokenResponseError::BadExpiry),

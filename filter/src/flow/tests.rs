@@ -676,6 +676,15 @@ fn id_token_problems_end_the_login_with_502() {
         (200, json!({"access_token": "a", "token_type": "Bearer"}).to_string().into_bytes()),
         (200, json!({"access_token": "a", "token_type": "Bearer", "expires_in": -1, "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
         (200, json!({"access_token": 5, "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        // Already expired: a session with it would loop through the IdP or refresh on every request.
+        (200, json!({"access_token": "a", "token_type": "Bearer", "expires_in": 0, "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        (200, json!({"access_token": "a", "token_type": "Bearer", "expires_in": 0.4, "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        (200, json!({"access_token": "a", "token_type": "Bearer", "expires_in": "0", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        // The access token becomes a header value upstream: nothing that could end the header.
+        (200, json!({"access_token": "a\r\nx-auth-request-user: admin", "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        (200, json!({"access_token": "a\nb", "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        (200, json!({"access_token": "a b", "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
+        (200, json!({"access_token": "caf\u{e9}", "token_type": "Bearer", "id_token": idp.id_token(&login.nonce)}).to_string().into_bytes()),
     ];
     for (status, body) in cases {
         let (step, note) = g.complete_login(
