@@ -28,6 +28,8 @@ pub const MAX_STALENESS_SECS: u64 = 24 * 3600;
 pub const JWKS_REFETCH_INTERVAL_SECS: u64 = 30;
 /// The shared-data slot holding when the last JWKS refetch was claimed.
 const JWKS_REFETCH_SLOT: &str = "jwks-refetch";
+/// The same for a discovery document past its refresh time (same interval).
+const DISCOVERY_REFETCH_SLOT: &str = "discovery-refetch";
 
 struct Parsed<T> {
     value: Rc<T>,
@@ -154,7 +156,17 @@ impl IdpCache {
     /// Claims the process-wide right to refetch the JWKS for an unknown `kid`; false if another
     /// refetch happened too recently (a flood of random `kid`s must not become a flood of fetches).
     pub fn claim_jwks_refetch(&self, now: UnixSeconds) -> bool {
-        let key = self.key(JWKS_REFETCH_SLOT);
+        self.claim_refetch(JWKS_REFETCH_SLOT, now)
+    }
+
+    /// Claims the process-wide right to refetch a discovery document past its refresh time;
+    /// false if another VM asked the IdP too recently (the cached one is used meanwhile).
+    pub fn claim_discovery_refetch(&self, now: UnixSeconds) -> bool {
+        self.claim_refetch(DISCOVERY_REFETCH_SLOT, now)
+    }
+
+    fn claim_refetch(&self, slot: &str, now: UnixSeconds) -> bool {
+        let key = self.key(slot);
         let (last, cas) = match hostcalls::get_shared_data(&key) {
             Ok((Some(bytes), cas)) => (read_u64(&bytes).unwrap_or(0), cas),
             Ok((None, cas)) => (0, cas),
@@ -422,7 +434,7 @@ impl IdpCache {
             (0..REFRESH_SLOTS).map(|slot| self.refresh_key(&format!("refreshed/v3/{slot}")));
         for name in locks
             .chain(results)
-            .chain(std::iter::once(self.key(JWKS_REFETCH_SLOT)))
+            .chain([JWKS_REFETCH_SLOT, DISCOVERY_REFETCH_SLOT].map(|slot| self.key(slot)))
         {
             // Only a key that does not exist reads (None, None): Envoy hands an empty value
             // over as no bytes with a CAS, and writing over it without one could erase a lock

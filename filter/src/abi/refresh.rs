@@ -111,9 +111,12 @@ fn apply(
         RefreshStep::Ended(clear) => {
             // Decide again without the session: a login redirect for browsers, 401 for APIs.
             let facts = f.facts.without_session();
+            // The keys at hand, so that a request also carrying a valid bearer token passes on
+            // it, as it would have had it led the refresh; no fetch from here.
+            let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
             let known = Known {
                 provider,
-                jwks: None,
+                jwks: jwks.as_deref(),
                 may_refetch_keys: false,
             };
             let (decision, note) =
@@ -123,11 +126,18 @@ fn apply(
             if let Some(event) = note.event {
                 shared.metrics.event(event);
             }
-            let reply = match decision {
-                Decision::Reply(r) => r,
-                _ => Failure::IdpUnavailable.reply(facts.browser(), facts.request_id()),
-            };
-            send(&reply.with_cookies(clear));
+            match decision {
+                Decision::Reply(r) => send(&r.with_cookies(clear)),
+                Decision::Forward(mut fwd) => {
+                    fwd.response_cookies.extend(clear);
+                    apply(shared, f, RefreshStep::Forward(fwd), now, provider);
+                }
+                _ => send(
+                    &Failure::IdpUnavailable
+                        .reply(facts.browser(), facts.request_id())
+                        .with_cookies(clear),
+                ),
+            }
         }
     }
 }

@@ -610,6 +610,19 @@ impl Stream {
                 if self.provider.is_some() || matches!(self.waiting, Waiting::Discovery { .. }) {
                     return self.fail(Failure::IdpUnavailable);
                 }
+                // A document past its refresh time is fetched again under a process-wide claim,
+                // as keys are; without it (another VM asked within 30 s) the cached one serves,
+                // so anonymous navigations while the IdP is slow or down are not one call each.
+                let stale = shared
+                    .cache
+                    .borrow_mut()
+                    .provider(&gate.config().issuer, now);
+                if let Some(stale) = stale {
+                    if !shared.cache.borrow().claim_discovery_refetch(now) {
+                        self.provider = Some(stale.value);
+                        return self.run(paused);
+                    }
+                }
                 let Some(call) = gate.discovery_request() else {
                     return self.fail(Failure::Internal);
                 };
@@ -659,6 +672,7 @@ impl Stream {
         &self,
         shared: &Shared,
         jwks: Option<&Jwks>,
+        stale_jwks: Option<&Jwks>,
         now: u64,
         needs_keys: fn(&T) -> bool,
         mut step: impl FnMut(Keys<'_>) -> T,
@@ -670,11 +684,12 @@ impl Stream {
         };
         let out = step(keys);
         if needs_keys(&out)
-            && jwks.is_some()
+            && (jwks.is_some() || stale_jwks.is_some())
             && !self.keys_fetched
             && !shared.cache.borrow().claim_jwks_refetch(now)
         {
             return step(Keys {
+                jwks: jwks.or(stale_jwks),
                 may_refetch: false,
                 ..keys
             });
@@ -864,6 +879,7 @@ impl Stream {
         let (step, note) = self.with_keys(
             &shared,
             jwks.as_deref(),
+            None,
             now,
             |(step, _)| matches!(step, RefreshStep::NeedKeys),
             |keys| gate.complete_answered_refresh(&pending, &answer, keys, now, &mut HostRandom),
@@ -1134,14 +1150,18 @@ impl Stream {
         };
         let now = self.now();
         let cached = shared.cache.borrow_mut().jwks(now);
-        let jwks = match &cached {
-            Some(f) if !f.stale || self.keys_fetched => Some(f.value.clone()),
-            _ => None,
+        // A set past its refresh time is fetched again first, under the process-wide claim
+        // (`run` does the same).
+        let (jwks, stale_jwks) = match &cached {
+            Some(f) if !f.stale || self.keys_fetched => (Some(f.value.clone()), None),
+            Some(f) => (None, Some(f.value.clone())),
+            None => (None, None),
         };
         let gate = shared.gate.clone();
         let (step, note) = self.with_keys(
             &shared,
             jwks.as_deref(),
+            stale_jwks.as_deref(),
             now,
             |(step, _)| matches!(step, LoginStep::NeedKeys),
             |keys| gate.complete_login(&pending, status, &body, keys, now, &mut HostRandom),
@@ -1809,8 +1829,8 @@ mod tests {
         configure();
         assert_eq!(
             host_stubs::SHARED.with(|m| m.borrow().len()),
-            2 * 1024 + 2,
-            "1,024 lock and 1,024 result slots, the JWKS refetch claim and the ended logins"
+            2 * 1024 + 3,
+            "1,024 lock and 1,024 result slots, the JWKS and discovery refetch claims and the ended logins"
         );
         host_stubs::LAST_SET_CAS.with(|c| c.set(12_345));
         configure();
@@ -2733,6 +2753,119 @@ mod tests {
             outcomes.push((cached, host_stubs::LAST_REPLY.with(|r| r.replace(0))));
         }
         assert_eq!(outcomes, [(true, 302), (false, 502)]);
+    }
+
+    // Found in review: a login finishing on a key set past its refresh time fetched the keys
+    // again every time, without the process-wide claim that limits refetches to one per 30 s.
+    #[test]
+    fn a_login_on_a_stale_key_set_refetches_only_under_the_process_wide_claim() {
+        use crate::abi::cache::JWKS_TTL_SECS;
+        use crate::flow::tests::{a_pending_login_with_keys, provider, NOW};
+        host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+        host_stubs::NOW_NS.with(|t| t.set(NOW * 1_000_000_000));
+        let mut outcomes = Vec::new();
+        for _ in 0..2 {
+            let (g, pending, body, jwks) = a_pending_login_with_keys();
+            let shared = shared_for(g);
+            shared.cache.borrow().init_shared_slots();
+            let keys = Jwks::parse(jwks.as_bytes()).expect("jwks");
+            shared
+                .cache
+                .borrow_mut()
+                .store_jwks(jwks.as_bytes(), keys, NOW - JWKS_TTL_SECS - 1);
+            shared
+                .cache
+                .borrow_mut()
+                .store_provider(b"{}", provider(), NOW);
+            let mut s = Stream::new(7, Some(shared.clone()));
+            host_stubs::LAST_REPLY.with(|r| r.set(0));
+            s.finish_login(pending, 200, body);
+            outcomes.push((
+                matches!(s.waiting, Waiting::Jwks { .. }),
+                host_stubs::LAST_REPLY.with(std::cell::Cell::get),
+            ));
+        }
+        // The first fetches the keys; the second, within 30 s, logs in on the stale set.
+        assert_eq!(outcomes, [(true, 0), (false, 302)]);
+    }
+
+    // Found in review: a discovery document past its refresh time was fetched again for every
+    // request that needed it (anonymous navigations included), with no process-wide limit.
+    #[test]
+    fn a_stale_discovery_document_is_refetched_once_per_claim() {
+        use crate::abi::cache::DISCOVERY_TTL_SECS;
+        use crate::flow::tests::{a_logged_in_session, provider, NOW};
+        host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+        host_stubs::NOW_NS.with(|t| t.set(NOW * 1_000_000_000));
+        let shared = shared_for(a_logged_in_session().0);
+        shared.cache.borrow().init_shared_slots();
+        shared
+            .cache
+            .borrow_mut()
+            .store_provider(b"{}", provider(), NOW - DISCOVERY_TTL_SECS - 1);
+        let mut outcomes = Vec::new();
+        for id in [7, 8] {
+            let mut s = Stream::new(id, Some(shared.clone()));
+            s.facts = navigation_facts(&shared.gate, "/some/page", None);
+            host_stubs::LAST_REPLY.with(|r| r.set(0));
+            s.run(false);
+            outcomes.push((
+                matches!(s.waiting, Waiting::Discovery { .. }),
+                host_stubs::LAST_REPLY.with(std::cell::Cell::get),
+            ));
+        }
+        // The first asks the IdP; the second, within 30 s, logs in with the cached document.
+        assert_eq!(outcomes, [(true, 0), (false, 302)]);
+    }
+
+    // Found in review: a request waiting on another worker's refresh, which the IdP refused,
+    // got a 503 even when it also carried a valid bearer token that would have passed had it
+    // led the refresh itself.
+    #[test]
+    fn a_waiting_request_with_a_valid_bearer_token_passes_on_it_when_its_session_ends() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        use crate::flow::tests::{a_bearer_token_and_keys, a_due_refresh_with};
+        let bearer_config =
+            || serde_json::json!({"bearer_tokens": {"audiences": ["api://orders"]}});
+        let (g, pending) = a_due_refresh_with(bearer_config());
+        let key = pending.coalescing_key();
+        let worker_a = shared_for(g);
+        assert!(refused_at_the_idp(&worker_a, pending, key).replied);
+
+        let (g, pending) = a_due_refresh_with(bearer_config());
+        let worker_b = shared_for(g);
+        let (token, jwks) = a_bearer_token_and_keys();
+        let keys = Jwks::parse(jwks.as_bytes()).expect("jwks");
+        worker_b
+            .cache
+            .borrow_mut()
+            .store_jwks(jwks.as_bytes(), keys, VALID);
+        let authorization = format!("Bearer {token}");
+        let request: &[(&[u8], &[u8])] = &[
+            (b":authority", b"app.example.com"),
+            (b":path", b"/api/orders"),
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b"authorization", authorization.as_bytes()),
+        ];
+        let facts = Facts::read(
+            HeaderMapBytes::from_bytes(serialise(request)),
+            Some(&worker_b.gate),
+        );
+        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending,
+                facts,
+            },
+            key,
+            deadline: VALID + 10,
+        });
+        assert_eq!(
+            outcome_of(|| poll_remote(&worker_b, VALID, 1)),
+            Outcome::Forwarded(authorization)
+        );
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

@@ -3119,6 +3119,12 @@ pub(crate) fn a_callback() -> (Gate, String, String) {
 
 /// A login waiting for the token endpoint, and an answer to it with an ID token.
 pub(crate) fn a_pending_login() -> (Gate, PendingLogin, Vec<u8>) {
+    let (g, pending, body, _) = a_pending_login_with_keys();
+    (g, pending, body)
+}
+
+/// [`a_pending_login`] and the JWKS (JSON) its ID token verifies with.
+pub(crate) fn a_pending_login_with_keys() -> (Gate, PendingLogin, Vec<u8>, String) {
     let g = gate();
     let idp = Idp::new();
     let mut rng = SeededRandom(95);
@@ -3129,7 +3135,23 @@ pub(crate) fn a_pending_login() -> (Gate, PendingLogin, Vec<u8>) {
         json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 300, "iat": NOW, "nonce": login.nonce}),
     );
     let body = json!({"access_token": "at-1", "token_type": "Bearer", "id_token": id_token});
-    (g, pending, body.to_string().into_bytes())
+    (
+        g,
+        pending,
+        body.to_string().into_bytes(),
+        idp.0.jwks().to_string(),
+    )
+}
+
+/// A machine client's token for the audience `api://orders`, valid for an hour from [`NOW`],
+/// and the JWKS (JSON) it verifies with.
+pub(crate) fn a_bearer_token_and_keys() -> (String, String) {
+    let idp = Idp::new();
+    let token = idp.0.sign_jwt(
+        json!({}),
+        json!({"iss": ISS, "sub": "svc-1", "aud": "api://orders", "exp": NOW + 3600}),
+    );
+    (token, idp.0.jwks().to_string())
 }
 
 /// A gate and the session cookie of a login completed at [`NOW`].
