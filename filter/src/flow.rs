@@ -972,7 +972,9 @@ impl Gate {
         }
 
         if let Some(bearer) = &self.config.bearer_tokens {
-            if !req.authorization.is_empty() {
+            // A browser sending another scheme (Basic, remembered from an auth layer in front)
+            // presents no token: it gets the login like any browser without one.
+            if !req.authorization.is_empty() && (!req.is_navigation() || presents_bearer(req)) {
                 return self.bearer(req, &bearer.audiences, known, now);
             }
         }
@@ -2453,6 +2455,14 @@ fn is_login_cookie_name(name: &str) -> bool {
             && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
+/// Whether any `Authorization` header uses the Bearer scheme.
+fn presents_bearer(req: &Request<'_>) -> bool {
+    req.authorization.iter().any(|v| {
+        v.split_once(' ')
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
     })
 }
 

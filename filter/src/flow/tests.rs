@@ -1644,6 +1644,37 @@ fn api_request<'a>(authorization: Vec<&'a str>) -> Request<'a> {
     }
 }
 
+// Found in review: with bearer_tokens set, a browser that sent any other Authorization (Basic,
+// remembered from an auth layer in front) got a 401 and could never log in.
+#[test]
+fn a_browser_with_another_authorization_scheme_gets_the_login() {
+    let g = bearer_gate();
+    let mut rng = SeededRandom(29);
+    let basic = "Basic dXNlcjpwYXNz";
+    let nav = Request {
+        authorization: vec![basic],
+        ..browser("/", vec![])
+    };
+    assert_eq!(
+        expect_reply(g.decide(&nav, with_provider(&provider()), NOW, &mut rng)).status,
+        302
+    );
+    // An API call with it is refused, and a browser's Bearer value is checked as a token.
+    let api = api_request(vec![basic]);
+    assert_eq!(
+        expect_reply(g.decide(&api, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
+    let nav = Request {
+        authorization: vec!["Bearer not-a-jwt"],
+        ..browser("/", vec![])
+    };
+    assert_eq!(
+        expect_reply(g.decide(&nav, with_provider(&provider()), NOW, &mut rng)).status,
+        401
+    );
+}
+
 #[test]
 fn bearer_tokens_are_verified_and_forwarded() {
     let g = bearer_gate();
