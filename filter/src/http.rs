@@ -239,14 +239,14 @@ pub fn split_path(path: &str) -> (&str, &str) {
 /// skipped prefix. That closes `/public/..%2fprivate` and `/public/%2e%2e/private` style bypasses.
 pub fn skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
     let (path, _) = split_path(raw_path);
-    // One pass over the bytes (every request with skip paths configured runs this): the
-    // characters refused are ASCII, so no byte of a multi-byte character can be mistaken for one.
+    // One pass over the bytes (every request with skip paths configured runs this). Non-ASCII
+    // is refused too: an upstream that normalises Unicode reads U+2025 as `..` and U+FF0F as `/`.
     let bytes = path.as_bytes();
     let mut segment_start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         // Any `%` (valid `%XX`, IIS-style `%u002e`, or a lone `%`) means an upstream could decode
         // the path into something else: no skip.
-        if matches!(b, b'\\' | b';' | b'%') || b.is_ascii_control() {
+        if matches!(b, b'\\' | b';' | b'%') || !b.is_ascii() || b.is_ascii_control() {
             return false;
         }
         if b == b'/' {
@@ -542,6 +542,10 @@ mod tests {
             "/public/%u002e%u002e/admin",
             "/public/%/a",
             "/public/%20x",
+            // Unicode an upstream may normalise: U+2025 to `..`, U+FF0F to `/`.
+            "/public/\u{2025}/secret",
+            "/public\u{ff0f}..\u{ff0f}secret",
+            "/public/caf\u{e9}",
         ] {
             assert!(
                 !skip_path_matches(bypass, &p),

@@ -768,7 +768,7 @@ fn path() -> BoxedStrategy<String> {
             "public", "healthz", "api", "a.css", "..", ".", "", "%2e%2e", "%2E.", ".%2e", "%2f",
             "%2F", "%5c", "a..b", "..a", "\\", ";x", "x;y", "%20", "%00", "\t", "é", "%c3%a9",
             "a?b", "a#b", "?", "#", "%", "%zz", "~", "a%2fb", "%u002e%u002e", "%u002f", "%c0%ae",
-            "%%32%66", "%252f",
+            "%%32%66", "%252f", "\u{2025}", "\u{ff0f}", "\u{ff0e}\u{ff0e}",
         ][..]).prop_map(str::to_string),
         1 => text(),
     ];
@@ -878,6 +878,8 @@ proptest! {
             prop_assert_eq!(once.as_ref(), p);
             prop_assert!(p.split('/').all(|s| s != "." && s != ".."), "{:?} has a dot segment", raw);
             prop_assert!(!p.bytes().any(|b| b.is_ascii_control()));
+            // Nothing an upstream could normalise as Unicode (U+2025 `..`, U+FF0F `/`).
+            prop_assert!(p.is_ascii(), "{:?} skipped login with non-ASCII", raw);
             // The path an upstream resolves is the one that matched.
             let resolved = url::Url::parse("http://h/").unwrap().join(p).unwrap();
             let decoded = percent_encoding::percent_decode_str(resolved.path()).decode_utf8().unwrap();
@@ -3251,6 +3253,7 @@ fn reference_skip_path_matches(raw_path: &str, prefixes: &[String]) -> bool {
     if path.contains(['\\', ';'])
         || path.contains("//")
         || path.bytes().any(|b| b.is_ascii_control())
+        || !path.is_ascii()
         || path.contains('%')
         || path.split('/').any(|seg| seg == "." || seg == "..")
     {
