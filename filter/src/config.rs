@@ -638,7 +638,9 @@ impl Config {
                 .refresh_unavailable
                 .unwrap_or(RefreshUnavailable::EndSession),
             api_paths,
-            pass_cors_preflight: raw.pass_cors_preflight.unwrap_or(true),
+            // Off unless asked for (as oauth2-proxy's `skip_auth_preflight`): an upstream handler that
+            // does not look at the method would answer a preflight with what it protects.
+            pass_cors_preflight: raw.pass_cors_preflight.unwrap_or(false),
             bearer_tokens,
             claims_to_headers,
             pass_access_token_headers: raw.pass_access_token_headers.unwrap_or(false),

@@ -2631,8 +2631,12 @@ fn gate_decide() {
         }
         let (path_only, _) = split_path(&sc.path);
         let skipped = g.config().is_skipped(&sc.path)
-                // CORS preflights pass by default (`pass_cors_preflight`), without identity.
-                || (sc.method == "OPTIONS" && sc.origin.is_some() && sc.acrm.is_some() && !sc.has_body);
+                // CORS preflights pass without identity when `pass_cors_preflight` is on.
+                || (g.config().pass_cors_preflight
+                    && sc.method == "OPTIONS"
+                    && sc.origin.is_some()
+                    && sc.acrm.is_some()
+                    && !sc.has_body);
         let special = path_only == "/oauth2/callback" || path_only == "/oauth2/sign_out";
         match &decision {
             Decision::PassThrough => {

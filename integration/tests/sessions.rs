@@ -987,10 +987,10 @@ async fn preflight(api: &Browser, url: &str, extra: &[(&str, &str)]) -> Resp {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cors_preflight_passes_unless_disabled() {
+async fn cors_preflight_passes_only_when_enabled() {
     let (stack, strict) = tokio::join!(
-        Stack::start(StackOptions::default()),
-        Stack::start(StackOptions::default().with_config(json!({"pass_cors_preflight": false})))
+        Stack::start(StackOptions::default().with_config(json!({"pass_cors_preflight": true}))),
+        Stack::start(StackOptions::default())
     );
     let full = [
         ("origin", "https://spa.example.com"),
@@ -1031,10 +1031,10 @@ async fn cors_preflight_passes_unless_disabled() {
     assert_unauthenticated(&r, "OPTIONS with preflight headers and a body");
     assert_eq!(stack.upstream.count(), 1);
 
-    // pass_cors_preflight: false -> the preflight needs a session like anything else.
+    // By default the preflight needs a session like anything else.
     let api = strict.api_client();
     let r = preflight(&api, &strict.url("/orders/1"), &full).await;
-    assert_unauthenticated(&r, "preflight with pass_cors_preflight=false");
+    assert_unauthenticated(&r, "preflight without pass_cors_preflight");
     assert_eq!(strict.upstream.count(), 0);
 }
 

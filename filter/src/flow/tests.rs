@@ -1760,8 +1760,8 @@ fn bearer_is_ignored_when_not_configured() {
 }
 
 #[test]
-fn preflights_pass_and_api_paths_never_redirect() {
-    let g = gate_with(json!({"api_paths": ["/api"]}));
+fn preflights_pass_when_asked_and_api_paths_never_redirect() {
+    let g = gate_with(json!({"api_paths": ["/api"], "pass_cors_preflight": true}));
     let mut rng = SeededRandom(30);
     let preflight = Request {
         method: "OPTIONS",
@@ -1793,11 +1793,13 @@ fn preflights_pass_and_api_paths_never_redirect() {
         expect_reply(g.decide(&with_body, with_provider(&provider()), NOW, &mut rng)).status,
         401
     );
-    let off = gate_with(json!({"pass_cors_preflight": false}));
-    assert_eq!(
-        expect_reply(off.decide(&preflight, with_provider(&provider()), NOW, &mut rng)).status,
-        401
-    );
+    // Off unless configured: a preflight needs a session like any request.
+    for off in [gate(), gate_with(json!({"pass_cors_preflight": false}))] {
+        assert_eq!(
+            expect_reply(off.decide(&preflight, with_provider(&provider()), NOW, &mut rng)).status,
+            401
+        );
+    }
     let nav = browser("/api/orders", vec![]);
     assert_eq!(
         expect_reply(g.decide(&nav, with_provider(&provider()), NOW, &mut rng)).status,
