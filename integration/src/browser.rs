@@ -810,6 +810,54 @@ impl Browser {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+        self.read_response(method, url, r, initiator, cross_site, left_origin)
+            .await
+    }
+
+    /// A `POST` whose body is followed by trailers (HTTP/2), with this client's cookies and no
+    /// navigation headers.
+    pub async fn post_with_trailers(
+        &self,
+        url: &str,
+        body: &[u8],
+        trailers: &[(&str, &str)],
+    ) -> Resp {
+        use http_body_util::{BodyExt, Full};
+        let url = Url::parse(url).expect("url");
+        let mut trailer_map = HeaderMap::new();
+        for (k, v) in trailers {
+            trailer_map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("trailer name"),
+                HeaderValue::from_str(v).expect("trailer value"),
+            );
+        }
+        let body = Full::new(bytes::Bytes::copy_from_slice(body))
+            .with_trailers(std::future::ready(Some(Ok(trailer_map))));
+        let mut rb = self
+            .client
+            .post(url.clone())
+            .body(reqwest::Body::wrap(body));
+        if let Some(c) = self.jar().header_for(&url, &Method::POST, false) {
+            rb = rb.header("cookie", c);
+        }
+        let r = rb
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e:?}"));
+        self.read_response(Method::POST, url, r, None, false, false)
+            .await
+    }
+
+    /// The answer as a [`Resp`]; its cookies go into the jar.
+    async fn read_response(
+        &self,
+        method: Method,
+        url: Url,
+        r: reqwest::Response,
+        initiator: Option<String>,
+        cross_site: bool,
+        left_origin: bool,
+    ) -> Resp {
         let status = r.status().as_u16();
         let version = format!("{:?}", r.version());
         let headers = r.headers().clone();

@@ -73,6 +73,9 @@ pub struct GatewayConfig {
     pub listener_port: u16,
     /// Upstream app endpoint port.
     pub upstream_port: u16,
+    /// Speak HTTP/2 to the upstream app (as Istio does for a gRPC or `http2` Service port), so
+    /// request trailers reach it.
+    pub upstream_http2: bool,
     /// The port in the IdP cluster name (the Service port).
     pub idp_service_port: u16,
     /// Where the IdP cluster actually points (127.0.0.1:<port>).
@@ -102,6 +105,7 @@ impl GatewayConfig {
             runtime: "envoy.wasm.runtime.v8".into(),
             listener_port: 0,
             upstream_port,
+            upstream_http2: false,
             idp_service_port: idp_port,
             idp_endpoint_port: idp_port,
             cert,
@@ -254,8 +258,17 @@ impl GatewayConfig {
     pub fn bootstrap(&self, ecds_path: Option<&Path>, access_log: &Path) -> Value {
         let mut listeners = vec![self.gateway_listener(ecds_path, access_log)];
         listeners.extend(self.extra_listeners.iter().cloned());
+        let mut upstream = static_cluster(UPSTREAM_CLUSTER, self.upstream_port);
+        if self.upstream_http2 {
+            upstream["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http2_protocol_options": {} },
+                },
+            });
+        }
         let mut clusters = vec![
-            static_cluster(UPSTREAM_CLUSTER, self.upstream_port),
+            upstream,
             static_cluster(&self.idp_cluster(), self.idp_endpoint_port),
         ];
         clusters.extend(self.extra_clusters.iter().cloned());

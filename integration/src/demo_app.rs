@@ -86,6 +86,7 @@ async fn handle(State(cfg): State<Arc<DemoAppConfig>>, req: Request) -> Response
     let query = req.uri().query().unwrap_or_default().to_string();
     let seen = SeenRequest {
         body: Vec::new(),
+        trailers: Vec::new(),
         method: req.method().to_string(),
         path: req
             .uri()
@@ -479,6 +480,7 @@ mod tests {
         }
         SeenRequest {
             body: Vec::new(),
+            trailers: Vec::new(),
             method: "GET".into(),
             path: "/".into(),
             headers,

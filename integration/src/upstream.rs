@@ -23,6 +23,8 @@ pub struct SeenRequest {
     pub headers: Vec<(String, String)>,
     /// The request body (up to 1 MiB).
     pub body: Vec<u8>,
+    /// Trailers after the body (HTTP/2), names lowercase.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl SeenRequest {
@@ -117,11 +119,27 @@ impl Drop for Upstream {
 }
 
 async fn echo(State(log): State<Log>, req: Request) -> Response {
+    use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .map(|b| b.to_vec())
-        .unwrap_or_default();
+    let (body, trailers) = match http_body_util::Limited::new(body, 1 << 20).collect().await {
+        Ok(collected) => {
+            let trailers = collected
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (collected.to_bytes().to_vec(), trailers)
+        }
+        Err(_) => (Vec::new(), Vec::new()),
+    };
     let req = Request::from_parts(parts, Body::empty());
     let seen = SeenRequest {
         method: req.method().to_string(),
@@ -141,6 +159,7 @@ async fn echo(State(log): State<Log>, req: Request) -> Response {
             })
             .collect(),
         body,
+        trailers,
     };
     let body = if req.uri().path() == "/headers" {
         json!({ "headers": seen.headers_json() })

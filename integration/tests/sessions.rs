@@ -16,7 +16,7 @@ use integration::stack::{
     jwt_payload, Stack, StackOptions, APP_HOST, CLIENT_ID, CLIENT_SECRET, LOGIN_COOKIE_PREFIX,
     OTHER_HOST, SESSION_COOKIE,
 };
-use integration::{random_bytes, Browser, Mode, Resp, SeenRequest, TEST_HOSTS};
+use integration::{random_bytes, Browser, GatewayConfig, Mode, Resp, SeenRequest, TEST_HOSTS};
 use mock_idp::{subject_for, Fault, MockIdpConfig};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -1260,6 +1260,63 @@ fn assert_identity(seen: &SeenRequest, expected: &[(&str, &str)], what: &str) {
             Some((_, v)) => assert_eq!(got, vec![*v], "{what}: {name}"),
             None => assert!(got.is_empty(), "{what}: {name} must be absent: {got:?}"),
         }
+    }
+}
+
+// Found in review: request trailers were not inspected, so an HTTP/2 client could send identity
+// headers, Authorization or cookies after the body, and an HTTP/2 upstream (gRPC, an `http2`
+// Service port) got them as the client wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_trailers_never_reach_an_http2_upstream() {
+    let mut opts = StackOptions::default().with_config(json!({
+        "claims_to_headers": {"x-user-name": "preferred_username"},
+    }));
+    opts.tweak = Some(Arc::new(|g: &mut GatewayConfig| g.upstream_http2 = true));
+    let stack = Stack::start(opts).await;
+    let forged_session = format!("{SESSION_COOKIE}=forged");
+    let mut trailers: Vec<(&str, &str)> = vec![
+        ("authorization", "Bearer spoof-token"),
+        ("cookie", &forged_session),
+        ("x-checksum", "kept"),
+    ];
+    trailers.extend(SPOOFED.iter().map(|(k, v)| (*k, *v)));
+    let trailers: Vec<(String, String)> = trailers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    let trailers: Vec<(&str, &str)> = trailers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+
+    // Control: on a host the filter does not protect, Envoy passes every trailer on.
+    let b = stack.browser();
+    let r = b
+        .post_with_trailers(&stack.url_for(OTHER_HOST, "/control"), b"x", &trailers)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let seen = seen_at(&stack, "/control");
+    assert_eq!(seen.trailers.len(), trailers.len(), "{:?}", seen.trailers);
+
+    // A protected host: on a skip path and with a session, only the harmless trailer arrives.
+    let flow = stack.login(&b, &stack.url("/")).await;
+    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
+    let anon = stack.browser();
+    for (label, client, path) in [
+        ("skip path", &anon, "/public/trailers"),
+        ("session", &b, "/trailers"),
+    ] {
+        let r = client
+            .post_with_trailers(&stack.url(path), b"x", &trailers)
+            .await;
+        assert_eq!(r.status, 200, "{label}: {}", r.describe());
+        let seen = seen_at(&stack, path);
+        assert_eq!(
+            seen.trailers,
+            vec![("x-checksum".to_string(), "kept".to_string())],
+            "{label}"
+        );
+        assert_eq!(seen.body, b"x", "{label}");
     }
 }
 

@@ -30,6 +30,8 @@ mod ffi {
 
 /// `MapType::HttpRequestHeaders`.
 const REQUEST_HEADERS: u32 = 0;
+/// `MapType::HttpRequestTrailers`.
+const REQUEST_TRAILERS: u32 = 1;
 /// `MapType::HttpCallResponseHeaders`.
 const CALL_RESPONSE_HEADERS: u32 = 6;
 /// `Status::Ok`.
@@ -39,6 +41,11 @@ impl HeaderMapBytes {
     /// The current request's headers; `None` when the host refuses (the caller fails closed).
     pub fn request() -> Option<Self> {
         Self::get(REQUEST_HEADERS)
+    }
+
+    /// The current request's trailers; `None` when the host refuses.
+    pub fn request_trailers() -> Option<Self> {
+        Self::get(REQUEST_TRAILERS)
     }
 
     /// The headers of the IdP's answer to a callout (in `on_http_call_response`); `None` when the

@@ -1341,6 +1341,10 @@ impl HttpContext for Stream {
         action
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.request_trailers()
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         timing::end(Stage::RequestToResponse);
         let action = self.response_headers();
@@ -1387,6 +1391,48 @@ impl Stream {
             self.hide_callback_query(g);
         }
         self.run(false)
+    }
+
+    /// Trailers reach an HTTP/2 upstream after the headers (gRPC sends them): what the headers
+    /// may not carry upstream, identity headers, `Authorization` and cookies, is removed from
+    /// them too. Only requests with trailers come here.
+    fn request_trailers(&mut self) -> Action {
+        let Some(gate) = self.shared.as_ref().map(|s| s.gate.clone()) else {
+            return Action::Continue;
+        };
+        if self.replied || !gate.config().protects(self.facts.authority()) {
+            return Action::Continue;
+        }
+        let Some(trailers) = HeaderMapBytes::request_trailers() else {
+            log::error!(
+                "oidc-gate #{}: the host did not give the request trailers; refusing the request",
+                self.id
+            );
+            return self.fail(Failure::Internal);
+        };
+        let mut remove = Vec::new();
+        for (name, _) in trailers.pairs() {
+            if name == b"authorization"
+                || name == b"cookie"
+                || is_identity_header(gate.config(), name)
+            {
+                match std::str::from_utf8(name) {
+                    Ok(name) => remove.push(name.to_string()),
+                    Err(_) => {
+                        log::warn!(
+                            "oidc-gate #{}: a trailer whose name is not UTF-8 cannot be removed; \
+                             refusing the request",
+                            self.id
+                        );
+                        return self.fail(Failure::BadRequest);
+                    }
+                }
+            }
+        }
+        for name in remove {
+            self.set_http_request_trailer(&name, None);
+        }
+        Action::Continue
     }
 
     fn response_headers(&mut self) -> Action {
