@@ -729,11 +729,12 @@ fn validate_path(field: &str, p: &str) -> Result<String, ConfigError> {
     }
     if p.contains(['?', '#', '%', ';', '\\'])
         || p.contains("//")
-        || p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+        || p.bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii())
     {
         return Err(ConfigError::new(
             field,
-            "must be a plain path (no query, fragment, escapes, `;`, `\\`, `//`)",
+            "must be a plain ASCII path (no query, fragment, escapes, `;`, `\\`, `//`)",
         ));
     }
     if p.split('/').any(|seg| seg == "." || seg == "..") {

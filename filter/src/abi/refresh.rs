@@ -112,8 +112,15 @@ fn apply(
             // Decide again without the session: a login redirect for browsers, 401 for APIs.
             let facts = f.facts.without_session();
             // The keys at hand, so that a request also carrying a valid bearer token passes on
-            // it, as it would have had it led the refresh; no fetch from here.
-            let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
+            // it, as it would have had it led the refresh. Only a set within its refresh time:
+            // from here no refetch can be tried first, and a stale one may still hold a key the
+            // IdP withdrew (a 503 then, as before).
+            let jwks = shared
+                .cache
+                .borrow_mut()
+                .jwks(now)
+                .filter(|f| !f.stale)
+                .map(|f| f.value);
             let known = Known {
                 provider,
                 jwks: jwks.as_deref(),

@@ -2871,47 +2871,70 @@ mod tests {
     fn a_waiting_request_with_a_valid_bearer_token_passes_on_it_when_its_session_ends() {
         use super::super::refresh::{poll_remote, RemoteWaiter};
         use super::super::root::Follower;
+        use crate::abi::cache::JWKS_TTL_SECS;
         use crate::flow::tests::{a_bearer_token_and_keys, a_due_refresh_with};
         let bearer_config =
             || serde_json::json!({"bearer_tokens": {"audiences": ["api://orders"]}});
-        let (g, pending) = a_due_refresh_with(bearer_config());
-        let key = pending.coalescing_key();
-        let worker_a = shared_for(g);
-        assert!(refused_at_the_idp(&worker_a, pending, key).replied);
-
-        let (g, pending) = a_due_refresh_with(bearer_config());
-        let worker_b = shared_for(g);
         let (token, jwks) = a_bearer_token_and_keys();
-        let keys = Jwks::parse(jwks.as_bytes()).expect("jwks");
-        worker_b
-            .cache
-            .borrow_mut()
-            .store_jwks(jwks.as_bytes(), keys, VALID);
         let authorization = format!("Bearer {token}");
-        let request: &[(&[u8], &[u8])] = &[
-            (b":authority", b"app.example.com"),
-            (b":path", b"/api/orders"),
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-            (b"authorization", authorization.as_bytes()),
-        ];
-        let facts = Facts::read(
-            HeaderMapBytes::from_bytes(serialise(request)),
-            Some(&worker_b.gate),
-        );
-        worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
-                pending,
-                facts,
-            },
-            key,
-            deadline: VALID + 10,
-        });
-        assert_eq!(
-            outcome_of(|| poll_remote(&worker_b, VALID, 1)),
-            Outcome::Forwarded(authorization)
-        );
+        // Keys within their refresh time, and keys past it, which no refetch can renew from
+        // here (they may hold a key the IdP withdrew).
+        for (keys_fetched_at, expected) in [
+            (VALID, Outcome::Forwarded(authorization.clone())),
+            (VALID - JWKS_TTL_SECS - 1, Outcome::Answered(503)),
+        ] {
+            host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+            let (g, pending) = a_due_refresh_with(bearer_config());
+            let key = pending.coalescing_key();
+            let worker_a = shared_for(g);
+            assert!(refused_at_the_idp(&worker_a, pending, key).replied);
+
+            let (g, pending) = a_due_refresh_with(bearer_config());
+            let worker_b = shared_for(g);
+            let keys = Jwks::parse(jwks.as_bytes()).expect("jwks");
+            worker_b
+                .cache
+                .borrow_mut()
+                .store_jwks(jwks.as_bytes(), keys, keys_fetched_at);
+            let request: &[(&[u8], &[u8])] = &[
+                (b":authority", b"app.example.com"),
+                (b":path", b"/api/orders"),
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b"authorization", authorization.as_bytes()),
+            ];
+            let facts = Facts::read(
+                HeaderMapBytes::from_bytes(serialise(request)),
+                Some(&worker_b.gate),
+            );
+            worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
+                follower: Follower {
+                    context_id: 9,
+                    pending,
+                    facts,
+                },
+                key,
+                deadline: VALID + 10,
+            });
+            let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
+            let forwarded = matches!(outcome, Outcome::Forwarded(_));
+            assert_eq!(outcome, expected);
+            if forwarded {
+                // The ended session's cookie is deleted on the way back.
+                let cookies = worker_b
+                    .refreshes
+                    .borrow()
+                    .response_cookies
+                    .get(&9)
+                    .cloned();
+                assert!(
+                    cookies.unwrap_or_default().iter().any(|c| c
+                        .starts_with(&format!("{}=;", crate::session::SESSION_COOKIE))
+                        && c.contains("Max-Age=0")),
+                    "session cookie deleted"
+                );
+            }
+        }
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.

@@ -1528,6 +1528,33 @@ fn an_unavailable_idp_does_not_end_a_kept_session_whose_token_is_valid() {
     }
 }
 
+// A refresh answer a login would refuse (an access token already expired, or one that could
+// end its header upstream) ends the session like any malformed answer; before, the first sent
+// the old token on and the second the new one into Authorization.
+#[test]
+fn a_refresh_answer_with_an_expired_or_unsafe_access_token_ends_the_session() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(31);
+    let session = logged_in(&g, &idp, &mut rng);
+    let jwks = idp.jwks();
+    let keys = Keys {
+        jwks: Some(&jwks),
+        may_refetch: false,
+        fetched_for_it: false,
+    };
+    let due = NOW + 270;
+    for body in [
+        json!({"access_token": "a2", "token_type": "Bearer", "expires_in": 0}),
+        json!({"access_token": "a2\r\nx-auth-request-user: admin", "token_type": "Bearer", "expires_in": 300}),
+    ] {
+        let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
+        let body = body.to_string();
+        let (step, _) = g.complete_refresh(&pending, 200, body.as_bytes(), keys, due, &mut rng);
+        assert!(matches!(step, RefreshStep::Ended(_)), "{body}: {step:?}");
+    }
+}
+
 #[test]
 fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     let g = gate();
