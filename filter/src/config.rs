@@ -243,6 +243,8 @@ pub struct Config {
     pub skip_paths: Vec<String>,
     /// Absolute session lifetime in seconds.
     pub session_max_age: u64,
+    /// A session unused this many seconds ends (off when `None`).
+    pub session_idle_timeout: Option<u64>,
     /// Refresh this long before the access token expires.
     pub refresh_skew: u64,
     /// What a refresh the IdP does not answer does to the session.
@@ -312,6 +314,8 @@ struct RawConfig {
     skip_paths: Option<Vec<String>>,
     #[serde(default, deserialize_with = "seconds")]
     session_max_age: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    session_idle_timeout: Option<u64>,
     #[serde(default, deserialize_with = "seconds")]
     refresh_skew: Option<u64>,
     #[serde(default)]
@@ -525,6 +529,16 @@ impl Config {
                 "must be at least 60 seconds",
             ));
         }
+        // Activity is written into the cookie at most every tenth of the timeout: under a minute
+        // that would be a new cookie every few seconds.
+        if let Some(idle) = raw.session_idle_timeout {
+            if idle < 60 || idle >= session_max_age {
+                return Err(ConfigError::new(
+                    "session_idle_timeout",
+                    "must be at least 60 seconds and less than session_max_age",
+                ));
+            }
+        }
 
         let refresh_skew = raw.refresh_skew.unwrap_or(DEFAULT_REFRESH_SKEW_SECS);
         if refresh_skew > 3600 {
@@ -633,6 +647,7 @@ impl Config {
                 .unwrap_or(UpstreamAuthorization::AccessToken),
             skip_paths,
             session_max_age,
+            session_idle_timeout: raw.session_idle_timeout,
             refresh_skew,
             refresh_unavailable: raw
                 .refresh_unavailable

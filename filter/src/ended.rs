@@ -227,6 +227,7 @@ mod tests {
             tokens_at: created_at,
             subject: sub.into(),
             created_at,
+            seen_at: 0,
             max_expires_at: created_at + 3600,
             login_id: login_id.map(str::to_string),
             claims: Default::default(),

@@ -982,7 +982,9 @@ impl Gate {
             let mut reply = Failure::Unauthenticated.reply(false, req.request_id);
             if matches!(
                 note.event,
-                Some(Event::SessionRejected("ended" | "expired" | "max_age"))
+                Some(Event::SessionRejected(
+                    "ended" | "expired" | "max_age" | "idle"
+                ))
             ) {
                 // A session that will never be accepted again is not worth sending again (an
                 // unreadable one may be from a key or chunk this replica does not know yet).
@@ -1104,14 +1106,8 @@ impl Gate {
             if has_ended {
                 return (None, ended_note());
             }
-            if now >= self.session_end(&session) {
-                return (
-                    None,
-                    Note::event(
-                        Event::SessionRejected("max_age"),
-                        "session reached session_max_age",
-                    ),
-                );
+            if let Some(over) = self.over(&session, now) {
+                return (None, over);
             }
             return (
                 Some(FoundSession {
@@ -1122,14 +1118,10 @@ impl Gate {
             );
         }
         match Session::open(&self.keys, host, &value) {
-            Ok((session, _)) if now >= self.session_end(&session) => (
-                None,
-                Note::event(
-                    Event::SessionRejected("max_age"),
-                    "session reached session_max_age",
-                ),
-            ),
             Ok((mut session, needs_reseal)) => {
+                if let Some(over) = self.over(&session, now) {
+                    return (None, over);
+                }
                 if self.config.upstream_authorization == UpstreamAuthorization::IdToken {
                     // Sealed before the ID token's expiry counted, or under another mode.
                     let id_token_expires_at = session
@@ -1171,7 +1163,49 @@ impl Gate {
         }
     }
     fn cookie_max_age(&self, session: &Session, now: UnixSeconds) -> u64 {
-        self.session_end(session).saturating_sub(now).max(1)
+        self.accepted_until(session).saturating_sub(now).max(1)
+    }
+
+    /// Why a session is no longer accepted at `now` (its absolute end, or unused too long),
+    /// if it is not.
+    fn over(&self, session: &Session, now: UnixSeconds) -> Option<Note> {
+        if now >= self.session_end(session) {
+            return Some(Note::event(
+                Event::SessionRejected("max_age"),
+                "session reached session_max_age",
+            ));
+        }
+        if self.idle_end(session).is_some_and(|end| now >= end) {
+            return Some(Note::event(
+                Event::SessionRejected("idle"),
+                "session unused for session_idle_timeout",
+            ));
+        }
+        None
+    }
+
+    /// Until when a session is accepted if not used again: its absolute end, or sooner the end
+    /// of its idle time.
+    fn accepted_until(&self, session: &Session) -> UnixSeconds {
+        let end = self.session_end(session);
+        self.idle_end(session).map_or(end, |idle| idle.min(end))
+    }
+
+    /// When a session the cookie last recorded in use ends unless used again
+    /// (`session_idle_timeout`).
+    fn idle_end(&self, session: &Session) -> Option<UnixSeconds> {
+        self.config
+            .session_idle_timeout
+            .map(|idle| last_seen(session).saturating_add(idle))
+    }
+
+    /// Whether this request's use is to be written into the cookie: a tenth of the idle timeout
+    /// after the cookie last recorded one, so a busy session gets a new cookie now and then, not
+    /// on every request (it then ends 90-100% of the timeout after its last request).
+    fn use_to_record(&self, session: &Session, now: UnixSeconds) -> bool {
+        self.config
+            .session_idle_timeout
+            .is_some_and(|idle| now >= last_seen(session).saturating_add(idle / 10))
     }
 
     /// The absolute end of a session: the one sealed at login, or sooner when `session_max_age`
@@ -1233,9 +1267,11 @@ impl Gate {
         rng: &mut dyn Random,
     ) -> Forward {
         let mut fwd = self.forward_session(session, cookies.header_without(is_own_cookie));
-        if needs_reseal {
-            // Sealed with a previous key: reseal with the current one, so rotation logs nobody out.
+        if needs_reseal || self.use_to_record(session, now) {
+            // Sealed with a previous key: reseal with the current one, so rotation logs nobody
+            // out. Or in use: the cookie records it for session_idle_timeout.
             let mut s = session.clone();
+            s.seen_at = now;
             if let Ok((set, _)) = self.session_cookies(
                 &mut s,
                 &req.host(),
@@ -1798,6 +1834,7 @@ impl Gate {
             tokens_at: now,
             subject: verified.subject.unwrap_or_default(),
             created_at: now,
+            seen_at: now,
             max_expires_at: now.saturating_add(self.config.session_max_age),
             login_id: Some(login_id),
             claims: self.kept_claims(&verified.claims),
@@ -2035,6 +2072,7 @@ impl Gate {
             tokens_at: answered_at,
             subject: old.subject.clone(),
             created_at: old.created_at,
+            seen_at: now.max(old.seen_at),
             max_expires_at: old.max_expires_at,
             login_id: old.login_id.clone(),
             claims,
@@ -2300,7 +2338,7 @@ impl Gate {
         // Only a live session's logout names its ID token to the IdP: a copy of an ended or
         // expired one would otherwise hand it out at every visit of the logout path.
         let hint_allowed = session.as_ref().is_some_and(|(s, _)| {
-            now < self.session_end(s)
+            now < self.accepted_until(s)
                 && !self.ended.borrow().ends(&SessionIds::of(s))
                 && !self.config.id_tokens_are_bearer_credentials()
         });
@@ -2456,6 +2494,15 @@ fn is_login_cookie_name(name: &str) -> bool {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
+}
+
+/// When a session was last in use as far as its cookie knows: its last recorded use, refresh or
+/// login (cookies sealed before uses were recorded have the latter two).
+fn last_seen(session: &Session) -> UnixSeconds {
+    session
+        .seen_at
+        .max(session.tokens_at)
+        .max(session.created_at)
 }
 
 /// Whether any `Authorization` header uses the Bearer scheme.

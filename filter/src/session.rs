@@ -40,6 +40,9 @@ pub struct Session {
     pub subject: String,
     /// When the user logged in.
     pub created_at: UnixSeconds,
+    /// When the session was last seen in use, as the cookie records it (login, refresh, or a
+    /// reseal for `session_idle_timeout`); 0 in cookies sealed before it was kept.
+    pub seen_at: UnixSeconds,
     /// Absolute end of the session, whatever refreshes happen.
     pub max_expires_at: UnixSeconds,
     /// Random id of this login, kept through refreshes: what a logout ends (`None` in cookies
@@ -77,6 +80,8 @@ struct SessionWire {
     subject: String,
     #[serde(rename = "c")]
     created_at: u64,
+    #[serde(rename = "v", default)]
+    seen_at: u64,
     #[serde(rename = "m")]
     max_expires_at: u64,
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +133,7 @@ impl Session {
             tokens_at: self.tokens_at,
             subject: self.subject.clone(),
             created_at: self.created_at,
+            seen_at: self.seen_at,
             max_expires_at: self.max_expires_at,
             login_id: self.login_id.clone(),
             claims: self.claims.clone(),
@@ -159,6 +165,7 @@ impl Session {
                 tokens_at: wire.tokens_at,
                 subject: wire.subject,
                 created_at: wire.created_at,
+                seen_at: wire.seen_at,
                 max_expires_at: wire.max_expires_at,
                 login_id: wire.login_id,
                 claims: wire.claims,
@@ -315,6 +322,7 @@ mod tests {
             tokens_at: 1000,
             subject: "u1".into(),
             created_at: 1000,
+            seen_at: 0,
             max_expires_at: 5000,
             login_id: Some("login-1".into()),
             claims: Default::default(),

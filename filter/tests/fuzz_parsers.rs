@@ -655,6 +655,7 @@ proptest! {
             tokens_at: created_at,
             subject,
             created_at,
+            seen_at: 0,
             max_expires_at,
             login_id,
             claims: claims.into_iter().collect(),
@@ -1552,6 +1553,10 @@ fn config_object() -> BoxedStrategy<Value> {
             Just(json!(-1)), Just(json!(1.0e10)), Just(json!(1.0e9)), Just(json!("600")),
             Just(Value::Null), any::<u64>().prop_map(|n| json!(n)),
         ].boxed()),
+        ("session_idle_timeout", prop_oneof![
+            Just(json!(60)), Just(json!(59)), Just(json!(900.0)), Just(json!(599)), Just(json!(86_400)),
+            Just(json!(-1)), Just(json!(0.5)), Just(Value::Null), any::<u64>().prop_map(|n| json!(n)),
+        ].boxed()),
         ("refresh_skew", prop_oneof![
             Just(json!(60)), Just(json!(0)), Just(json!(3600)), Just(json!(3601)), Just(json!(30.0)),
             Just(json!(-5)), Just(json!(1.5)), any::<u32>().prop_map(|n| json!(n)),
@@ -1605,6 +1610,9 @@ fn check_config(bytes: &[u8]) -> Result<Option<Config>, TestCaseError> {
                 prop_assert_eq!(u.path(), c.redirect_path.as_str());
             }
             prop_assert!(c.refresh_skew <= 3600);
+            if let Some(idle) = c.session_idle_timeout {
+                prop_assert!((60..c.session_max_age).contains(&idle));
+            }
             for p in &c.api_paths {
                 prop_assert!(
                     p.starts_with('/')
@@ -1941,6 +1949,7 @@ fn known_float_claims_change_in_a_session_round_trip() {
         tokens_at: 0,
         subject: "s".into(),
         created_at: 0,
+        seen_at: 0,
         max_expires_at: 1,
         login_id: None,
         claims,
@@ -2383,6 +2392,7 @@ fn plant(sc: &mut Scenario) -> Planted {
             tokens_at: offset(sc.now, -100),
             subject: "user-1".into(),
             created_at: offset(sc.now, -100),
+            seen_at: 0,
             max_expires_at: offset(sc.now, p.max_delta),
             login_id: Some("login-1".into()),
             claims: p.claims.clone(),

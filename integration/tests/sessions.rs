@@ -1320,6 +1320,43 @@ async fn identity_trailers_never_reach_an_http2_upstream() {
     }
 }
 
+// session_idle_timeout through Envoy: use after a tenth of the timeout comes back as a new
+// session cookie (no-store), whose lifetime is the timeout; the copy from before keeps its own
+// time (its end is shown in flow::tests, a minute is too long to wait for here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_is_written_into_the_cookie_for_the_idle_timeout() {
+    let stack =
+        Stack::start(StackOptions::default().with_config(json!({"session_idle_timeout": 60})))
+            .await;
+    let b = stack.browser();
+    let t_login = login(&stack, &b).await;
+    let first = session_value(&b);
+    let r = b.get(&stack.url("/idle-1")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        r.set_cookie(SESSION_COOKIE).is_none(),
+        "within 6 s: {:?}",
+        r.set_cookies()
+    );
+    wait_until(t_login + 7.0).await;
+    let r = b.get(&stack.url("/idle-2")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let resealed = r
+        .set_cookie(SESSION_COOKIE)
+        .unwrap_or_else(|| panic!("use recorded after 6 s: {}", r.describe()));
+    let max_age = resealed.max_age().map(|d| d.whole_seconds());
+    assert!(matches!(max_age, Some(59..=60)), "{max_age:?}");
+    assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
+    assert_ne!(session_value(&b), first, "the browser holds the new cookie");
+    let r = b.get(&stack.url("/idle-3")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        r.set_cookie(SESSION_COOKIE).is_none(),
+        "{:?}",
+        r.set_cookies()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_identity_headers_never_reach_the_upstream() {
     let stack = Stack::start(StackOptions::default().with_config(json!({

@@ -207,6 +207,24 @@ fn accepts_float_numbers_as_istio_sends_them() {
 }
 
 #[test]
+fn session_idle_timeout_is_off_unless_set_and_shorter_than_the_session() {
+    assert_eq!(parse(&base()).unwrap().session_idle_timeout, None);
+    let c = parse(&with("session_idle_timeout", json!(900.0))).unwrap();
+    assert_eq!(c.session_idle_timeout, Some(900));
+    // The default session_max_age is a day.
+    for bad in [
+        json!(59),
+        json!(86_400),
+        json!(90_000),
+        json!(-1),
+        json!("900"),
+    ] {
+        let e = parse(&with("session_idle_timeout", bad.clone())).unwrap_err();
+        assert_eq!(e.field, "session_idle_timeout", "{bad}");
+    }
+}
+
+#[test]
 fn openid_scope_is_always_first_and_unique() {
     let c = parse(&with(
         "scopes",

@@ -1538,11 +1538,7 @@ fn a_refresh_answer_with_an_expired_or_unsafe_access_token_ends_the_session() {
     let mut rng = SeededRandom(31);
     let session = logged_in(&g, &idp, &mut rng);
     let jwks = idp.jwks();
-    let keys = Keys {
-        jwks: Some(&jwks),
-        may_refetch: false,
-        fetched_for_it: false,
-    };
+    let keys = cached_keys(&jwks);
     let due = NOW + 270;
     for body in [
         json!({"access_token": "a2", "token_type": "Bearer", "expires_in": 0}),
@@ -1562,11 +1558,7 @@ fn a_refresh_token_the_idp_refused_is_not_sent_again() {
     let mut rng = SeededRandom(27);
     let session = logged_in(&g, &idp, &mut rng);
     let jwks = idp.jwks();
-    let keys = Keys {
-        jwks: Some(&jwks),
-        may_refetch: false,
-        fetched_for_it: false,
-    };
+    let keys = cached_keys(&jwks);
     // Refresh due, access token still valid (expires at NOW + 300, skew 60).
     let due = NOW + 270;
     let (_, pending) = refresh_pending(&g, &session, due, &mut rng);
@@ -2998,6 +2990,7 @@ fn an_id_token_without_a_readable_expiry_is_not_forwarded_as_valid() {
         tokens_at: NOW,
         subject: "user-1".into(),
         created_at: NOW,
+        seen_at: 0,
         max_expires_at: NOW + 86_400,
         login_id: Some("login-1".into()),
         claims: serde_json::Map::new(),
@@ -3221,4 +3214,103 @@ pub(crate) fn a_logged_in_session() -> (Gate, String) {
     let mut rng = SeededRandom(96);
     let session = logged_in(&g, &idp, &mut rng);
     (g, session)
+}
+
+/// What a request with `session` at `at` gets: `Ok(the new session cookie, if one is set)` when
+/// forwarded, `Err(status)` when answered.
+fn forwarded_with_cookie(
+    g: &Gate,
+    session: &str,
+    at: u64,
+    rng: &mut SeededRandom,
+) -> Result<Option<String>, u16> {
+    match g
+        .decide(&api_request_with_cookie(session), Known::default(), at, rng)
+        .0
+    {
+        Decision::Forward(f) => Ok(f
+            .response_cookies
+            .iter()
+            .any(|c| c.starts_with("__Host-oidc-gate="))
+            .then(|| session_cookie(&f.response_cookies))),
+        Decision::Reply(r) => Err(r.status),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_unused_session_ends_after_the_idle_timeout_and_use_keeps_it() {
+    let g = gate_with(json!({"session_idle_timeout": 600}));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(97);
+    // An access token living an hour: no refresh within this test.
+    let first = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 3600);
+    // Use within a tenth of the timeout is not written into the cookie; after it, it is.
+    assert_eq!(
+        forwarded_with_cookie(&g, &first, NOW + 59, &mut rng),
+        Ok(None)
+    );
+    let Ok(Some(second)) = forwarded_with_cookie(&g, &first, NOW + 60, &mut rng) else {
+        panic!("use after a tenth of the timeout reseals the cookie");
+    };
+    // The cookie's own lifetime follows: the browser drops it when the server would refuse it.
+    let Decision::Forward(f) = g
+        .decide(
+            &api_request_with_cookie(&first),
+            Known::default(),
+            NOW + 60,
+            &mut rng,
+        )
+        .0
+    else {
+        panic!("forwarded");
+    };
+    assert!(
+        f.response_cookies.iter().any(|c| c.contains("Max-Age=600")),
+        "{:?}",
+        f.response_cookies
+    );
+    // The resealed cookie lives 600 s from its last recorded use; the first from the login.
+    assert!(matches!(
+        forwarded_with_cookie(&g, &second, NOW + 659, &mut rng),
+        Ok(Some(_))
+    ));
+    assert_eq!(
+        forwarded_with_cookie(&g, &first, NOW + 600, &mut rng),
+        Err(401)
+    );
+    assert_eq!(
+        forwarded_with_cookie(&g, &second, NOW + 660, &mut rng),
+        Err(401)
+    );
+    // A browser is sent to log in, and the API answer deletes the unusable cookie.
+    let nav = g.decide(
+        &browser("/", vec![&second]),
+        with_provider(&provider()),
+        NOW + 700,
+        &mut rng,
+    );
+    assert_eq!(expect_reply(nav).status, 302);
+    let (api, note) = g.decide(
+        &api_request_with_cookie(&second),
+        Known::default(),
+        NOW + 700,
+        &mut rng,
+    );
+    assert_eq!(note.event, Some(Event::SessionRejected("idle")));
+    let api = expect_reply((api, note));
+    assert!(header(&api, "set-cookie")
+        .iter()
+        .any(|c| c.starts_with("__Host-oidc-gate=;") && c.contains("Max-Age=0")));
+}
+
+#[test]
+fn without_an_idle_timeout_use_is_not_written_into_the_cookie() {
+    let g = gate();
+    let idp = Idp::new();
+    let mut rng = SeededRandom(98);
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 3600, NOW + 3600);
+    for at in [NOW + 60, NOW + 1800] {
+        assert_eq!(forwarded_with_cookie(&g, &session, at, &mut rng), Ok(None));
+    }
 }

@@ -269,6 +269,7 @@ mod tests {
                 tokens_at: 1,
                 subject: "s".into(),
                 created_at: 1,
+                seen_at: 1,
                 max_expires_at: 20,
                 login_id: None,
                 claims: Default::default(),
