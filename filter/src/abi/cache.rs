@@ -410,13 +410,14 @@ const MAX_LOCK_VERDICT_BODY_BYTES: usize = 4 * 1024;
 /// A lock this VM took: which of the session's two lock slots, and the lock's bytes.
 type HeldLock = (usize, [u8; LOCK_LEN]);
 
-/// Whether a lock slot's bytes are a lock taken less than [`REFRESH_LOCK_SECS`] ago.
+/// Whether a lock slot's bytes are a lock taken less than [`REFRESH_LOCK_SECS`] ago. One stamped
+/// later than that from now was taken before the host clock was set back: stale, or a lock whose
+/// holder died would hold the session's refreshes for as long as the clock went back.
 fn is_live_lock(bytes: &[u8], now: UnixSeconds) -> bool {
     bytes.len() == LOCK_LEN
-        && bytes
-            .get(16..24)
-            .and_then(read_u64)
-            .is_some_and(|t| now < t.saturating_add(REFRESH_LOCK_SECS))
+        && bytes.get(16..24).and_then(read_u64).is_some_and(|t| {
+            now < t.saturating_add(REFRESH_LOCK_SECS) && t <= now.saturating_add(REFRESH_LOCK_SECS)
+        })
 }
 
 impl IdpCache {

@@ -225,7 +225,8 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             });
         let answer = match result {
             Some(answer) => answer,
-            None if locked && now < w.deadline => {
+            // A deadline further away than a whole wait: the host clock was set back.
+            None if locked && now < w.deadline && w.deadline <= now + REMOTE_WAIT_SECS => {
                 still.push(w);
                 continue;
             }

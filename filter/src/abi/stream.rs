@@ -1887,6 +1887,65 @@ mod tests {
         );
     }
 
+    // Found in review: a request waiting on another worker's refresh waited past its 10 s for as
+    // long as the host clock had been set back.
+    #[test]
+    fn a_wait_on_another_worker_ends_when_the_clock_was_set_back() {
+        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::root::Follower;
+        host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+        let (worker_a, _, key) = refreshing();
+        worker_a.cache.borrow().init_shared_slots();
+        assert!(
+            worker_a.cache.borrow().try_lock_refresh(&key, VALID),
+            "worker A leads"
+        );
+        let (g, _) = crate::flow::tests::a_due_refresh();
+        let worker_b = shared_for(g);
+        let mut outcomes = Vec::new();
+        // A deadline within one wait, and one set before the clock went back 15 minutes.
+        for deadline in [VALID + 10, VALID + 900] {
+            let (_, pending) = crate::flow::tests::a_due_refresh();
+            worker_b.remote_waiters.borrow_mut().clear();
+            worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
+                follower: Follower {
+                    context_id: 9,
+                    pending,
+                    facts: api_call_facts(&worker_b.gate),
+                },
+                key,
+                deadline,
+            });
+            outcomes.push(outcome_of(|| poll_remote(&worker_b, VALID, 1)));
+        }
+        assert_eq!(
+            outcomes,
+            [Outcome::Waiting, Outcome::Forwarded(OLD_TOKEN.into())]
+        );
+    }
+
+    // Found in review: a lock stamped by a clock later set back stayed live for as long as the
+    // clock went back (plus its 10 s), holding every refresh of the session if its holder died.
+    #[test]
+    fn a_refresh_lock_from_before_the_clock_was_set_back_is_stale() {
+        use crate::abi::cache::IdpCache;
+        let a = IdpCache::new("https://idp.example", "idp", "gate");
+        let b = IdpCache::new("https://idp.example", "idp", "gate");
+        a.init_shared_slots();
+        b.init_shared_slots();
+        let key = [9u8; 16];
+        assert!(a.try_lock_refresh(&key, 1_000));
+        assert!(!b.try_lock_refresh(&key, 1_005), "live within its 10 s");
+        assert!(
+            !b.try_lock_refresh(&key, 995),
+            "a few seconds back: still live"
+        );
+        assert!(
+            b.try_lock_refresh(&key, 100),
+            "set back by 15 minutes: stale"
+        );
+    }
+
     #[test]
     fn a_refresh_lock_is_one_clients() {
         use crate::abi::cache::IdpCache;
