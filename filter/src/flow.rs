@@ -1201,7 +1201,8 @@ impl Gate {
 
     /// Whether this request's use is to be written into the cookie: a tenth of the idle timeout
     /// after the cookie last recorded one, so a busy session gets a new cookie now and then, not
-    /// on every request (it then ends 90-100% of the timeout after its last request).
+    /// on every request (with the margin before a refresh in `forward_with`, it ends at most a
+    /// tenth of the timeout and a minute short of it after its last request).
     fn use_to_record(&self, session: &Session, now: UnixSeconds) -> bool {
         self.config
             .session_idle_timeout
@@ -1267,7 +1268,14 @@ impl Gate {
         rng: &mut dyn Random,
     ) -> Forward {
         let mut fwd = self.forward_session(session, cookies.header_without(is_own_cookie));
-        if needs_reseal || self.use_to_record(session, now) {
+        // Not within a minute of the refresh: this response could reach the browser after the
+        // refresh's and put back a refresh token the IdP has rotated. The refresh records the use.
+        let record_use = self.use_to_record(session, now)
+            && !session.refresh_due(
+                now.saturating_add(USE_RECORD_REFRESH_MARGIN_SECS),
+                self.config.refresh_skew,
+            );
+        if needs_reseal || record_use {
             // Sealed with a previous key: reseal with the current one, so rotation logs nobody
             // out. Or in use: the cookie records it for session_idle_timeout.
             let mut s = session.clone();
@@ -2495,6 +2503,9 @@ fn is_login_cookie_name(name: &str) -> bool {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
 }
+
+/// How long before its refresh is due a session's use is no longer written into its cookie.
+const USE_RECORD_REFRESH_MARGIN_SECS: u64 = 60;
 
 /// When a session was last in use as far as its cookie knows: its last recorded use, refresh or
 /// login (cookies sealed before uses were recorded have the latter two).

@@ -225,8 +225,9 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             });
         let answer = match result {
             Some(answer) => answer,
-            // A deadline further away than a whole wait: the host clock was set back.
-            None if locked && now < w.deadline && w.deadline <= now + REMOTE_WAIT_SECS => {
+            // A deadline further away than two whole waits: the host clock was set back by
+            // more than a wait (a second or two back is no reason to stop waiting).
+            None if locked && now < w.deadline && w.deadline <= now + 2 * REMOTE_WAIT_SECS => {
                 still.push(w);
                 continue;
             }

@@ -1903,8 +1903,9 @@ mod tests {
         let (g, _) = crate::flow::tests::a_due_refresh();
         let worker_b = shared_for(g);
         let mut outcomes = Vec::new();
-        // A deadline within one wait, and one set before the clock went back 15 minutes.
-        for deadline in [VALID + 10, VALID + 900] {
+        // A deadline within one wait, one set before the clock went back a second, and one set
+        // before it went back 15 minutes.
+        for deadline in [VALID + 10, VALID + 11, VALID + 900] {
             let (_, pending) = crate::flow::tests::a_due_refresh();
             worker_b.remote_waiters.borrow_mut().clear();
             worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
@@ -1920,7 +1921,11 @@ mod tests {
         }
         assert_eq!(
             outcomes,
-            [Outcome::Waiting, Outcome::Forwarded(OLD_TOKEN.into())]
+            [
+                Outcome::Waiting,
+                Outcome::Waiting,
+                Outcome::Forwarded(OLD_TOKEN.into())
+            ]
         );
     }
 

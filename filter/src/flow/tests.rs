@@ -3314,3 +3314,22 @@ fn without_an_idle_timeout_use_is_not_written_into_the_cookie() {
         assert_eq!(forwarded_with_cookie(&g, &session, at, &mut rng), Ok(None));
     }
 }
+
+// Found in review: a use written into the cookie just before its refresh could reach the browser
+// after the refresh's answer (a slow upstream) and put back the refresh token the IdP rotated.
+#[test]
+fn use_is_not_written_into_the_cookie_within_a_minute_of_its_refresh() {
+    let g = gate_with(json!({"session_idle_timeout": 600}));
+    let idp = Idp::new();
+    let mut rng = SeededRandom(99);
+    // A 300 s access token with a refresh token: its refresh is due at NOW + 240.
+    let session = logged_in_with_lifetimes(&g, &idp, &mut rng, 300, NOW + 300);
+    assert!(matches!(
+        forwarded_with_cookie(&g, &session, NOW + 179, &mut rng),
+        Ok(Some(_))
+    ));
+    assert_eq!(
+        forwarded_with_cookie(&g, &session, NOW + 181, &mut rng),
+        Ok(None)
+    );
+}
