@@ -1891,8 +1891,7 @@ mod tests {
     // long as the host clock had been set back.
     #[test]
     fn a_wait_on_another_worker_ends_when_the_clock_was_set_back() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
+        use super::super::refresh::poll_remote;
         host_stubs::SHARED.with(|m| m.borrow_mut().clear());
         let (worker_a, _, key) = refreshing();
         worker_a.cache.borrow().init_shared_slots();
@@ -1908,15 +1907,13 @@ mod tests {
         for deadline in [VALID + 10, VALID + 11, VALID + 900] {
             let (_, pending) = crate::flow::tests::a_due_refresh();
             worker_b.remote_waiters.borrow_mut().clear();
-            worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
-                follower: Follower {
-                    context_id: 9,
-                    pending,
-                    facts: api_call_facts(&worker_b.gate),
-                },
+            wait_elsewhere(
+                &worker_b,
+                pending,
+                api_call_facts(&worker_b.gate),
                 key,
                 deadline,
-            });
+            );
             outcomes.push(outcome_of(|| poll_remote(&worker_b, VALID, 1)));
         }
         assert_eq!(
@@ -2647,19 +2644,16 @@ mod tests {
     /// What an API call of the session, waiting on another worker for the refresh `key`, gets
     /// at that worker's next poll at `VALID`.
     fn waiting_on_another_worker(key: [u8; 16]) -> Outcome {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
+        use super::super::refresh::poll_remote;
         let (g, pending) = crate::flow::tests::a_due_refresh();
         let worker = shared_for(g);
-        worker.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
-                pending,
-                facts: api_call_facts(&worker.gate),
-            },
+        wait_elsewhere(
+            &worker,
+            pending,
+            api_call_facts(&worker.gate),
             key,
-            deadline: VALID + 10,
-        });
+            VALID + 10,
+        );
         outcome_of(|| poll_remote(&worker, VALID, 1))
     }
 
@@ -2933,8 +2927,7 @@ mod tests {
     // led the refresh itself.
     #[test]
     fn a_waiting_request_with_a_valid_bearer_token_passes_on_it_when_its_session_ends() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
+        use super::super::refresh::poll_remote;
         use crate::abi::cache::JWKS_TTL_SECS;
         use crate::flow::tests::{a_bearer_token_and_keys, a_due_refresh_with};
         let bearer_config =
@@ -2971,15 +2964,7 @@ mod tests {
                 HeaderMapBytes::from_bytes(serialise(request)),
                 Some(&worker_b.gate),
             );
-            worker_b.remote_waiters.borrow_mut().push(RemoteWaiter {
-                follower: Follower {
-                    context_id: 9,
-                    pending,
-                    facts,
-                },
-                key,
-                deadline: VALID + 10,
-            });
+            wait_elsewhere(&worker_b, pending, facts, key, VALID + 10);
             let outcome = outcome_of(|| poll_remote(&worker_b, VALID, 1));
             let forwarded = matches!(outcome, Outcome::Forwarded(_));
             assert_eq!(outcome, expected);
@@ -2999,6 +2984,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `pending`'s request (`facts`, stream 9) waiting on another worker's refresh `key`.
+    fn wait_elsewhere(
+        worker: &Shared,
+        pending: PendingRefresh,
+        facts: Facts,
+        key: [u8; 16],
+        deadline: u64,
+    ) {
+        use super::super::root::Follower;
+        worker.remote_waiters.borrow_mut().push(RemoteWaiter {
+            follower: Follower {
+                context_id: 9,
+                pending,
+                facts,
+            },
+            key,
+            deadline,
+        });
     }
 
     /// A worker's shared state with a refresh due on a session, and that refresh's key.
@@ -3092,21 +3097,12 @@ mod tests {
     // after (before, a 503 even with a valid token, though that worker's own requests went on).
     #[test]
     fn a_refresh_given_up_on_another_worker_goes_on_with_a_valid_token_else_a_retryable_503() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
-        use super::super::root::Follower;
+        use super::super::refresh::poll_remote;
         for (now, expected) in as_without_an_answer() {
             let (shared, pending, key) = refreshing();
             // An API call: had its session ended, it would get a 401.
             let facts = api_call_facts(&shared.gate);
-            shared.remote_waiters.borrow_mut().push(RemoteWaiter {
-                follower: Follower {
-                    context_id: 9,
-                    pending,
-                    facts,
-                },
-                key,
-                deadline: now + 10,
-            });
+            wait_elsewhere(&shared, pending, facts, key, now + 10);
             // No answer stored, no lock held.
             let outcome = outcome_of(|| poll_remote(&shared, now, 1));
             assert!(shared.remote_waiters.borrow().is_empty());
@@ -3227,7 +3223,7 @@ mod tests {
     // followers of a newer local refresh of the same session (503 to them, entry removed).
     #[test]
     fn a_remote_waiter_answered_by_the_poll_does_not_abandon_a_later_refresh() {
-        use super::super::refresh::{poll_remote, RemoteWaiter};
+        use super::super::refresh::poll_remote;
         use super::super::root::Follower;
         const NOW: u64 = 1_800_000_290;
         let (shared, pending, key) = refreshing();
@@ -3236,15 +3232,7 @@ mod tests {
         assert!(shared.refreshes.borrow_mut().lead(key));
         let mut x = Stream::new(9, Some(shared.clone()));
         x.waiting = Waiting::RemoteRefresh { key };
-        shared.remote_waiters.borrow_mut().push(RemoteWaiter {
-            follower: Follower {
-                context_id: 9,
-                pending,
-                facts: facts(),
-            },
-            key,
-            deadline: NOW + 10,
-        });
+        wait_elsewhere(&shared, pending, facts(), key, NOW + 10);
         poll_remote(&shared, NOW, 1); // lock gone, no answer: X gets its 503
                                       // Y leads a new refresh of the session on this worker; Z follows it.
         assert!(shared.refreshes.borrow_mut().lead(key));
