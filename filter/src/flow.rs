@@ -1353,10 +1353,8 @@ impl Gate {
         let [value] = req.authorization.as_slice() else {
             return reject("several Authorization headers");
         };
-        let token = match value.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
-                t.trim()
-            }
+        let token = match bearer_token(value) {
+            Some(t) if !t.is_empty() => t,
             _ => return reject("not a Bearer token"),
         };
         let forward = |set_headers: Vec<(String, String)>| {
@@ -2516,12 +2514,17 @@ fn last_seen(session: &Session) -> UnixSeconds {
         .max(session.created_at)
 }
 
+/// The token of an `Authorization` value in the Bearer scheme (in any case), if it is one.
+fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 /// Whether any `Authorization` header uses the Bearer scheme.
 fn presents_bearer(req: &Request<'_>) -> bool {
-    req.authorization.iter().any(|v| {
-        v.split_once(' ')
-            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-    })
+    req.authorization.iter().any(|v| bearer_token(v).is_some())
 }
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`, and no body
