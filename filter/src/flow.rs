@@ -221,6 +221,7 @@ pub enum Decision {
 }
 
 /// A request waiting for a refresh.
+#[derive(Clone)]
 pub struct PendingRefresh {
     session: Session,
     host: String,
@@ -2172,8 +2173,8 @@ impl Gate {
         Some((status, plaintext))
     }
 
-    /// A refresh that ends with no answer to apply (its leader's client left, or another
-    /// worker's refresh let go or took too long): the IdP refused nothing, so the session goes
+    /// A refresh that ends with no answer to apply (the callout could not be made, the answer
+    /// cannot be checked for want of keys, or another worker's refresh let go or took too long): the IdP refused nothing, so the session goes
     /// on with its access token while that is valid, and gets a retryable 503 after. Nothing is
     /// paused: the IdP may never have been asked, and the next request refreshes.
     pub fn refresh_without_answer(

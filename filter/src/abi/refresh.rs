@@ -1,22 +1,394 @@
-//! Completing a refresh for streams that did not send it themselves.
+//! Refreshes: sent by the root context, their answers applied to every stream waiting.
 //!
-//! Within a VM, concurrent requests of one session wait for the first one's refresh ("local
-//! followers"). Across VMs (worker threads), a shared-data lock lets one VM refresh while the
-//! others wait ("remote waiters", polled by the root context's tick) for the answer it stores:
-//! with refresh-token rotation, a second refresh with the same token would be refused and log the
-//! user out.
+//! Within a VM, concurrent requests of one session wait for one refresh ("local followers"),
+//! the request that started it among them. The root context sends it from its tick and applies
+//! the IdP's answer: a callout belongs to the context whose callback sent it, and a stream's
+//! dies with its client, while the IdP may have rotated the refresh token already. Across VMs
+//! (worker threads), a shared-data lock lets one VM refresh while the others wait ("remote
+//! waiters", polled by the root context's tick) for the answer it stores: with refresh-token
+//! rotation, a second refresh with the same token would be refused and log the user out.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
-use super::host::HostRandom;
-use super::root::{Follower, Shared};
-use crate::discovery::ProviderMetadata;
-use crate::flow::{Decision, Keys, Known, RefreshAnswer, RefreshStep};
+use super::host::{self, unix_seconds, HostRandom};
+use super::root::{Follower, Shared, REMOTE_POLL_TICK};
+use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
+use crate::flow::{
+    idp_unavailable, Callout, Decision, Keys, Known, Note, PendingRefresh, RefreshAnswer,
+    RefreshStep, MAX_TOKEN_RESPONSE_BYTES,
+};
 use crate::reply::{Failure, Reply};
+use crate::token::Jwks;
 
 /// How long a request may wait for another worker's refresh.
 pub const REMOTE_WAIT_SECS: u64 = 10;
+
+/// How soon the root context sends a refresh a stream asked for.
+const DISPATCH_TICK: Duration = Duration::from_millis(1);
+
+/// What the root context's tick is for, slowest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tick {
+    /// Nothing: no tick.
+    #[default]
+    Off,
+    /// Polling for other workers' refreshes.
+    Poll,
+    /// Sending refreshes streams asked for.
+    Dispatch,
+}
+
+impl Tick {
+    fn period(self) -> Duration {
+        match self {
+            Self::Off => Duration::ZERO,
+            Self::Poll => REMOTE_POLL_TICK,
+            Self::Dispatch => DISPATCH_TICK,
+        }
+    }
+}
+
+/// A refresh the root context sends or waits on.
+struct RootRefresh {
+    key: [u8; 16],
+    /// The view of the stream that asked for it, to apply the answer with.
+    pending: PendingRefresh,
+    /// When its callout went out.
+    started: SystemTime,
+    /// Set once the IdP answered and keys to check the answer are being fetched.
+    answer: Option<RefreshAnswer>,
+}
+
+/// The refreshes of a VM the root context sends, and its tick.
+#[derive(Default)]
+pub struct RootCalls {
+    queued: Vec<(Callout, [u8; 16], PendingRefresh)>,
+    /// By callout token.
+    inflight: HashMap<u32, RootRefresh>,
+    tick: Tick,
+}
+
+impl RootCalls {
+    /// Queues a refresh for the root's next tick.
+    pub fn queue(&mut self, call: Callout, key: [u8; 16], pending: PendingRefresh) {
+        self.queued.push((call, key, pending));
+    }
+
+    /// How many refreshes wait for the root's next tick.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// A refresh as the root's tick sends it, with callout `token`.
+    #[cfg(test)]
+    pub fn sent(&mut self, token: u32, key: [u8; 16], pending: PendingRefresh, at: SystemTime) {
+        self.inflight.insert(
+            token,
+            RootRefresh {
+                key,
+                pending,
+                started: at,
+                answer: None,
+            },
+        );
+    }
+}
+
+/// Makes the root's tick run at least as often as `want` needs; false if the host refuses.
+/// Setting the period re-arms the host's timer, so it is set only when it must get faster:
+/// requests arriving faster than the period would otherwise keep the tick from ever running.
+pub fn raise_tick(shared: &Shared, want: Tick) -> bool {
+    if shared.root_calls.borrow().tick >= want {
+        return true;
+    }
+    // From a stream's callback too: the host ties a VM's tick to its root context.
+    match hostcalls::set_tick_period(want.period()) {
+        Ok(()) => {
+            shared.root_calls.borrow_mut().tick = want;
+            true
+        }
+        Err(status) => {
+            log::error!("oidc-gate: cannot start the root context's tick ({status:?})");
+            false
+        }
+    }
+}
+
+/// After a tick: the tick the work left needs, off when there is none.
+pub fn settle_tick(shared: &Shared) {
+    let want = if !shared.root_calls.borrow().queued.is_empty() {
+        Tick::Dispatch
+    } else if !shared.remote_waiters.borrow().is_empty() {
+        Tick::Poll
+    } else {
+        Tick::Off
+    };
+    if shared.root_calls.borrow().tick == want {
+        return;
+    }
+    match hostcalls::set_tick_period(want.period()) {
+        Ok(()) => shared.root_calls.borrow_mut().tick = want,
+        Err(status) => log::error!("oidc-gate: cannot change the root context's tick ({status:?})"),
+    }
+}
+
+/// Root tick: sends the refreshes streams queued.
+pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) {
+    let queued = std::mem::take(&mut shared.root_calls.borrow_mut().queued);
+    for (call, key, pending) in queued {
+        match host::dispatch(&shared.gate, Some(&shared.metrics), &call, root_id) {
+            Some(token) => {
+                shared.root_calls.borrow_mut().inflight.insert(
+                    token,
+                    RootRefresh {
+                        key,
+                        pending,
+                        started: at,
+                        answer: None,
+                    },
+                );
+            }
+            // The IdP was not asked: nothing to tell the other workers, and the streams waiting
+            // go on as without an answer.
+            None => give_up_refresh(shared, &key, unix_seconds(at), root_id),
+        }
+    }
+}
+
+/// The answer to one of the root's callouts: the IdP's to a refresh, or the keys to check it.
+pub fn on_root_callout(
+    shared: &Shared,
+    token: u32,
+    body_size: usize,
+    at: SystemTime,
+    root_id: u32,
+) {
+    let Some(call) = shared.root_calls.borrow_mut().inflight.remove(&token) else {
+        log::warn!("oidc-gate #{root_id}: ignoring an unexpected callout answer");
+        return;
+    };
+    let now = unix_seconds(at);
+    let elapsed = at.duration_since(call.started).ok();
+    match call.answer {
+        None => {
+            // An answer too large to read is still the IdP's answer: its status decides (a
+            // refusal ends the session, a 200 without a readable body too), never "no
+            // answer", which would keep the session as an outage does. Timed out or reset:
+            // the IdP's failure, the same for every worker.
+            let (status, body) = match host::call_response(
+                Some(&shared.metrics),
+                body_size,
+                MAX_TOKEN_RESPONSE_BYTES,
+                elapsed,
+            ) {
+                Some((status, body)) => (status, body.unwrap_or_default()),
+                None => (503, Vec::new()),
+            };
+            let answer = RefreshAnswer {
+                status,
+                body,
+                at: now,
+            };
+            answer_refresh(shared, call.key, call.pending, answer, at, root_id);
+        }
+        Some(answer) => {
+            let fetched = host::call_response(
+                Some(&shared.metrics),
+                body_size,
+                MAX_DOCUMENT_BYTES,
+                elapsed,
+            );
+            let stored = store_fetched_jwks(shared, fetched, now, root_id);
+            complete_refresh(
+                shared,
+                RootRefresh {
+                    answer: Some(answer),
+                    ..call
+                },
+                Some(stored),
+                at,
+                root_id,
+            );
+        }
+    }
+}
+
+/// The IdP's answer to a refresh the root sent: shared with the other workers before it is
+/// checked, whatever it says (the workers waiting get this verdict, a refusal too, and a new
+/// refresh token survives while keys are fetched), then applied to every stream waiting.
+pub fn answer_refresh(
+    shared: &Shared,
+    key: [u8; 16],
+    pending: PendingRefresh,
+    answer: RefreshAnswer,
+    at: SystemTime,
+    root_id: u32,
+) {
+    let now = unix_seconds(at);
+    // Refused: another worker may have rotated the refresh token a moment ago; its answer is
+    // shared already.
+    let rotated_elsewhere = (answer.status != 200)
+        .then(|| recent_answer(shared, &pending, &key, now))
+        .flatten()
+        .filter(|elsewhere| elsewhere.status == 200);
+    let answer = match rotated_elsewhere {
+        Some(elsewhere) => elsewhere,
+        None => {
+            shared.cache.borrow().store_refresh_result(
+                &shared.gate,
+                &key,
+                &answer,
+                pending.tokens_at(),
+            );
+            shared
+                .refreshes
+                .borrow_mut()
+                .remember(key, &answer, pending.tokens_at(), now);
+            answer
+        }
+    };
+    let call = RootRefresh {
+        key,
+        pending,
+        started: at,
+        answer: Some(answer),
+    };
+    complete_refresh(shared, call, None, at, root_id);
+}
+
+/// Checks an answer the root holds (`call.answer`) and applies it to the streams waiting, after
+/// fetching keys for it first when it needs them. `fetched`: whether keys were fetched for it
+/// (and stored), `None` if not tried.
+fn complete_refresh(
+    shared: &Shared,
+    call: RootRefresh,
+    fetched: Option<bool>,
+    at: SystemTime,
+    root_id: u32,
+) {
+    let now = unix_seconds(at);
+    let Some(answer) = call.answer.as_ref() else {
+        return give_up_refresh(shared, &call.key, now, root_id);
+    };
+    let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
+    let check = |may_refetch: bool| {
+        let keys = Keys {
+            jwks: jwks.as_deref(),
+            may_refetch,
+            fetched_for_it: fetched == Some(true),
+        };
+        shared
+            .gate
+            .complete_answered_refresh(&call.pending, answer, keys, now, &mut HostRandom)
+    };
+    let (mut step, mut note) = check(fetched.is_none());
+    if matches!(step, RefreshStep::NeedKeys) && fetched.is_none() {
+        // Keys at hand whose refetch another request claimed in the last 30 s: decided on
+        // those, as a stream would.
+        if jwks.is_some() && !shared.cache.borrow().claim_jwks_refetch(now) {
+            (step, note) = check(false);
+        } else if let Some(token) = fetch_keys(shared, now, root_id) {
+            shared.root_calls.borrow_mut().inflight.insert(
+                token,
+                RootRefresh {
+                    started: at,
+                    ..call
+                },
+            );
+            return;
+        }
+    }
+    record(shared, note, root_id);
+    let provider = shared
+        .cache
+        .borrow_mut()
+        .provider(&shared.gate.config().issuer, now)
+        .map(|f| f.value);
+    match step {
+        RefreshStep::Forward(_) | RefreshStep::Ended(_) => {
+            shared
+                .cache
+                .borrow()
+                .release_refresh(&shared.gate, &call.key, answer);
+            release_local(
+                shared,
+                &call.key,
+                answer,
+                now,
+                provider.as_deref(),
+                fetched == Some(true),
+                root_id,
+            );
+        }
+        // No keys to check it with, or an IdP that did not answer: the streams waiting go on
+        // as without an answer (the answer stays shared for a request that can check it).
+        RefreshStep::NeedKeys | RefreshStep::Unavailable => {
+            give_up_refresh(shared, &call.key, now, root_id)
+        }
+    }
+}
+
+/// Sends the root's JWKS fetch; `None` without a discovery document or if the host refuses.
+fn fetch_keys(shared: &Shared, now: u64, root_id: u32) -> Option<u32> {
+    let provider = shared
+        .cache
+        .borrow_mut()
+        .provider(&shared.gate.config().issuer, now)
+        .map(|f| f.value)?;
+    let call = shared.gate.document_request(&provider.jwks_uri);
+    host::dispatch(&shared.gate, Some(&shared.metrics), &call, root_id)
+}
+
+/// Stores a fetched JWKS; whether one was stored. A broken or empty JWKS never replaces a good
+/// one: verification goes on with the last good set, or fails closed when there is none.
+pub fn store_fetched_jwks(
+    shared: &Shared,
+    fetched: Option<(u16, Option<Vec<u8>>)>,
+    now: u64,
+    context_id: u32,
+) -> bool {
+    match fetched {
+        Some((200, Some(body))) => match Jwks::parse(&body) {
+            Ok(jwks) => {
+                log::info!(
+                    "oidc-gate #{context_id}: JWKS fetched ({} usable keys)",
+                    jwks.len()
+                );
+                shared.cache.borrow_mut().store_jwks(&body, jwks, now);
+                true
+            }
+            Err(e) => {
+                log::error!("oidc-gate #{context_id}: JWKS refused: {e}");
+                false
+            }
+        },
+        Some((status, _)) => {
+            log::error!("oidc-gate #{context_id}: JWKS answered HTTP {status} (or too large)");
+            false
+        }
+        None => {
+            log::error!(
+                "oidc-gate #{context_id}: JWKS callout failed (IdP unreachable or timed out)"
+            );
+            false
+        }
+    }
+}
+
+/// Counts a note's event and logs its line.
+fn record(shared: &Shared, note: Note, context_id: u32) {
+    if let Some(event) = note.event {
+        shared.metrics.event(event);
+    }
+    if let Some(line) = note.log {
+        log::info!("oidc-gate #{context_id}: {line}");
+    }
+}
 
 /// A stream waiting for another VM's refresh of the same session.
 pub struct RemoteWaiter {
@@ -48,12 +420,13 @@ pub fn complete_follower(
     answer: &RefreshAnswer,
     now: u64,
     provider: Option<&ProviderMetadata>,
+    fetched_for_it: bool,
 ) {
     let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
     let keys = Keys {
         jwks: jwks.as_deref(),
         may_refetch: false,
-        fetched_for_it: false,
+        fetched_for_it,
     };
     let (step, _) =
         shared
@@ -156,18 +529,20 @@ pub fn release_local(
     answer: &RefreshAnswer,
     now: u64,
     provider: Option<&ProviderMetadata>,
+    fetched_for_it: bool,
     restore: u32,
 ) {
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
         if hostcalls::set_effective_context(f.context_id).is_ok() {
-            complete_follower(shared, f, answer, now, provider);
+            complete_follower(shared, f, answer, now, provider, fetched_for_it);
         }
     }
     let _ = hostcalls::set_effective_context(restore);
 }
 
-/// Answers the streams waiting for a refresh whose leader went away without an answer.
+/// Answers the streams waiting for a refresh that ends with no answer to apply (the IdP was not
+/// asked, or its answer cannot be checked here).
 pub fn abandon_local(shared: &Shared, key: &[u8; 16], now: u64, restore: u32) {
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
@@ -231,8 +606,8 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
                 still.push(w);
                 continue;
             }
-            // The other worker let go with no answer to share (its client left before the IdP
-            // answered, or the callout could not be made) or took too long: on the access
+            // The other worker let go with no answer to share (the callout could not be made,
+            // or its leader could not get keys for an answer from shared data) or took too long: on the access
             // token while it is valid, a retryable 503 after, as the streams waiting on that
             // worker get. A verdict the IdP gave is in the result slot or the leader's lock slot,
             // so this is rarely one (a collision overwrote both within the poll's 100 ms). The
@@ -249,10 +624,47 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
         let key = w.key;
         let context_id = w.follower.context_id;
         if hostcalls::set_effective_context(context_id).is_ok() {
-            complete_follower(shared, w.follower, &answer, now, provider.as_deref());
+            complete_follower(shared, w.follower, &answer, now, provider.as_deref(), false);
         }
-        release_local(shared, &key, &answer, now, provider.as_deref(), root_id);
+        release_local(
+            shared,
+            &key,
+            &answer,
+            now,
+            provider.as_deref(),
+            false,
+            root_id,
+        );
     }
     shared.remote_waiters.borrow_mut().extend(still);
     let _ = hostcalls::set_effective_context(root_id);
+}
+
+/// A recent answer to a refresh with this refresh token that the session does not hold yet:
+/// new tokens from this VM or another first (this VM's own refusal must not hide another's
+/// tokens), then a refusal, then a failure.
+pub fn recent_answer(
+    shared: &Shared,
+    pending: &PendingRefresh,
+    key: &[u8; 16],
+    now: u64,
+) -> Option<RefreshAnswer> {
+    let news = |a: &RefreshAnswer| !pending.already_reflects(a.at);
+    let own = shared.refreshes.borrow().recent(key, now);
+    let cache = shared.cache.borrow();
+    let elsewhere = cache.refresh_result(&shared.gate, key, now);
+    // A refusal or failure another session's tokens kept out of the result slot, left by its
+    // leader in the lock slot.
+    let verdict = cache.refresh_verdict(&shared.gate, key, now);
+    // New tokens first, then a refusal, then "did not answer"; this VM's own first among equals.
+    let rank = |a: &RefreshAnswer| match a.status {
+        200 => 0,
+        s if idp_unavailable(s) => 2,
+        _ => 1,
+    };
+    [own, elsewhere, verdict]
+        .into_iter()
+        .flatten()
+        .filter(news)
+        .min_by_key(rank)
 }

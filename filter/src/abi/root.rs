@@ -12,7 +12,9 @@ use std::time::Duration;
 use super::cache::{IdpCache, MAX_SHARED_REFRESH_RESULT_BYTES};
 use super::ended::SharedEndings;
 use super::metrics::Metrics;
-use super::refresh::{poll_remote, RemoteWaiter};
+use super::refresh::{
+    on_root_callout, poll_remote, send_queued, settle_tick, RemoteWaiter, RootCalls,
+};
 use super::stream::{Facts, Stream};
 use super::timing::{self, Stage};
 use crate::config::Config;
@@ -131,6 +133,8 @@ pub struct Shared {
     pub refreshes: RefCell<RefreshRegistry>,
     /// Streams waiting for another VM's refresh.
     pub remote_waiters: RefCell<Vec<RemoteWaiter>>,
+    /// Refreshes the root context sends, and its tick.
+    pub root_calls: RefCell<RootCalls>,
     /// Ended logins shared with the other VMs.
     pub endings: SharedEndings,
 }
@@ -153,7 +157,25 @@ impl Root {
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some(shared) = &self.shared {
+            on_root_callout(
+                shared,
+                token_id,
+                body_size,
+                self.get_current_time(),
+                self.id,
+            );
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -180,6 +202,7 @@ impl RootContext for Root {
                     metrics: Metrics::default(),
                     refreshes: RefCell::new(RefreshRegistry::default()),
                     remote_waiters: RefCell::new(Vec::new()),
+                    root_calls: RefCell::new(RootCalls::default()),
                 }));
                 if let Some(shared) = &self.shared {
                     shared.cache.borrow().init_shared_slots();
@@ -198,11 +221,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
-            let now = super::host::unix_seconds(self.get_current_time());
-            poll_remote(shared, now, self.id);
-            if shared.remote_waiters.borrow().is_empty() {
-                self.set_tick_period(Duration::ZERO);
-            }
+            let at = self.get_current_time();
+            send_queued(shared, at, self.id);
+            poll_remote(shared, super::host::unix_seconds(at), self.id);
+            settle_tick(shared);
         }
     }
 

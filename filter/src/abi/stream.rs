@@ -2,31 +2,29 @@
 
 use std::ops::Range;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::header_map::HeaderMapBytes;
-use super::host::{unix_seconds, HostRandom};
+use super::host::{self, unix_seconds, HostRandom};
 use super::refresh::{
-    abandon_local, give_up_refresh, release_local, RemoteWaiter, REMOTE_WAIT_SECS,
+    abandon_local, give_up_refresh, raise_tick, recent_answer, release_local, store_fetched_jwks,
+    RemoteWaiter, Tick, REMOTE_WAIT_SECS,
 };
-use super::root::{Follower, Shared, REMOTE_POLL_TICK};
+use super::root::{Follower, Shared};
 use super::timing::{self, Stage};
 use crate::discovery::{ProviderMetadata, MAX_DOCUMENT_BYTES};
 use crate::flow::{
-    idp_unavailable, same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note,
-    PendingLogin, PendingRefresh, RefreshAnswer, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
+    same_bytes, Callout, Decision, Forward, Gate, Keys, Known, LoginStep, Note, PendingLogin,
+    PendingRefresh, RefreshAnswer, RefreshStep, Request, MAX_TOKEN_RESPONSE_BYTES,
 };
 use crate::headers::is_identity_header;
 use crate::http::split_path;
 use crate::reply::{Failure, Reply};
 use crate::session::is_own_cookie;
 use crate::token::Jwks;
-
-/// Timeout of every IdP callout.
-const CALLOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a header value lies in [`Facts::text`].
 #[derive(Clone, Copy, Default)]
@@ -293,43 +291,12 @@ enum AfterKeys {
     },
 }
 
-/// A recent answer to a refresh with this refresh token that the session does not hold yet:
-/// new tokens from this VM or another first (this VM's own refusal must not hide another's
-/// tokens), then a refusal, then a failure.
-fn recent_answer(
-    shared: &Shared,
-    pending: &PendingRefresh,
-    key: &[u8; 16],
-    now: u64,
-) -> Option<RefreshAnswer> {
-    let news = |a: &RefreshAnswer| !pending.already_reflects(a.at);
-    let own = shared.refreshes.borrow().recent(key, now);
-    let cache = shared.cache.borrow();
-    let elsewhere = cache.refresh_result(&shared.gate, key, now);
-    // A refusal or failure another session's tokens kept out of the result slot, left by its
-    // leader in the lock slot.
-    let verdict = cache.refresh_verdict(&shared.gate, key, now);
-    // New tokens first, then a refusal, then "did not answer"; this VM's own first among equals.
-    let rank = |a: &RefreshAnswer| match a.status {
-        200 => 0,
-        s if idp_unavailable(s) => 2,
-        _ => 1,
-    };
-    [own, elsewhere, verdict]
-        .into_iter()
-        .flatten()
-        .filter(news)
-        .min_by_key(rank)
-}
-
-/// Where a refresh answer this stream applies came from, which decides whether it is shared and
-/// whether this stream leads the refresh (holds the worker's registration and the cross-worker
-/// lock, and answers the streams that wait for it).
+/// Where a refresh answer this stream applies came from, which decides whether this stream
+/// leads the refresh (holds the worker's registration and the cross-worker lock, and answers
+/// the streams that wait for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AnswerFrom {
-    /// The IdP, to this stream's own callout: not shared yet.
-    OwnCallout,
-    /// The IdP, to this stream's own callout: already shared.
+    /// Shared data, read while this stream held the refresh lock.
     OwnShared,
     /// Another stream's refresh, from shared data: this stream leads nothing.
     Shared,
@@ -356,12 +323,6 @@ enum Waiting {
         token: u32,
         started: SystemTime,
         pending: PendingLogin,
-    },
-    Refresh {
-        token: u32,
-        started: SystemTime,
-        pending: PendingRefresh,
-        key: [u8; 16],
     },
     RefreshFollower {
         key: [u8; 16],
@@ -502,37 +463,12 @@ impl Stream {
     }
 
     fn dispatch(&self, gate: &Gate, call: &Callout) -> Option<u32> {
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", call.method),
-            (":path", &call.path),
-            (":authority", &call.authority),
-        ];
-        headers.extend(call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let body = if call.body.is_empty() {
-            None
-        } else {
-            Some(call.body.as_slice())
-        };
-        match self.dispatch_http_call(
-            &gate.config().idp_cluster,
-            headers,
-            body,
-            vec![],
-            CALLOUT_TIMEOUT,
-        ) {
-            Ok(token) => Some(token),
-            Err(status) => {
-                log::error!(
-                    "oidc-gate #{}: callout to cluster `{}` refused by the host ({status:?}): the cluster is unknown to Envoy or has no endpoints yet (check idp_cluster, and DNS for STRICT_DNS clusters)",
-                    self.id,
-                    gate.config().idp_cluster
-                );
-                if let Some(s) = &self.shared {
-                    s.metrics.count("callout_errors");
-                }
-                None
-            }
-        }
+        host::dispatch(
+            gate,
+            self.shared.as_ref().map(|s| &s.metrics),
+            call,
+            self.id,
+        )
     }
 
     fn known_provider(&mut self, shared: &Shared, now: u64) -> Option<Rc<ProviderMetadata>> {
@@ -777,22 +713,9 @@ impl Stream {
         }
         let locked_elsewhere = !shared.cache.borrow().try_lock_refresh(&key, now);
         if locked_elsewhere {
-            // Another worker is refreshing this session: wait for its answer. The root tick
-            // polls for it; the host ties a stream's tick to its root context, and the root stops
-            // the tick once no stream waits.
-            // Only the first waiter starts it: setting the period again re-arms the timer, so
-            // waiters arriving faster than the period would keep the poll from ever running.
-            let tick_running = !shared.remote_waiters.borrow().is_empty();
-            let started = tick_running
-                || proxy_wasm::hostcalls::set_tick_period(REMOTE_POLL_TICK)
-                    .map_err(|status| {
-                        log::error!(
-                            "oidc-gate #{}: cannot start the tick that waits for another worker's refresh ({status:?})",
-                            self.id
-                        );
-                    })
-                    .is_ok();
-            if !started {
+            // Another worker is refreshing this session: wait for its answer, which the root's
+            // tick polls for.
+            if !raise_tick(shared, Tick::Poll) {
                 // This stream registered as the worker's leader for the session: its local
                 // followers are answered too, or they would wait for it forever.
                 abandon_local(shared, &key, self.now(), self.id);
@@ -816,19 +739,27 @@ impl Stream {
         if let Some(answer) = recent_answer(shared, &pending, &key, now) {
             return self.finish_refresh(pending, key, answer, AnswerFrom::OwnShared, paused);
         }
-        match self.dispatch(&shared.gate, &call) {
-            Some(token) => {
-                self.waiting = Waiting::Refresh {
-                    token,
-                    started: self.get_current_time(),
-                    pending,
-                    key,
-                };
-                Action::Pause
-            }
+        // The root context sends the refresh and applies the answer, to this stream as to any
+        // other waiting for it: a callout this stream sent would lose its answer if the client
+        // left first, and with refresh-token rotation the session would end.
+        if !raise_tick(shared, Tick::Dispatch) {
             // The IdP was not asked: nothing to tell the other workers.
-            None => self.finish_without_answer(shared, pending, key, true, paused),
+            return self.finish_without_answer(shared, pending, key, true, paused);
         }
+        shared
+            .root_calls
+            .borrow_mut()
+            .queue(call, key, pending.clone());
+        shared.refreshes.borrow_mut().follow(
+            key,
+            Follower {
+                context_id: self.id,
+                pending,
+                facts: self.facts.clone(),
+            },
+        );
+        self.waiting = Waiting::RefreshFollower { key };
+        Action::Pause
     }
 
     /// Applies a refresh answer to this stream and, when it leads the refresh, to every stream
@@ -852,28 +783,7 @@ impl Stream {
             .then(|| recent_answer(&shared, &pending, &key, now))
             .flatten()
             .filter(|elsewhere| elsewhere.status == 200);
-        let (answer, from) = match rotated_elsewhere {
-            // Another worker's, already shared: never shared again from here.
-            Some(elsewhere) if leading => (elsewhere, AnswerFrom::OwnShared),
-            Some(elsewhere) => (elsewhere, from),
-            None if from == AnswerFrom::OwnCallout => {
-                // Shared before it is checked, whatever it says: the workers waiting for it get
-                // this verdict (a refusal too), and a new refresh token survives this stream's
-                // end while it fetches keys.
-                shared.cache.borrow().store_refresh_result(
-                    &shared.gate,
-                    &key,
-                    &answer,
-                    pending.tokens_at(),
-                );
-                shared
-                    .refreshes
-                    .borrow_mut()
-                    .remember(key, &answer, pending.tokens_at(), now);
-                (answer, AnswerFrom::OwnShared)
-            }
-            None => (answer, from),
-        };
+        let answer = rotated_elsewhere.unwrap_or(answer);
         let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
         let gate = shared.gate.clone();
         let (step, note) = self.with_keys(
@@ -931,7 +841,15 @@ impl Stream {
             .cache
             .borrow()
             .release_refresh(&shared.gate, key, answer);
-        release_local(shared, key, answer, now, self.provider.as_deref(), self.id);
+        release_local(
+            shared,
+            key,
+            answer,
+            now,
+            self.provider.as_deref(),
+            false,
+            self.id,
+        );
     }
 
     fn fetch_jwks(
@@ -1051,38 +969,13 @@ impl Stream {
         limit: usize,
         started: SystemTime,
     ) -> Option<(u16, Option<Vec<u8>>)> {
-        if let (Some(shared), Ok(elapsed)) = (
-            &self.shared,
-            self.get_current_time().duration_since(started),
-        ) {
-            shared.metrics.record(
-                "callout_latency_ms",
-                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            );
-        }
-        // Read in place: the SDK's reader panics on a header value that is not UTF-8, and the
-        // IdP's answer is untrusted input.
-        let status = HeaderMapBytes::call_response().and_then(|m| {
-            m.pairs()
-                .find(|(k, _)| *k == b":status")
-                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
-        });
-        let Some(status) = status else {
-            if let Some(s) = &self.shared {
-                s.metrics.count("callout_errors");
-            }
-            return None;
-        };
-        if body_size > limit {
-            return Some((status, None));
-        }
-        let body = if body_size == 0 {
-            Vec::new()
-        } else {
-            self.get_http_call_response_body(0, body_size)
-                .unwrap_or_default()
-        };
-        Some((status, Some(body)))
+        let elapsed = self.get_current_time().duration_since(started).ok();
+        host::call_response(
+            self.shared.as_ref().map(|s| &s.metrics),
+            body_size,
+            limit,
+            elapsed,
+        )
     }
 
     fn on_discovery(&mut self, body_size: usize, started: SystemTime) {
@@ -1192,30 +1085,8 @@ impl Stream {
         };
         let now = self.now();
         self.keys_fetched = true;
-        match self.call_response(body_size, MAX_DOCUMENT_BYTES, started) {
-            Some((200, Some(body))) => match Jwks::parse(&body) {
-                Ok(jwks) => {
-                    log::info!(
-                        "oidc-gate #{}: JWKS fetched ({} usable keys)",
-                        self.id,
-                        jwks.len()
-                    );
-                    shared.cache.borrow_mut().store_jwks(&body, jwks, now);
-                    self.keys_fetched_ok = true;
-                }
-                // A broken or empty JWKS never replaces a good one; verification goes on with the
-                // last good set, or fails closed when there is none.
-                Err(e) => log::error!("oidc-gate #{}: JWKS refused: {e}", self.id),
-            },
-            Some((status, _)) => log::error!(
-                "oidc-gate #{}: JWKS answered HTTP {status} (or too large)",
-                self.id
-            ),
-            None => log::error!(
-                "oidc-gate #{}: JWKS callout failed (IdP unreachable or timed out)",
-                self.id
-            ),
-        }
+        let answer = self.call_response(body_size, MAX_DOCUMENT_BYTES, started);
+        self.keys_fetched_ok = store_fetched_jwks(&shared, answer, now, self.id);
         let have_keys = shared.cache.borrow_mut().jwks(now).is_some();
         // After the JWKS callout: the request is paused.
         if have_keys {
@@ -1249,28 +1120,6 @@ impl Context for Stream {
                 started,
                 then,
             } if token == token_id => self.on_jwks(then, body_size, started),
-            Waiting::Refresh {
-                token,
-                started,
-                pending,
-                key,
-            } if token == token_id => {
-                // An answer too large to read is still the IdP's answer: its status decides (a
-                // refusal ends the session, a 200 without a readable body too), never "no
-                // answer", which would keep the session as an outage does. Timed out or reset:
-                // the IdP's failure, the same for every worker.
-                let (status, body) =
-                    match self.call_response(body_size, MAX_TOKEN_RESPONSE_BYTES, started) {
-                        Some((status, body)) => (status, body.unwrap_or_default()),
-                        None => (503, Vec::new()),
-                    };
-                let answer = RefreshAnswer {
-                    status,
-                    body,
-                    at: self.now(),
-                };
-                self.finish_refresh(pending, key, answer, AnswerFrom::OwnCallout, true);
-            }
             other => {
                 log::warn!(
                     "oidc-gate #{}: ignoring an unexpected callout answer",
@@ -1296,15 +1145,15 @@ impl Stream {
         };
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::RefreshFollower { key } => shared.refreshes.borrow_mut().forget(&key, self.id),
-            // The leader's client went away before the IdP answered, or before the keys for
-            // its answer came; its callout dies with it. Waiting streams must not hang: they go
-            // on with a still-valid access token, or get a retryable 503.
-            Waiting::Refresh { key, .. }
-            | Waiting::Jwks {
+            // The leader's client went away before the keys for an answer from shared data
+            // came. Waiting streams must not hang: they go on with a still-valid access token,
+            // or get a retryable 503. (A refresh the IdP is asked for belongs to the root
+            // context and goes on without its stream.)
+            Waiting::Jwks {
                 then:
                     AfterKeys::Refresh {
                         key,
-                        from: AnswerFrom::OwnCallout | AnswerFrom::OwnShared,
+                        from: AnswerFrom::OwnShared,
                         ..
                     },
                 ..
@@ -1711,6 +1560,12 @@ mod tests {
             pub static LAST_REPLY_HEADERS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The `:status` of the callout answer the host hands over.
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            /// The last callout token the host gave (the first is 100).
+            pub static LAST_TOKEN: std::cell::Cell<u32> = const { std::cell::Cell::new(99) };
+            /// The tick periods set, in milliseconds.
+            pub static TICKS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+            /// The body of that answer.
+            pub static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The host clock, in nanoseconds.
             pub static NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
             /// What another worker does the moment this one writes a shared-data key.
@@ -1802,11 +1657,20 @@ mod tests {
             d: *mut *mut u8,
             n: *mut usize,
         ) -> u32 {
-            unsafe {
-                *d = std::ptr::null_mut();
-                *n = 0;
+            let body = BODY.with(|b| b.borrow().clone());
+            if body.is_empty() {
+                unsafe {
+                    *d = std::ptr::null_mut();
+                    *n = 0;
+                }
+                return 1;
             }
-            1
+            let b = body.into_boxed_slice();
+            unsafe {
+                *n = b.len();
+                *d = Box::into_raw(b).cast::<u8>();
+            }
+            0
         }
         #[no_mangle]
         extern "C" fn proxy_add_header_map_value(
@@ -1819,7 +1683,8 @@ mod tests {
             proxy_replace_header_map_value(map, name, name_size, value, value_size)
         }
         #[no_mangle]
-        extern "C" fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
+        extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
+            TICKS.with(|t| t.borrow_mut().push(period));
             0
         }
         #[no_mangle]
@@ -1839,7 +1704,12 @@ mod tests {
                 // Status::BadArgument, as Envoy answers for a cluster it does not have.
                 return 2;
             }
-            unsafe { *t = 99 };
+            // A new token each time: the SDK refuses a token it already holds.
+            let token = LAST_TOKEN.with(|l| {
+                l.set(l.get() + 1);
+                l.get()
+            });
+            unsafe { *t = token };
             0
         }
     }
@@ -2002,8 +1872,11 @@ mod tests {
     #[test]
     fn a_refusal_on_one_worker_reaches_the_requests_waiting_on_another() {
         let (worker_a, pending, key) = refreshing();
-        let leader = refused_at_the_idp(&worker_a, pending, key);
-        assert!(leader.replied, "the leader's own request is refused");
+        assert_eq!(
+            refused_at_the_idp(&worker_a, pending, key),
+            Outcome::Answered(401),
+            "the leader's own request is refused"
+        );
 
         assert_eq!(waiting_on_another_worker(key), Outcome::Answered(401));
     }
@@ -2067,8 +1940,9 @@ mod tests {
             stream.start_refresh(&worker_b, call, pending, VALID, true);
         });
         assert_eq!(outcome, Outcome::Answered(401));
-        assert!(
-            !matches!(stream.waiting, Waiting::Refresh { .. }),
+        assert_eq!(
+            worker_b.root_calls.borrow().queued(),
+            0,
             "the IdP was asked"
         );
     }
@@ -2161,10 +2035,7 @@ mod tests {
         host_stubs::NOW_NS.with(|t| t.set(DUE * 1_000_000_000));
         let call = token_callout();
         stream.start_refresh(&shared, call, pending, DUE, true);
-        assert!(
-            matches!(stream.waiting, Waiting::Refresh { .. }),
-            "the IdP is asked"
-        );
+        assert_eq!(shared.root_calls.borrow().queued(), 1, "the IdP is asked");
     }
 
     // Found in review: a refusal or failure for a refresh token could overwrite the new tokens
@@ -2263,6 +2134,111 @@ mod tests {
         assert_eq!(outcome, Outcome::Forwarded(OLD_TOKEN.into()));
     }
 
+    /// The IdP's refreshed ID token is signed with a key this worker does not have yet: the
+    /// root context fetches the keys itself (the request that set the refresh off may be gone)
+    /// and then applies the answer; when the fetch fails the session goes on as without an
+    /// answer instead of ending.
+    #[test]
+    fn the_root_fetches_keys_for_an_answer_signed_with_a_new_key() {
+        use super::super::refresh::on_root_callout;
+        use crate::flow::tests::{a_due_refresh_answered_after_a_key_rotation, provider};
+        for (jwks_status, expected) in [
+            (&b"200"[..], Outcome::Forwarded("Bearer access-2".into())),
+            (b"500", Outcome::Forwarded(OLD_TOKEN.into())),
+        ] {
+            // Each case on its own shared data: the first one's fetch claims the next 30 s.
+            host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+            let (g, pending, body, old_jwks, new_jwks) =
+                a_due_refresh_answered_after_a_key_rotation();
+            let key = pending.coalescing_key();
+            let shared = shared_for(g);
+            let now = 1_800_000_250;
+            let jwks = Jwks::parse(old_jwks.as_bytes()).unwrap();
+            let mut cache = shared.cache.borrow_mut();
+            cache.store_jwks(old_jwks.as_bytes(), jwks, now - 100);
+            let document = serde_json::json!({
+                "issuer": "https://idp.example.com",
+                "authorization_endpoint": "https://idp.example.com/authorize",
+                "token_endpoint": "https://idp.example.com/token",
+                "jwks_uri": "https://idp.example.com/keys",
+            });
+            cache.store_provider(document.to_string().as_bytes(), provider(), now);
+            drop(cache);
+            assert!(shared.refreshes.borrow_mut().lead(key));
+            leader_awaiting_the_idp(&shared, pending, key);
+            host_stubs::BODY.with(|b| *b.borrow_mut() = body.clone());
+            let outcome = idp_answers(&shared, b"200", body.len(), now);
+            assert_eq!(outcome, Outcome::Waiting, "the keys are fetched first");
+
+            let token = host_stubs::LAST_TOKEN.with(std::cell::Cell::get);
+            host_stubs::STATUS.with(|s| *s.borrow_mut() = jwks_status.to_vec());
+            host_stubs::BODY.with(|b| *b.borrow_mut() = new_jwks.clone().into_bytes());
+            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now);
+            let outcome = outcome_of(|| on_root_callout(&shared, token, new_jwks.len(), at, 1));
+            host_stubs::BODY.with(|b| b.borrow_mut().clear());
+            assert_eq!(
+                outcome,
+                expected,
+                "JWKS answered {}",
+                String::from_utf8_lossy(jwks_status)
+            );
+            assert!(
+                shared.refreshes.borrow_mut().lead(key),
+                "the refresh is over"
+            );
+        }
+    }
+
+    /// The root's tick runs every millisecond while a refresh waits to be sent, at the poll's
+    /// pace while requests wait on other workers, and not at all otherwise; a waiter arriving
+    /// while a refresh waits to be sent does not slow the tick down (nor re-arm it).
+    #[test]
+    fn the_root_tick_follows_the_work_waiting_for_it() {
+        use super::super::refresh::{send_queued, settle_tick};
+        let (shared, pending, key) = refreshing();
+        let periods = || host_stubs::TICKS.with(|t| t.borrow_mut().split_off(0));
+        periods();
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        leader.start_refresh(&shared, token_callout(), pending, VALID, true);
+        assert_eq!(periods(), vec![1], "a refresh to send");
+
+        // Another session's request waits on another worker's refresh meanwhile.
+        let mut other = key;
+        other[15] ^= 1;
+        assert!(shared.cache.borrow().try_lock_refresh(&other, VALID));
+        shared.cache.borrow().unlock_refresh(&other);
+        let (_, pending) = crate::flow::tests::a_due_refresh();
+        wait_elsewhere(
+            &shared,
+            pending,
+            api_call_facts(&shared.gate),
+            other,
+            VALID + 10,
+        );
+        assert!(raise_tick(&shared, Tick::Poll));
+        assert_eq!(
+            periods(),
+            Vec::<u32>::new(),
+            "already fast enough: not re-armed"
+        );
+
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(VALID);
+        send_queued(&shared, at, 1);
+        settle_tick(&shared);
+        assert_eq!(
+            periods(),
+            vec![100],
+            "sent; a request still waits elsewhere"
+        );
+        shared.remote_waiters.borrow_mut().clear();
+        settle_tick(&shared);
+        assert_eq!(periods(), vec![0], "nothing left to wait for");
+        settle_tick(&shared);
+        assert_eq!(periods(), Vec::<u32>::new());
+    }
+
     // Found in review: a leader on another worker could store its answer and unlock between this
     // worker's look for an answer and its lock: this worker then presented the old, perhaps
     // rotated, refresh token again.
@@ -2297,10 +2273,7 @@ mod tests {
             if !paused {
                 assert_eq!(action, Action::Continue);
             }
-            assert!(
-                !matches!(stream.waiting, Waiting::Refresh { .. }),
-                "the IdP was asked"
-            );
+            assert_eq!(shared.root_calls.borrow().queued(), 0, "the IdP was asked");
             assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
             assert!(shared.refreshes.borrow_mut().lead(key), "no leader left");
         }
@@ -2318,8 +2291,10 @@ mod tests {
             host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
             let call = token_callout();
             host_stubs::CALLOUTS_REFUSED.with(|r| r.set(true));
+            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now);
             let outcome = outcome_of(|| {
                 stream.start_refresh(&shared, call, pending, now, true);
+                super::super::refresh::send_queued(&shared, at, 1);
             });
             host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
             assert_eq!(outcome, expected, "at {now}");
@@ -2578,31 +2553,46 @@ mod tests {
         leader
     }
 
-    /// An API call of the session on `worker` that leads the refresh `key` and waits for the
-    /// IdP's answer to its callout (token 1).
-    fn leader_awaiting_its_callout(
+    /// An API call of the session on `worker` that leads the refresh `key`, waiting for the
+    /// IdP's answer to the root context's callout (token 1).
+    fn leader_awaiting_the_idp(
         worker: &Rc<Shared>,
         pending: PendingRefresh,
         key: [u8; 16],
     ) -> Stream {
         let mut leader = Stream::new(7, Some(worker.clone()));
         leader.facts = api_call_facts(&worker.gate);
-        leader.waiting = Waiting::Refresh {
-            token: 1,
-            started: SystemTime::UNIX_EPOCH,
-            pending,
+        worker.refreshes.borrow_mut().follow(
             key,
-        };
+            Follower {
+                context_id: leader.id,
+                pending: pending.clone(),
+                facts: leader.facts.clone(),
+            },
+        );
+        worker
+            .root_calls
+            .borrow_mut()
+            .sent(1, key, pending, SystemTime::UNIX_EPOCH);
+        leader.waiting = Waiting::RefreshFollower { key };
         leader
     }
 
-    /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call.
-    fn refused_at_the_idp(worker: &Rc<Shared>, pending: PendingRefresh, key: [u8; 16]) -> Stream {
-        let mut leader = leader_awaiting_its_callout(worker, pending, key);
-        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"400".to_vec());
-        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        leader.on_http_call_response(1, 1, 0, 0);
-        leader
+    /// The IdP answers the root's callout 1 with `status` and a body of `body_size` bytes at
+    /// `now`: what the request that led the refresh gets.
+    fn idp_answers(worker: &Shared, status: &[u8], body_size: usize, now: u64) -> Outcome {
+        use super::super::refresh::on_root_callout;
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now);
+        outcome_of(|| on_root_callout(worker, 1, body_size, at, 1))
+    }
+
+    /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call:
+    /// what its request got.
+    fn refused_at_the_idp(worker: &Rc<Shared>, pending: PendingRefresh, key: [u8; 16]) -> Outcome {
+        leader_awaiting_the_idp(worker, pending, key);
+        idp_answers(worker, b"400", 0, VALID)
     }
 
     /// Worker A's refresh of a session, refused by the IdP while another session's fresh tokens
@@ -2944,7 +2934,10 @@ mod tests {
             let (g, pending) = a_due_refresh_with(bearer_config());
             let key = pending.coalescing_key();
             let worker_a = shared_for(g);
-            assert!(refused_at_the_idp(&worker_a, pending, key).replied);
+            assert_eq!(
+                refused_at_the_idp(&worker_a, pending, key),
+                Outcome::Answered(401)
+            );
 
             let (g, pending) = a_due_refresh_with(bearer_config());
             let worker_b = shared_for(g);
@@ -3050,6 +3043,7 @@ mod tests {
             metrics: Metrics::default(),
             refreshes: RefCell::new(RefreshRegistry::default()),
             remote_waiters: RefCell::new(Vec::new()),
+            root_calls: RefCell::new(Default::default()),
         })
     }
 
@@ -3110,29 +3104,54 @@ mod tests {
         }
     }
 
+    // Seen in review: a refresh callout belonged to the request that led it. When its client
+    // left before the IdP answered, the answer was lost; with refresh-token rotation the
+    // session's next request presented the old token and the session ended. The root context
+    // owns the callout now: the answer reaches the requests still waiting and the later ones.
     #[test]
-    fn a_refresh_leader_whose_client_leaves_lets_its_followers_go_on_with_a_valid_token() {
+    fn a_refresh_whose_leader_left_still_reaches_the_waiting_and_later_requests() {
         use super::super::root::Follower;
-        for (now, expected) in as_without_an_answer() {
-            let (shared, pending, key) = refreshing();
-            assert!(shared.refreshes.borrow_mut().lead(key));
-            let mut leader = leader_awaiting_its_callout(&shared, pending, key);
-            let (_, pending_follower) = crate::flow::tests::a_due_refresh();
-            shared.refreshes.borrow_mut().follow(
-                key,
-                Follower {
-                    context_id: 11,
-                    pending: pending_follower,
-                    facts: api_call_facts(&shared.gate),
-                },
-            );
-            host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
-            // The leader's client goes away before the IdP answers.
-            let outcome = outcome_of(|| {
-                Stream::done(&mut leader);
-            });
-            assert_eq!(outcome, expected, "at {now}");
-        }
+        let (shared, pending, key) = refreshing();
+        assert!(shared.refreshes.borrow_mut().lead(key));
+        assert!(shared.cache.borrow().try_lock_refresh(&key, VALID));
+        let mut leader = leader_awaiting_the_idp(&shared, pending, key);
+        let (_, pending_follower) = crate::flow::tests::a_due_refresh();
+        shared.refreshes.borrow_mut().follow(
+            key,
+            Follower {
+                context_id: 11,
+                pending: pending_follower,
+                facts: api_call_facts(&shared.gate),
+            },
+        );
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        // The leader's client goes away before the IdP answers: nobody is answered yet.
+        let outcome = outcome_of(|| {
+            Stream::done(&mut leader);
+        });
+        assert_eq!(outcome, Outcome::Waiting);
+        assert!(shared.cache.borrow().refresh_locked(&key, VALID));
+
+        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
+        let outcome = idp_answers(&shared, b"200", rotated.len(), VALID);
+        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
+        assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
+
+        // A later request with the cookie the leader's client never replaced.
+        let (_, pending) = crate::flow::tests::a_due_refresh();
+        let mut late = Stream::new(12, Some(shared.clone()));
+        late.facts = api_call_facts(&shared.gate);
+        let outcome = outcome_of(|| {
+            late.start_refresh(&shared, token_callout(), pending, VALID + 1, true);
+        });
+        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
+        assert_eq!(
+            shared.root_calls.borrow().queued(),
+            0,
+            "the IdP is not asked again"
+        );
     }
 
     #[test]
@@ -3157,7 +3176,8 @@ mod tests {
                 },
             },
         };
-        // The browser cancels that request before the JWKS answer (Envoy cancels the callout).
+        // The browser cancels that request before the JWKS answer (the SDK drops the answer to a
+        // callout whose context has ended).
         assert!(Stream::done(&mut leader));
         // A later request of the same session on this worker must be able to refresh, not
         // become a follower of a refresh nobody will ever finish.
@@ -3181,14 +3201,11 @@ mod tests {
             let key = pending.coalescing_key();
             let shared = shared_for(g);
             assert!(shared.refreshes.borrow_mut().lead(key));
-            let mut leader = leader_awaiting_its_callout(&shared, pending, key);
-            host_stubs::STATUS.with(|s| *s.borrow_mut() = status.to_vec());
+            leader_awaiting_the_idp(&shared, pending, key);
             // The access token (exp NOW + 300) is still valid.
-            host_stubs::NOW_NS.with(|t| t.set(1_800_000_291 * 1_000_000_000));
-            host_stubs::LAST_REPLY.with(|r| r.set(0));
-            leader.on_http_call_response(1, 1, MAX_TOKEN_RESPONSE_BYTES + 1, 0);
+            let outcome = idp_answers(&shared, status, MAX_TOKEN_RESPONSE_BYTES + 1, 1_800_000_291);
             assert!(
-                leader.replied,
+                matches!(outcome, Outcome::Answered(_)),
                 "{}: an unreadable answer was taken for an outage; the request was forwarded on \
                  the old token and the session kept",
                 String::from_utf8_lossy(status)

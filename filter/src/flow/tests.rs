@@ -1320,6 +1320,13 @@ pub(crate) fn a_due_refresh_of_tokens_living(
 /// the IdP rotated to since the login, and the JWKS from before the rotation.
 pub(crate) fn a_due_refresh_answered_with_a_new_signing_key(
 ) -> (Gate, PendingRefresh, Vec<u8>, String) {
+    let (g, pending, answer, old_jwks, _) = a_due_refresh_answered_after_a_key_rotation();
+    (g, pending, answer, old_jwks)
+}
+
+/// As [`a_due_refresh_answered_with_a_new_signing_key`], with the JWKS after the rotation.
+pub(crate) fn a_due_refresh_answered_after_a_key_rotation(
+) -> (Gate, PendingRefresh, Vec<u8>, String, String) {
     let (g, idp, _, _, pending) = refresh_due_at(69, NOW + 250);
     let old_jwks = idp.0.jwks().to_string();
     idp.0.rotate_keys();
@@ -1328,7 +1335,13 @@ pub(crate) fn a_due_refresh_answered_with_a_new_signing_key(
         json!({"iss": ISS, "sub": "user-1", "aud": "gate", "exp": NOW + 600, "iat": NOW + 250}),
     );
     let answer = json!({"access_token": "access-2", "token_type": "Bearer", "expires_in": 300, "id_token": id_token}).to_string();
-    (g, pending, answer.into_bytes(), old_jwks)
+    (
+        g,
+        pending,
+        answer.into_bytes(),
+        old_jwks,
+        idp.0.jwks().to_string(),
+    )
 }
 
 /// The IdP's answer to `pending`: a new access token `access-2` and a rotated refresh token.
