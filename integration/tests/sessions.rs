@@ -784,9 +784,6 @@ async fn an_idp_that_is_down_does_not_end_a_kept_session_whose_token_is_valid() 
     assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
 }
 
-/// A refresh whose own request is cancelled (the user navigated away) while the IdP is slow
-/// ended without an answer: the session's requests that waited for it on that worker go upstream
-/// with the access token, which is still valid, not with a 503; the cancelled one goes nowhere.
 /// The request that sets off a refresh leaves (a closed tab, an aborted fetch) before the IdP
 /// answers, and the IdP has rotated the refresh token by then. The refresh belongs to the
 /// filter's root context, not to that request: the request waiting for it gets the new token,

@@ -137,7 +137,8 @@ pub fn settle_tick(shared: &Shared) {
     }
 }
 
-/// Root tick: sends the refreshes streams queued.
+/// Root tick: sends the refreshes streams queued. Only from a root callback: the SDK hands a
+/// callout's answer to the context whose callback sent it.
 pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) {
     let queued = std::mem::take(&mut shared.root_calls.borrow_mut().queued);
     for (call, key, pending) in queued {
@@ -452,18 +453,23 @@ fn apply(
 ) {
     match step {
         RefreshStep::Forward(fwd) => {
-            let _ = hostcalls::set_map_value(
-                MapType::HttpRequestHeaders,
-                "authorization",
-                fwd.authorization.as_deref(),
-            );
-            let _ = hostcalls::set_map_value(
-                MapType::HttpRequestHeaders,
-                "cookie",
-                fwd.cookie.as_deref(),
-            );
+            let set = |name: &str, value: Option<&str>| {
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).is_ok()
+            };
+            let mut all_set = set("authorization", fwd.authorization.as_deref())
+                & set("cookie", fwd.cookie.as_deref());
             for (name, value) in &fwd.set_headers {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                all_set &= set(name, Some(value));
+            }
+            if !all_set {
+                // The client's own cookie or `Authorization` may still be there: never resumed.
+                // (SDK 0.2.5 aborts the VM on a refused write instead, which is as closed.)
+                log::error!(
+                    "oidc-gate #{}: the host would not set a request header; the request is refused",
+                    f.context_id
+                );
+                send(&Failure::Internal.reply(f.facts.browser(), f.facts.request_id()));
+                return;
             }
             shared
                 .refreshes
@@ -606,8 +612,9 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
                 still.push(w);
                 continue;
             }
-            // The other worker let go with no answer to share (the callout could not be made,
-            // or its leader could not get keys for an answer from shared data) or took too long: on the access
+            // The other worker let go with no answer to share (the callout could not be made, no
+            // keys could be had to check the answer, or the request applying an answer from
+            // shared data left while fetching keys) or took too long: on the access
             // token while it is valid, a retryable 503 after, as the streams waiting on that
             // worker get. A verdict the IdP gave is in the result slot or the leader's lock slot,
             // so this is rarely one (a collision overwrote both within the poll's 100 ms). The

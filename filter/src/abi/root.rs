@@ -140,8 +140,8 @@ pub struct Shared {
 }
 
 /// How often the root context looks for refreshes finished by other VMs, while a stream waits
-/// for one. The tick runs only then: nothing else needs it, and an idle worker is not woken ten
-/// times a second for nothing.
+/// for one. The tick runs only while there is such work (or a refresh to send): an idle worker
+/// is not woken ten times a second for nothing.
 pub const REMOTE_POLL_TICK: Duration = Duration::from_millis(100);
 
 /// The per-VM root context.

@@ -2165,6 +2165,7 @@ mod tests {
             cache.store_provider(document.to_string().as_bytes(), provider(), now);
             drop(cache);
             assert!(shared.refreshes.borrow_mut().lead(key));
+            assert!(shared.cache.borrow().try_lock_refresh(&key, now));
             leader_awaiting_the_idp(&shared, pending, key);
             host_stubs::BODY.with(|b| *b.borrow_mut() = body.clone());
             let outcome = idp_answers(&shared, b"200", body.len(), now);
@@ -2185,6 +2186,10 @@ mod tests {
             assert!(
                 shared.refreshes.borrow_mut().lead(key),
                 "the refresh is over"
+            );
+            assert!(
+                !shared.cache.borrow().refresh_locked(&key, now),
+                "the cross-worker lock is released"
             );
         }
     }
