@@ -859,6 +859,11 @@ async fn a_refresh_whose_request_left_still_reaches_the_session() {
             .all(|r| r.path != "/leader"),
         "the request that left went nowhere"
     );
+    assert!(
+        !stack.envoy.log().contains("refresh queue"),
+        "the root is woken through its own queue, not only by its tick: {}",
+        stack.envoy.log_tail(20)
+    );
 }
 
 /// Requests of one session waiting for a refresh that fails: each gets its own answer (login

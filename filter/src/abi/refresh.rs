@@ -1,9 +1,10 @@
 //! Refreshes: sent by the root context, their answers applied to every stream waiting.
 //!
 //! Within a VM, concurrent requests of one session wait for one refresh ("local followers"),
-//! the request that started it among them. The root context sends it from its tick and applies
-//! the IdP's answer: a callout belongs to the context whose callback sent it, and a stream's
-//! dies with its client, while the IdP may have rotated the refresh token already. Across VMs
+//! the request that started it among them. The root context sends it (woken by a message on
+//! its own shared queue, else by its tick) and applies the IdP's answer: a callout belongs to
+//! the context whose callback sent it, and a stream's dies with its client, while the IdP may
+//! have rotated the refresh token already. Across VMs
 //! (worker threads), a shared-data lock lets one VM refresh while the others wait ("remote
 //! waiters", polled by the root context's tick) for the answer it stores: with refresh-token
 //! rotation, a second refresh with the same token would be refused and log the user out.
@@ -55,7 +56,9 @@ impl Tick {
 /// A refresh the root context sends or waits on.
 struct RootRefresh {
     key: [u8; 16],
-    /// The view of the stream that asked for it, to apply the answer with.
+    /// The stream that asked for it (it may have ended since).
+    leader: u32,
+    /// Its view of the refresh, to check the answer with.
     pending: PendingRefresh,
     /// When its callout went out.
     started: SystemTime,
@@ -66,16 +69,25 @@ struct RootRefresh {
 /// The refreshes of a VM the root context sends, and its tick.
 #[derive(Default)]
 pub struct RootCalls {
-    queued: Vec<(Callout, [u8; 16], PendingRefresh)>,
+    queued: Vec<(Callout, RootRefresh)>,
     /// By callout token.
     inflight: HashMap<u32, RootRefresh>,
     tick: Tick,
+    /// This VM's own shared queue, whose messages wake the root context at once.
+    pub wake_queue: Option<u32>,
 }
 
 impl RootCalls {
-    /// Queues a refresh for the root's next tick.
-    pub fn queue(&mut self, call: Callout, key: [u8; 16], pending: PendingRefresh) {
-        self.queued.push((call, key, pending));
+    /// Queues a refresh the stream `leader` asked for, for the root's next tick.
+    pub fn queue(&mut self, call: Callout, key: [u8; 16], leader: u32, pending: PendingRefresh) {
+        let refresh = RootRefresh {
+            key,
+            leader,
+            pending,
+            started: SystemTime::UNIX_EPOCH,
+            answer: None,
+        };
+        self.queued.push((call, refresh));
     }
 
     /// How many refreshes wait for the root's next tick.
@@ -84,18 +96,47 @@ impl RootCalls {
         self.queued.len()
     }
 
-    /// A refresh as the root's tick sends it, with callout `token`.
+    /// A refresh the stream `leader` asked for, as the root's tick sends it, with callout
+    /// `token`.
     #[cfg(test)]
-    pub fn sent(&mut self, token: u32, key: [u8; 16], pending: PendingRefresh, at: SystemTime) {
-        self.inflight.insert(
-            token,
-            RootRefresh {
-                key,
-                pending,
-                started: at,
-                answer: None,
+    pub fn sent(&mut self, token: u32, key: [u8; 16], leader: u32, pending: PendingRefresh) {
+        self.queue(
+            Callout {
+                method: "POST",
+                path: String::new(),
+                authority: String::new(),
+                headers: Vec::new(),
+                body: Vec::new(),
             },
+            key,
+            leader,
+            pending,
         );
+        if let Some((_, refresh)) = self.queued.pop() {
+            self.inflight.insert(token, refresh);
+        }
+    }
+}
+
+/// Has the root context send the refreshes about to be queued as soon as it can; call it before
+/// queueing; false if nothing can wake it. A message on the VM's own shared queue has the host
+/// post the root's `on_queue_ready` to this worker's event loop; the 1 ms tick's first run comes
+/// a few milliseconds later here (the host's timer), and stays as the fallback.
+pub fn wake_root(shared: &Shared) -> bool {
+    let (pending, queue) = {
+        let calls = shared.root_calls.borrow();
+        (!calls.queued.is_empty(), calls.wake_queue)
+    };
+    if pending {
+        // Woken already for the refreshes queued before this one.
+        return true;
+    }
+    match queue {
+        // The slow poll as well, should the message never be delivered.
+        Some(queue) if hostcalls::enqueue_shared_queue(queue, Some(b"r")).is_ok() => {
+            raise_tick(shared, Tick::Poll)
+        }
+        _ => raise_tick(shared, Tick::Dispatch),
     }
 }
 
@@ -141,22 +182,22 @@ pub fn settle_tick(shared: &Shared) {
 /// callout's answer to the context whose callback sent it.
 pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) {
     let queued = std::mem::take(&mut shared.root_calls.borrow_mut().queued);
-    for (call, key, pending) in queued {
+    for (call, refresh) in queued {
         match host::dispatch(&shared.gate, Some(&shared.metrics), &call, root_id) {
             Some(token) => {
-                shared.root_calls.borrow_mut().inflight.insert(
-                    token,
-                    RootRefresh {
-                        key,
-                        pending,
-                        started: at,
-                        answer: None,
-                    },
-                );
+                let refresh = RootRefresh {
+                    started: at,
+                    ..refresh
+                };
+                shared
+                    .root_calls
+                    .borrow_mut()
+                    .inflight
+                    .insert(token, refresh);
             }
             // The IdP was not asked: nothing to tell the other workers, and the streams waiting
             // go on as without an answer.
-            None => give_up_refresh(shared, &key, unix_seconds(at), root_id),
+            None => give_up_refresh(shared, &refresh.key, unix_seconds(at), root_id),
         }
     }
 }
@@ -195,7 +236,7 @@ pub fn on_root_callout(
                 body,
                 at: now,
             };
-            answer_refresh(shared, call.key, call.pending, answer, at, root_id);
+            answer_refresh(shared, call, answer, at, root_id);
         }
         Some(answer) => {
             let fetched = host::call_response(
@@ -222,19 +263,19 @@ pub fn on_root_callout(
 /// The IdP's answer to a refresh the root sent: shared with the other workers before it is
 /// checked, whatever it says (the workers waiting get this verdict, a refusal too, and a new
 /// refresh token survives while keys are fetched), then applied to every stream waiting.
-pub fn answer_refresh(
+fn answer_refresh(
     shared: &Shared,
-    key: [u8; 16],
-    pending: PendingRefresh,
+    call: RootRefresh,
     answer: RefreshAnswer,
     at: SystemTime,
     root_id: u32,
 ) {
     let now = unix_seconds(at);
+    let (key, pending) = (call.key, &call.pending);
     // Refused: another worker may have rotated the refresh token a moment ago; its answer is
     // shared already.
     let rotated_elsewhere = (answer.status != 200)
-        .then(|| recent_answer(shared, &pending, &key, now))
+        .then(|| recent_answer(shared, pending, &key, now))
         .flatten()
         .filter(|elsewhere| elsewhere.status == 200);
     let answer = match rotated_elsewhere {
@@ -254,10 +295,8 @@ pub fn answer_refresh(
         }
     };
     let call = RootRefresh {
-        key,
-        pending,
-        started: at,
         answer: Some(answer),
+        ..call
     };
     complete_refresh(shared, call, None, at, root_id);
 }
@@ -316,6 +355,8 @@ fn complete_refresh(
                 .cache
                 .borrow()
                 .release_refresh(&shared.gate, &call.key, answer);
+            // The stream that asked, if still waiting, gets the step just decided for it: the
+            // ID token check and the new cookie cost milliseconds in wasm, not to be paid twice.
             release_local(
                 shared,
                 &call.key,
@@ -323,6 +364,7 @@ fn complete_refresh(
                 now,
                 provider.as_deref(),
                 fetched == Some(true),
+                Some((call.leader, step)),
                 root_id,
             );
         }
@@ -528,7 +570,9 @@ fn apply(
     }
 }
 
-/// Completes every local follower of `key`, then makes `restore` the effective context again.
+/// Completes every local follower of `key` (the one `decided` names with the step given),
+/// then makes `restore` the effective context again.
+#[allow(clippy::too_many_arguments)]
 pub fn release_local(
     shared: &Shared,
     key: &[u8; 16],
@@ -536,12 +580,16 @@ pub fn release_local(
     now: u64,
     provider: Option<&ProviderMetadata>,
     fetched_for_it: bool,
+    mut decided: Option<(u32, RefreshStep)>,
     restore: u32,
 ) {
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
         if hostcalls::set_effective_context(f.context_id).is_ok() {
-            complete_follower(shared, f, answer, now, provider, fetched_for_it);
+            match decided.take_if(|(context_id, _)| *context_id == f.context_id) {
+                Some((_, step)) => apply(shared, f, step, now, provider),
+                None => complete_follower(shared, f, answer, now, provider, fetched_for_it),
+            }
         }
     }
     let _ = hostcalls::set_effective_context(restore);
@@ -640,6 +688,7 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             now,
             provider.as_deref(),
             false,
+            None,
             root_id,
         );
     }

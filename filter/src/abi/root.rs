@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use super::cache::{IdpCache, MAX_SHARED_REFRESH_RESULT_BYTES};
 use super::ended::SharedEndings;
+use super::host::HostRandom;
 use super::metrics::Metrics;
 use super::refresh::{
     on_root_callout, poll_remote, send_queued, settle_tick, RemoteWaiter, RootCalls,
@@ -19,7 +21,7 @@ use super::stream::{Facts, Stream};
 use super::timing::{self, Stage};
 use crate::config::Config;
 use crate::flow::{Gate, PendingRefresh, RefreshAnswer};
-use crate::types::UnixSeconds;
+use crate::types::{Random, UnixSeconds};
 
 /// A stream waiting for another stream's refresh of the same session.
 pub struct Follower {
@@ -144,16 +146,41 @@ pub struct Shared {
 /// is not woken ten times a second for nothing.
 pub const REMOTE_POLL_TICK: Duration = Duration::from_millis(100);
 
+/// Registers a shared queue only this VM's root context reads. The host delivers a queue's
+/// messages to the root that registered its name last, and every worker's VM runs this same
+/// code: the name is random.
+fn register_wake_queue(root_id: u32) -> Option<u32> {
+    let mut nonce = [0u8; 8];
+    if HostRandom.fill(&mut nonce).is_err() {
+        log::warn!("oidc-gate #{root_id}: no randomness for the refresh queue's name; refreshes go out on the tick");
+        return None;
+    }
+    let name = format!("oidc-gate/refresh-wake/{:016x}", u64::from_be_bytes(nonce));
+    match hostcalls::register_shared_queue(&name) {
+        Ok(queue) => Some(queue),
+        Err(status) => {
+            log::warn!("oidc-gate #{root_id}: cannot register the refresh queue ({status:?}); refreshes go out on the tick");
+            None
+        }
+    }
+}
+
 /// The per-VM root context.
 pub struct Root {
     id: u32,
     shared: Option<Rc<Shared>>,
+    /// The VM's own shared queue, registered once and kept over configurations.
+    wake_queue: Option<u32>,
 }
 
 impl Root {
     /// The root context with the id the host gave it.
     pub fn new(id: u32) -> Self {
-        Self { id, shared: None }
+        Self {
+            id,
+            shared: None,
+            wake_queue: None,
+        }
     }
 }
 
@@ -204,9 +231,13 @@ impl RootContext for Root {
                     remote_waiters: RefCell::new(Vec::new()),
                     root_calls: RefCell::new(RootCalls::default()),
                 }));
+                if self.wake_queue.is_none() {
+                    self.wake_queue = register_wake_queue(self.id);
+                }
                 if let Some(shared) = &self.shared {
                     shared.cache.borrow().init_shared_slots();
                     shared.endings.init();
+                    shared.root_calls.borrow_mut().wake_queue = self.wake_queue;
                 }
                 timing::announce();
                 true
@@ -216,6 +247,14 @@ impl RootContext for Root {
                 self.shared = None;
                 false
             }
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // The messages only wake the root: the refreshes to send are in `root_calls`.
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        if let Some(shared) = &self.shared {
+            send_queued(shared, self.get_current_time(), self.id);
         }
     }
 

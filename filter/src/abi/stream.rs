@@ -11,7 +11,7 @@ use super::header_map::HeaderMapBytes;
 use super::host::{self, unix_seconds, HostRandom};
 use super::refresh::{
     abandon_local, give_up_refresh, raise_tick, recent_answer, release_local, store_fetched_jwks,
-    RemoteWaiter, Tick, REMOTE_WAIT_SECS,
+    wake_root, RemoteWaiter, Tick, REMOTE_WAIT_SECS,
 };
 use super::root::{Follower, Shared};
 use super::timing::{self, Stage};
@@ -742,14 +742,14 @@ impl Stream {
         // The root context sends the refresh and applies the answer, to this stream as to any
         // other waiting for it: a callout this stream sent would lose its answer if the client
         // left first, and with refresh-token rotation the session would end.
-        if !raise_tick(shared, Tick::Dispatch) {
+        if !wake_root(shared) {
             // The IdP was not asked: nothing to tell the other workers.
             return self.finish_without_answer(shared, pending, key, true, paused);
         }
         shared
             .root_calls
             .borrow_mut()
-            .queue(call, key, pending.clone());
+            .queue(call, key, self.id, pending.clone());
         shared.refreshes.borrow_mut().follow(
             key,
             Follower {
@@ -848,6 +848,7 @@ impl Stream {
             now,
             self.provider.as_deref(),
             false,
+            None,
             self.id,
         );
     }
@@ -1562,6 +1563,8 @@ mod tests {
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The last callout token the host gave (the first is 100).
             pub static LAST_TOKEN: std::cell::Cell<u32> = const { std::cell::Cell::new(99) };
+            /// Messages put on a shared queue.
+            pub static WAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The tick periods set, in milliseconds.
             pub static TICKS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The body of that answer.
@@ -1681,6 +1684,15 @@ mod tests {
             value_size: usize,
         ) -> u32 {
             proxy_replace_header_map_value(map, name, name_size, value, value_size)
+        }
+        #[no_mangle]
+        extern "C" fn proxy_enqueue_shared_queue(queue: u32, _: *const u8, _: usize) -> u32 {
+            if queue == 0 {
+                // Status::NotFound: no such queue.
+                return 1;
+            }
+            WAKES.with(|w| w.set(w.get() + 1));
+            0
         }
         #[no_mangle]
         extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
@@ -2194,6 +2206,44 @@ mod tests {
         }
     }
 
+    /// With its shared queue registered, a VM's root is woken by a message on it, once for all
+    /// the refreshes queued before it runs, and the slow poll stands by should the message be
+    /// lost; a queue the host no longer knows falls back to the fast tick.
+    #[test]
+    fn refreshes_wake_the_root_through_its_queue() {
+        let (shared, pending, key) = refreshing();
+        let periods = || host_stubs::TICKS.with(|t| t.borrow_mut().split_off(0));
+        let wakes = || host_stubs::WAKES.with(|w| w.replace(0));
+        periods();
+        wakes();
+        shared.root_calls.borrow_mut().wake_queue = Some(5);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        leader.start_refresh(&shared, token_callout(), pending, VALID, true);
+        assert_eq!((wakes(), periods()), (1, vec![100]));
+        // Another session's refresh before the root ran: no second message.
+        let (_, other) = crate::flow::tests::a_due_refresh_with(serde_json::json!({}));
+        let mut other_key = key;
+        other_key[0] ^= 1;
+        assert!(wake_root(&shared));
+        shared
+            .root_calls
+            .borrow_mut()
+            .queue(token_callout(), other_key, 8, other);
+        assert_eq!((wakes(), periods()), (0, vec![]));
+        assert_eq!(shared.root_calls.borrow().queued(), 2);
+
+        // Another worker, without the first one's refresh lock.
+        host_stubs::SHARED.with(|m| m.borrow_mut().clear());
+        let (shared, pending, _) = refreshing();
+        shared.root_calls.borrow_mut().wake_queue = Some(0);
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        leader.start_refresh(&shared, token_callout(), pending, VALID, true);
+        assert_eq!((wakes(), periods()), (0, vec![1]));
+    }
+
     /// The root's tick runs every millisecond while a refresh waits to be sent, at the poll's
     /// pace while requests wait on other workers, and not at all otherwise; a waiter arriving
     /// while a refresh waits to be sent does not slow the tick down (nor re-arm it).
@@ -2578,7 +2628,7 @@ mod tests {
         worker
             .root_calls
             .borrow_mut()
-            .sent(1, key, pending, SystemTime::UNIX_EPOCH);
+            .sent(1, key, leader.id, pending);
         leader.waiting = Waiting::RefreshFollower { key };
         leader
     }
