@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Number, Value};
+use url::Url;
 
 use crate::tls::CertFiles;
 
@@ -447,6 +448,42 @@ pub fn merge(base: &mut Value, patch: &Value) {
         }
         (b, p) => *b = p.clone(),
     }
+}
+
+/// An Istio-named cluster for an external issuer, as the demo's `--issuer` builds it: STRICT_DNS,
+/// and for https TLS with SNI and SAN checks against `ca_bundle`.
+pub fn external_issuer_cluster(issuer: &Url, ca_bundle: &str) -> Result<(String, Value), String> {
+    let host = issuer
+        .host_str()
+        .ok_or("--issuer has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = issuer
+        .port_or_known_default()
+        .ok_or("--issuer has no port")?;
+    let name = format!("outbound|{port}||{host}");
+    let mut cluster = json!({
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": host, "port_value": port }
+            } } }] }],
+        },
+    });
+    if issuer.scheme() == "https" {
+        if !Path::new(ca_bundle).is_file() {
+            return Err(format!(
+                "{ca_bundle} is missing: install the ca-certificates package"
+            ));
+        }
+        add_upstream_tls(&mut cluster, ca_bundle);
+    }
+    Ok((name, cluster))
 }
 
 #[cfg(test)]

@@ -399,3 +399,48 @@ async fn idp_error_on_callback_is_forbidden() {
     assert_eq!(stack.idp.stats().token, 0);
     assert_eq!(stack.upstream.count(), 0);
 }
+
+/// The cluster `make demo --issuer` gives an external IdP (Istio's name, STRICT_DNS), here for the
+/// issuer's host `localhost`: Envoy resolves the name and the whole login goes through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_through_a_strict_dns_cluster_named_like_istios() {
+    use integration::config::external_issuer_cluster;
+    use integration::stack::StackOptions;
+    use serde_json::json;
+    const CLUSTER: &str = "outbound|80||localhost";
+    let mut opts = StackOptions::default().with_config(json!({ "idp_cluster": CLUSTER }));
+    opts.tweak = Some(std::sync::Arc::new(
+        |gw: &mut integration::GatewayConfig| {
+            let issuer = url::Url::parse(&format!("http://localhost:{}", gw.idp_endpoint_port))
+                .expect("url");
+            let (_, mut cluster) =
+                external_issuer_cluster(&issuer, "/nonexistent-ca-bundle").expect("cluster");
+            assert_eq!(cluster["type"], "STRICT_DNS");
+            // The name Istio would give a ServiceEntry on port 80; the endpoint is the mock IdP.
+            cluster["name"] = json!(CLUSTER);
+            cluster["load_assignment"]["cluster_name"] = json!(CLUSTER);
+            gw.extra_clusters.push(cluster);
+        },
+    ));
+    let stack = Stack::start(opts).await;
+    let b = stack.browser();
+    let flow = stack.login(&b, &stack.url("/dns")).await;
+    assert_eq!(flow.landed.status, 200, "{}", flow.landed.describe());
+    assert!(b.jar().get(APP_HOST, SESSION_COOKIE).is_some());
+    let requests = stack
+        .envoy
+        .stat(&format!("cluster.{CLUSTER}.upstream_rq_completed"))
+        .await;
+    assert!(
+        requests >= 3,
+        "discovery, token and keys through the DNS cluster: {requests}"
+    );
+    assert_eq!(
+        stack
+            .envoy
+            .stat(&format!("cluster.{CLUSTER}.membership_healthy"))
+            .await,
+        1,
+        "`localhost` resolved to one endpoint"
+    );
+}

@@ -3,7 +3,6 @@
 //! external OpenID provider). See `HELP`.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -152,42 +151,6 @@ fn ensure_port_free(port: u16, what: &str) -> Result<(), String> {
         })
 }
 
-/// An Istio-named cluster for an external issuer: STRICT_DNS, TLS with SNI and SAN checks against
-/// the system CA bundle for https.
-fn external_cluster(issuer: &Url) -> Result<(String, Value), String> {
-    let host = issuer
-        .host_str()
-        .ok_or("--issuer has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = issuer
-        .port_or_known_default()
-        .ok_or("--issuer has no port")?;
-    let name = format!("outbound|{port}||{host}");
-    let mut cluster = json!({
-        "name": name,
-        "type": "STRICT_DNS",
-        "dns_lookup_family": "V4_PREFERRED",
-        "connect_timeout": "10s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
-                "socket_address": { "address": host, "port_value": port }
-            } } }] }],
-        },
-    });
-    if issuer.scheme() == "https" {
-        if !Path::new(CA_BUNDLE).is_file() {
-            return Err(format!(
-                "{CA_BUNDLE} is missing: install the ca-certificates package"
-            ));
-        }
-        config::add_upstream_tls(&mut cluster, CA_BUNDLE);
-    }
-    Ok((name, cluster))
-}
-
 /// Turn the harness's TLS gateway listener into Istio's plain-HTTP `0.0.0.0_8080` on `port`.
 fn make_plaintext_listener(bootstrap: &mut Value, port: u16) {
     let l = &mut bootstrap["static_resources"]["listeners"][0];
@@ -269,7 +232,7 @@ async fn run(args: Args) -> Result<(), String> {
             let secret = env_secret.ok_or(
                 "--issuer needs the client secret in the environment variable OIDC_CLIENT_SECRET",
             )?;
-            let (cluster_name, cluster) = external_cluster(&url)?;
+            let (cluster_name, cluster) = config::external_issuer_cluster(&url, CA_BUNDLE)?;
             IdpTarget {
                 issuer: raw.clone(),
                 cluster_name,
@@ -438,8 +401,11 @@ mod tests {
 
     #[test]
     fn external_cluster_is_istio_named_with_tls() {
-        let (name, c) = external_cluster(&Url::parse("https://idp.example.com/realms/x").unwrap())
-            .expect("cluster");
+        let (name, c) = config::external_issuer_cluster(
+            &Url::parse("https://idp.example.com/realms/x").unwrap(),
+            CA_BUNDLE,
+        )
+        .expect("cluster");
         assert_eq!(name, "outbound|443||idp.example.com");
         assert_eq!(c["type"], "STRICT_DNS");
         assert_eq!(
@@ -453,7 +419,11 @@ mod tests {
                 ["trusted_ca"]["filename"],
             CA_BUNDLE
         );
-        let (name, c) = external_cluster(&Url::parse("http://127.0.0.1:5557").unwrap()).unwrap();
+        let (name, c) = config::external_issuer_cluster(
+            &Url::parse("http://127.0.0.1:5557").unwrap(),
+            CA_BUNDLE,
+        )
+        .unwrap();
         assert_eq!(name, "outbound|5557||127.0.0.1");
         assert!(c.get("transport_socket").is_none());
     }
