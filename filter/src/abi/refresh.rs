@@ -9,6 +9,7 @@
 //! waiters", polled by the root context's tick) for the answer it stores: with refresh-token
 //! rotation, a second refresh with the same token would be refused and log the user out.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +25,7 @@ use crate::flow::{
 };
 use crate::reply::{Failure, Reply};
 use crate::token::Jwks;
+use crate::types::Random;
 
 /// How long a request may wait for another worker's refresh.
 pub const REMOTE_WAIT_SECS: u64 = 10;
@@ -66,19 +68,33 @@ struct RootRefresh {
     answer: Option<RefreshAnswer>,
 }
 
-/// The refreshes of a VM the root context sends, and its tick.
+/// How a root context is woken: its tick, and a shared queue only it reads. One per root
+/// context, kept over its configurations (the host has one timer per root context).
+#[derive(Default)]
+pub struct RootWake {
+    /// What the host's timer is set to.
+    pub tick: Cell<Tick>,
+    /// The queue, once registered.
+    pub queue: Cell<Option<u32>>,
+    /// Whether registering it was tried.
+    pub queue_tried: Cell<bool>,
+}
+
+/// The refreshes the root context sends for one configuration.
 #[derive(Default)]
 pub struct RootCalls {
     queued: Vec<(Callout, RootRefresh)>,
     /// By callout token.
     inflight: HashMap<u32, RootRefresh>,
-    tick: Tick,
-    /// This VM's own shared queue, whose messages wake the root context at once.
-    pub wake_queue: Option<u32>,
 }
 
 impl RootCalls {
-    /// Queues a refresh the stream `leader` asked for, for the root's next tick.
+    /// Whether the answer to callout `token` is awaited here.
+    pub fn awaits(&self, token: u32) -> bool {
+        self.inflight.contains_key(&token)
+    }
+
+    /// Queues a refresh the stream `leader` asked for, for the root to send when woken.
     pub fn queue(&mut self, call: Callout, key: [u8; 16], leader: u32, pending: PendingRefresh) {
         let refresh = RootRefresh {
             key,
@@ -90,7 +106,7 @@ impl RootCalls {
         self.queued.push((call, refresh));
     }
 
-    /// How many refreshes wait for the root's next tick.
+    /// How many refreshes wait for the root to send them.
     #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.queued.len()
@@ -119,20 +135,16 @@ impl RootCalls {
 }
 
 /// Has the root context send the refreshes about to be queued as soon as it can; call it before
-/// queueing; false if nothing can wake it. A message on the VM's own shared queue has the host
-/// post the root's `on_queue_ready` to this worker's event loop; the 1 ms tick's first run comes
-/// a few milliseconds later here (the host's timer), and stays as the fallback.
+/// queueing; false if nothing can wake it. A message on the root's own shared queue has the host
+/// post its `on_queue_ready` to this worker's event loop, with the 100 ms poll standing by
+/// should the message be lost. Without the queue, the 1 ms tick, whose first run comes a few
+/// milliseconds later here (the host's timer).
 pub fn wake_root(shared: &Shared) -> bool {
-    let (pending, queue) = {
-        let calls = shared.root_calls.borrow();
-        (!calls.queued.is_empty(), calls.wake_queue)
-    };
-    if pending {
+    if !shared.root_calls.borrow().queued.is_empty() {
         // Woken already for the refreshes queued before this one.
         return true;
     }
-    match queue {
-        // The slow poll as well, should the message never be delivered.
+    match wake_queue(&shared.wake) {
         Some(queue) if hostcalls::enqueue_shared_queue(queue, Some(b"r")).is_ok() => {
             raise_tick(shared, Tick::Poll)
         }
@@ -140,17 +152,41 @@ pub fn wake_root(shared: &Shared) -> bool {
     }
 }
 
+/// The root's queue, registered on first use: from a stream's callback the host ties it to the
+/// stream's root context, and VMs that never see a request (the main thread's, the canary that
+/// checks a new configuration) register none, since the host keeps a queue as long as any VM of
+/// its plugin runs. The host delivers a queue's messages to the root that registered its name
+/// last, and every worker's VM runs this same code: the name is random.
+fn wake_queue(wake: &RootWake) -> Option<u32> {
+    if !wake.queue_tried.replace(true) {
+        let mut nonce = [0u8; 8];
+        let queue = if HostRandom.fill(&mut nonce).is_ok() {
+            let name = format!("oidc-gate/refresh-wake/{:016x}", u64::from_be_bytes(nonce));
+            // SDK 0.2.5 aborts the VM if the host refuses; Envoy never does.
+            hostcalls::register_shared_queue(&name).ok()
+        } else {
+            None
+        };
+        if queue.is_none() {
+            log::warn!("oidc-gate: no refresh queue; refreshes go out on the root's tick");
+        }
+        wake.queue.set(queue);
+    }
+    wake.queue.get()
+}
+
 /// Makes the root's tick run at least as often as `want` needs; false if the host refuses.
 /// Setting the period re-arms the host's timer, so it is set only when it must get faster:
 /// requests arriving faster than the period would otherwise keep the tick from ever running.
 pub fn raise_tick(shared: &Shared, want: Tick) -> bool {
-    if shared.root_calls.borrow().tick >= want {
+    let tick = &shared.wake.tick;
+    if tick.get() >= want {
         return true;
     }
-    // From a stream's callback too: the host ties a VM's tick to its root context.
+    // From a stream's callback too: the host ties a stream's tick to its root context.
     match hostcalls::set_tick_period(want.period()) {
         Ok(()) => {
-            shared.root_calls.borrow_mut().tick = want;
+            tick.set(want);
             true
         }
         Err(status) => {
@@ -160,28 +196,41 @@ pub fn raise_tick(shared: &Shared, want: Tick) -> bool {
     }
 }
 
-/// After a tick: the tick the work left needs, off when there is none.
-pub fn settle_tick(shared: &Shared) {
-    let want = if !shared.root_calls.borrow().queued.is_empty() {
+/// The tick one configuration's work needs: off when it has none.
+pub fn needs_tick(shared: &Shared) -> Tick {
+    if !shared.root_calls.borrow().queued.is_empty() {
         Tick::Dispatch
     } else if !shared.remote_waiters.borrow().is_empty() {
         Tick::Poll
     } else {
         Tick::Off
-    };
-    if shared.root_calls.borrow().tick == want {
+    }
+}
+
+/// Whether the root has anything to do for this configuration.
+pub fn has_root_work(shared: &Shared) -> bool {
+    let calls = shared.root_calls.borrow();
+    !calls.queued.is_empty()
+        || !calls.inflight.is_empty()
+        || !shared.remote_waiters.borrow().is_empty()
+}
+
+/// After the root's work: its tick set to what the work left needs (`want`).
+pub fn settle_tick(wake: &RootWake, want: Tick) {
+    if wake.tick.get() == want {
         return;
     }
     match hostcalls::set_tick_period(want.period()) {
-        Ok(()) => shared.root_calls.borrow_mut().tick = want,
+        Ok(()) => wake.tick.set(want),
         Err(status) => log::error!("oidc-gate: cannot change the root context's tick ({status:?})"),
     }
 }
 
-/// Root tick: sends the refreshes streams queued. Only from a root callback: the SDK hands a
+/// Sends the refreshes streams queued; how many. Only from a root callback: the SDK hands a
 /// callout's answer to the context whose callback sent it.
-pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) {
+pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) -> usize {
     let queued = std::mem::take(&mut shared.root_calls.borrow_mut().queued);
+    let count = queued.len();
     for (call, refresh) in queued {
         match host::dispatch(&shared.gate, Some(&shared.metrics), &call, root_id) {
             Some(token) => {
@@ -200,6 +249,7 @@ pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) {
             None => give_up_refresh(shared, &refresh.key, unix_seconds(at), root_id),
         }
     }
+    count
 }
 
 /// The answer to one of the root's callouts: the IdP's to a refresh, or the keys to check it.

@@ -12,16 +12,16 @@ use std::time::Duration;
 
 use super::cache::{IdpCache, MAX_SHARED_REFRESH_RESULT_BYTES};
 use super::ended::SharedEndings;
-use super::host::HostRandom;
 use super::metrics::Metrics;
 use super::refresh::{
-    on_root_callout, poll_remote, send_queued, settle_tick, RemoteWaiter, RootCalls,
+    has_root_work, needs_tick, on_root_callout, poll_remote, send_queued, settle_tick,
+    RemoteWaiter, RootCalls, RootWake,
 };
 use super::stream::{Facts, Stream};
 use super::timing::{self, Stage};
 use crate::config::Config;
 use crate::flow::{Gate, PendingRefresh, RefreshAnswer};
-use crate::types::{Random, UnixSeconds};
+use crate::types::UnixSeconds;
 
 /// A stream waiting for another stream's refresh of the same session.
 pub struct Follower {
@@ -135,8 +135,10 @@ pub struct Shared {
     pub refreshes: RefCell<RefreshRegistry>,
     /// Streams waiting for another VM's refresh.
     pub remote_waiters: RefCell<Vec<RemoteWaiter>>,
-    /// Refreshes the root context sends, and its tick.
+    /// Refreshes the root context sends.
     pub root_calls: RefCell<RootCalls>,
+    /// How the root context is woken.
+    pub wake: Rc<RootWake>,
     /// Ended logins shared with the other VMs.
     pub endings: SharedEndings,
 }
@@ -146,31 +148,13 @@ pub struct Shared {
 /// is not woken ten times a second for nothing.
 pub const REMOTE_POLL_TICK: Duration = Duration::from_millis(100);
 
-/// Registers a shared queue only this VM's root context reads. The host delivers a queue's
-/// messages to the root that registered its name last, and every worker's VM runs this same
-/// code: the name is random.
-fn register_wake_queue(root_id: u32) -> Option<u32> {
-    let mut nonce = [0u8; 8];
-    if HostRandom.fill(&mut nonce).is_err() {
-        log::warn!("oidc-gate #{root_id}: no randomness for the refresh queue's name; refreshes go out on the tick");
-        return None;
-    }
-    let name = format!("oidc-gate/refresh-wake/{:016x}", u64::from_be_bytes(nonce));
-    match hostcalls::register_shared_queue(&name) {
-        Ok(queue) => Some(queue),
-        Err(status) => {
-            log::warn!("oidc-gate #{root_id}: cannot register the refresh queue ({status:?}); refreshes go out on the tick");
-            None
-        }
-    }
-}
-
 /// The per-VM root context.
 pub struct Root {
     id: u32,
     shared: Option<Rc<Shared>>,
-    /// The VM's own shared queue, registered once and kept over configurations.
-    wake_queue: Option<u32>,
+    /// Earlier configurations' state while the root still has refreshes to finish for them.
+    retired: Vec<Rc<Shared>>,
+    wake: Rc<RootWake>,
 }
 
 impl Root {
@@ -179,8 +163,64 @@ impl Root {
         Self {
             id,
             shared: None,
-            wake_queue: None,
+            retired: Vec::new(),
+            wake: Rc::new(RootWake::default()),
         }
+    }
+
+    /// A root serving `shared` (built with this root's `wake`), for tests.
+    #[cfg(test)]
+    pub fn serving(id: u32, shared: Rc<Shared>) -> Self {
+        let mut root = Self::new(id);
+        root.wake = shared.wake.clone();
+        root.shared = Some(shared);
+        root
+    }
+
+    /// The wake state every configuration of this root shares.
+    #[cfg(test)]
+    pub fn wake(&self) -> Rc<RootWake> {
+        self.wake.clone()
+    }
+
+    /// Makes `shared` the configuration new streams get. The one it replaces is kept while the
+    /// root still has refreshes to send, answers to apply or polls to run for its streams.
+    pub fn install(&mut self, shared: Option<Rc<Shared>>) {
+        if let Some(old) = std::mem::replace(&mut self.shared, shared) {
+            if has_root_work(&old) {
+                self.retired.push(old);
+            }
+        }
+    }
+
+    /// Every configuration the root works for: the current one first.
+    fn serving_all(&self) -> Vec<Rc<Shared>> {
+        self.shared
+            .iter()
+            .chain(self.retired.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Sends what streams queued, polls for other workers' refreshes, lets retired configurations
+    /// go once done, and sets the tick to what is left.
+    fn work(&mut self, from_tick: bool) {
+        let at = self.get_current_time();
+        let now = super::host::unix_seconds(at);
+        let mut want = super::refresh::Tick::Off;
+        for shared in self.serving_all() {
+            let sent = send_queued(&shared, at, self.id);
+            if from_tick && sent > 0 && shared.wake.queue.get().is_some() {
+                // The queue's message should have had them sent already.
+                shared.metrics.count("refreshes_sent_by_tick");
+            }
+            if from_tick {
+                poll_remote(&shared, now, self.id);
+            }
+            want = want.max(needs_tick(&shared));
+        }
+        self.retired.retain(|s| has_root_work(s));
+        settle_tick(&self.wake, want);
     }
 }
 
@@ -192,7 +232,12 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(shared) = &self.shared {
+        let serving = self.serving_all();
+        let shared = serving
+            .iter()
+            .find(|s| s.root_calls.borrow().awaits(token_id))
+            .or(serving.first());
+        if let Some(shared) = shared {
             on_root_callout(
                 shared,
                 token_id,
@@ -201,6 +246,7 @@ impl Context for Root {
                 self.id,
             );
         }
+        self.retired.retain(|s| has_root_work(s));
     }
 }
 
@@ -218,7 +264,7 @@ impl RootContext for Root {
                 for warning in config.warnings() {
                     log::warn!("oidc-gate: {warning}");
                 }
-                self.shared = Some(Rc::new(Shared {
+                let shared = Rc::new(Shared {
                     endings: SharedEndings::new(&config.issuer, &config.client_id),
                     cache: RefCell::new(IdpCache::new(
                         &config.issuer,
@@ -230,21 +276,17 @@ impl RootContext for Root {
                     refreshes: RefCell::new(RefreshRegistry::default()),
                     remote_waiters: RefCell::new(Vec::new()),
                     root_calls: RefCell::new(RootCalls::default()),
-                }));
-                if self.wake_queue.is_none() {
-                    self.wake_queue = register_wake_queue(self.id);
-                }
-                if let Some(shared) = &self.shared {
-                    shared.cache.borrow().init_shared_slots();
-                    shared.endings.init();
-                    shared.root_calls.borrow_mut().wake_queue = self.wake_queue;
-                }
+                    wake: self.wake.clone(),
+                });
+                shared.cache.borrow().init_shared_slots();
+                shared.endings.init();
+                self.install(Some(shared));
                 timing::announce();
                 true
             }
             Err(e) => {
                 log::error!("oidc-gate: {e}");
-                self.shared = None;
+                self.install(None);
                 false
             }
         }
@@ -253,18 +295,11 @@ impl RootContext for Root {
     fn on_queue_ready(&mut self, queue_id: u32) {
         // The messages only wake the root: the refreshes to send are in `root_calls`.
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
-        if let Some(shared) = &self.shared {
-            send_queued(shared, self.get_current_time(), self.id);
-        }
+        self.work(false);
     }
 
     fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
-            let at = self.get_current_time();
-            send_queued(shared, at, self.id);
-            poll_remote(shared, super::host::unix_seconds(at), self.id);
-            settle_tick(shared);
-        }
+        self.work(true);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -1686,6 +1686,17 @@ mod tests {
             proxy_replace_header_map_value(map, name, name_size, value, value_size)
         }
         #[no_mangle]
+        extern "C" fn proxy_register_shared_queue(_: *const u8, _: usize, q: *mut u32) -> u32 {
+            // Queue 0, which enqueueing does not find (NotFound): the tick fallback.
+            unsafe { *q = 0 };
+            0
+        }
+        #[no_mangle]
+        extern "C" fn proxy_dequeue_shared_queue(_: u32, _: *mut *mut u8, _: *mut usize) -> u32 {
+            // Status::Empty.
+            7
+        }
+        #[no_mangle]
         extern "C" fn proxy_enqueue_shared_queue(queue: u32, _: *const u8, _: usize) -> u32 {
             if queue == 0 {
                 // Status::NotFound: no such queue.
@@ -2216,7 +2227,8 @@ mod tests {
         let wakes = || host_stubs::WAKES.with(|w| w.replace(0));
         periods();
         wakes();
-        shared.root_calls.borrow_mut().wake_queue = Some(5);
+        shared.wake.queue.set(Some(5));
+        shared.wake.queue_tried.set(true);
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
         let mut leader = Stream::new(7, Some(shared.clone()));
         leader.facts = api_call_facts(&shared.gate);
@@ -2237,11 +2249,48 @@ mod tests {
         // Another worker, without the first one's refresh lock.
         host_stubs::SHARED.with(|m| m.borrow_mut().clear());
         let (shared, pending, _) = refreshing();
-        shared.root_calls.borrow_mut().wake_queue = Some(0);
+        shared.wake.queue.set(Some(0));
+        shared.wake.queue_tried.set(true);
         let mut leader = Stream::new(7, Some(shared.clone()));
         leader.facts = api_call_facts(&shared.gate);
         leader.start_refresh(&shared, token_callout(), pending, VALID, true);
         assert_eq!((wakes(), periods()), (0, vec![1]));
+    }
+
+    /// The queue's message has the root send what streams queued; the answer to a refresh sent
+    /// for an earlier configuration of the root still reaches the requests waiting for it.
+    #[test]
+    fn the_root_sends_on_its_queue_and_answers_for_retired_configurations() {
+        use super::super::root::Root;
+        use proxy_wasm::traits::RootContext;
+        let (shared, pending, key) = refreshing();
+        let mut leader = Stream::new(7, Some(shared.clone()));
+        leader.facts = api_call_facts(&shared.gate);
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        leader.start_refresh(&shared, token_callout(), pending, VALID, true);
+        let mut root = Root::serving(1, shared.clone());
+        let before = host_stubs::LAST_TOKEN.with(std::cell::Cell::get);
+        root.on_queue_ready(5);
+        assert_eq!(shared.root_calls.borrow().queued(), 0);
+        let token = host_stubs::LAST_TOKEN.with(std::cell::Cell::get);
+        assert_eq!(token, before + 1, "the refresh went out");
+        assert!(shared.root_calls.borrow().awaits(token));
+
+        // A new configuration before the IdP answers.
+        let (g, _) = crate::flow::tests::a_due_refresh();
+        let mut next = shared_for(g);
+        Rc::get_mut(&mut next).expect("unshared").wake = root.wake();
+        root.install(Some(next));
+        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"200".to_vec());
+        let outcome = outcome_of(|| root.on_http_call_response(token, 1, rotated.len(), 0));
+        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
+        assert!(
+            shared.refreshes.borrow_mut().lead(key),
+            "the refresh is over"
+        );
     }
 
     /// The root's tick runs every millisecond while a refresh waits to be sent, at the poll's
@@ -2249,7 +2298,10 @@ mod tests {
     /// while a refresh waits to be sent does not slow the tick down (nor re-arm it).
     #[test]
     fn the_root_tick_follows_the_work_waiting_for_it() {
-        use super::super::refresh::{send_queued, settle_tick};
+        use super::super::refresh::{needs_tick, send_queued};
+        let settle_tick = |shared: &Shared| {
+            super::super::refresh::settle_tick(&shared.wake, needs_tick(shared));
+        };
         let (shared, pending, key) = refreshing();
         let periods = || host_stubs::TICKS.with(|t| t.borrow_mut().split_off(0));
         periods();
@@ -3099,6 +3151,7 @@ mod tests {
             refreshes: RefCell::new(RefreshRegistry::default()),
             remote_waiters: RefCell::new(Vec::new()),
             root_calls: RefCell::new(Default::default()),
+            wake: Rc::new(Default::default()),
         })
     }
 
