@@ -864,6 +864,11 @@ async fn a_refresh_whose_request_left_still_reaches_the_session() {
         0,
         "the root is woken through its own queue, not by its tick"
     );
+    assert!(
+        !stack.envoy.log().contains("refresh queue"),
+        "{}",
+        stack.envoy.log_tail(20)
+    );
 }
 
 /// Requests of one session waiting for a refresh that fails: each gets its own answer (login

@@ -62,6 +62,8 @@ struct RootRefresh {
     leader: u32,
     /// Its view of the refresh, to check the answer with.
     pending: PendingRefresh,
+    /// When it was queued.
+    queued_at: SystemTime,
     /// When its callout went out.
     started: SystemTime,
     /// Set once the IdP answered and keys to check the answer are being fetched.
@@ -94,13 +96,21 @@ impl RootCalls {
         self.inflight.contains_key(&token)
     }
 
-    /// Queues a refresh the stream `leader` asked for, for the root to send when woken.
-    pub fn queue(&mut self, call: Callout, key: [u8; 16], leader: u32, pending: PendingRefresh) {
+    /// Queues a refresh the stream `leader` asked for at `at`, for the root to send when woken.
+    pub fn queue(
+        &mut self,
+        call: Callout,
+        key: [u8; 16],
+        leader: u32,
+        pending: PendingRefresh,
+        at: SystemTime,
+    ) {
         let refresh = RootRefresh {
             key,
             leader,
             pending,
-            started: SystemTime::UNIX_EPOCH,
+            queued_at: at,
+            started: at,
             answer: None,
         };
         self.queued.push((call, refresh));
@@ -127,6 +137,7 @@ impl RootCalls {
             key,
             leader,
             pending,
+            SystemTime::UNIX_EPOCH,
         );
         if let Some((_, refresh)) = self.queued.pop() {
             self.inflight.insert(token, refresh);
@@ -226,12 +237,21 @@ pub fn settle_tick(wake: &RootWake, want: Tick) {
     }
 }
 
-/// Sends the refreshes streams queued; how many. Only from a root callback: the SDK hands a
-/// callout's answer to the context whose callback sent it.
-pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) -> usize {
+/// A refresh the poll sends this long after it was queued, though the root has its queue, was
+/// not woken by the queue's message (counted).
+const LATE_SEND: Duration = Duration::from_millis(50);
+
+/// Sends the refreshes streams queued. Only from a root callback: the SDK hands a callout's
+/// answer to the context whose callback sent it. `by_tick`: whether the root's tick woke it.
+pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32, by_tick: bool) {
     let queued = std::mem::take(&mut shared.root_calls.borrow_mut().queued);
-    let count = queued.len();
     for (call, refresh) in queued {
+        let late = at
+            .duration_since(refresh.queued_at)
+            .is_ok_and(|waited| waited >= LATE_SEND);
+        if by_tick && late && shared.wake.queue.get().is_some() {
+            shared.metrics.count("refreshes_sent_by_tick");
+        }
         match host::dispatch(&shared.gate, Some(&shared.metrics), &call, root_id) {
             Some(token) => {
                 let refresh = RootRefresh {
@@ -249,7 +269,6 @@ pub fn send_queued(shared: &Shared, at: SystemTime, root_id: u32) -> usize {
             None => give_up_refresh(shared, &refresh.key, unix_seconds(at), root_id),
         }
     }
-    count
 }
 
 /// The answer to one of the root's callouts: the IdP's to a refresh, or the keys to check it.

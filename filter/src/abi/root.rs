@@ -152,9 +152,17 @@ pub const REMOTE_POLL_TICK: Duration = Duration::from_millis(100);
 pub struct Root {
     id: u32,
     shared: Option<Rc<Shared>>,
-    /// Earlier configurations' state while the root still has refreshes to finish for them.
+    /// Earlier configurations' state while streams hold it or the root has work for them.
     retired: Vec<Rc<Shared>>,
     wake: Rc<RootWake>,
+    /// The host asked the root to finish (its plugin is going away).
+    closing: bool,
+}
+
+/// Whether a replaced configuration must still be served: its streams may still queue refreshes
+/// or wait on other workers, and the root may still have refreshes to send or answer for it.
+fn still_needed(shared: &Rc<Shared>) -> bool {
+    Rc::strong_count(shared) > 1 || has_root_work(shared)
 }
 
 impl Root {
@@ -165,6 +173,7 @@ impl Root {
             shared: None,
             retired: Vec::new(),
             wake: Rc::new(RootWake::default()),
+            closing: false,
         }
     }
 
@@ -183,13 +192,30 @@ impl Root {
         self.wake.clone()
     }
 
-    /// Makes `shared` the configuration new streams get. The one it replaces is kept while the
-    /// root still has refreshes to send, answers to apply or polls to run for its streams.
+    /// Makes `shared` the configuration new streams get. The one it replaces is kept while its
+    /// streams hold it or the root has refreshes to send, answers to apply or polls to run for it.
     pub fn install(&mut self, shared: Option<Rc<Shared>>) {
         if let Some(old) = std::mem::replace(&mut self.shared, shared) {
-            if has_root_work(&old) {
-                self.retired.push(old);
-            }
+            self.retired.push(old);
+        }
+        self.retired.retain(still_needed);
+    }
+
+    /// Whether the root has work left for any configuration.
+    fn has_work(&self) -> bool {
+        self.shared
+            .iter()
+            .chain(&self.retired)
+            .any(|s| has_root_work(s))
+    }
+
+    /// After the root's work: lets retired configurations go once unneeded, and tells the host
+    /// the root is done if it asked and nothing is left.
+    fn tidy(&mut self) {
+        self.retired.retain(still_needed);
+        if self.closing && !self.has_work() {
+            self.closing = false;
+            let _ = hostcalls::done();
         }
     }
 
@@ -209,18 +235,14 @@ impl Root {
         let now = super::host::unix_seconds(at);
         let mut want = super::refresh::Tick::Off;
         for shared in self.serving_all() {
-            let sent = send_queued(&shared, at, self.id);
-            if from_tick && sent > 0 && shared.wake.queue.get().is_some() {
-                // The queue's message should have had them sent already.
-                shared.metrics.count("refreshes_sent_by_tick");
-            }
+            send_queued(&shared, at, self.id, from_tick);
             if from_tick {
                 poll_remote(&shared, now, self.id);
             }
             want = want.max(needs_tick(&shared));
         }
-        self.retired.retain(|s| has_root_work(s));
         settle_tick(&self.wake, want);
+        self.tidy();
     }
 }
 
@@ -246,7 +268,15 @@ impl Context for Root {
                 self.id,
             );
         }
-        self.retired.retain(|s| has_root_work(s));
+        drop(serving);
+        self.tidy();
+    }
+
+    fn on_done(&mut self) -> bool {
+        // The plugin is going away, perhaps while a refresh is in flight for a request whose
+        // client left: its answer is still shared before the root goes (`tidy`).
+        self.closing = self.has_work();
+        !self.closing
     }
 }
 

@@ -746,10 +746,13 @@ impl Stream {
             // The IdP was not asked: nothing to tell the other workers.
             return self.finish_without_answer(shared, pending, key, true, paused);
         }
-        shared
-            .root_calls
-            .borrow_mut()
-            .queue(call, key, self.id, pending.clone());
+        shared.root_calls.borrow_mut().queue(
+            call,
+            key,
+            self.id,
+            pending.clone(),
+            self.get_current_time(),
+        );
         shared.refreshes.borrow_mut().follow(
             key,
             Follower {
@@ -1563,6 +1566,8 @@ mod tests {
             pub static STATUS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             /// The last callout token the host gave (the first is 100).
             pub static LAST_TOKEN: std::cell::Cell<u32> = const { std::cell::Cell::new(99) };
+            /// How often the root told the host it is done.
+            pub static DONE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// Messages put on a shared queue.
             pub static WAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
             /// The tick periods set, in milliseconds.
@@ -1684,6 +1689,11 @@ mod tests {
             value_size: usize,
         ) -> u32 {
             proxy_replace_header_map_value(map, name, name_size, value, value_size)
+        }
+        #[no_mangle]
+        extern "C" fn proxy_done() -> u32 {
+            DONE.with(|d| d.set(d.get() + 1));
+            0
         }
         #[no_mangle]
         extern "C" fn proxy_register_shared_queue(_: *const u8, _: usize, q: *mut u32) -> u32 {
@@ -2239,10 +2249,13 @@ mod tests {
         let mut other_key = key;
         other_key[0] ^= 1;
         assert!(wake_root(&shared));
-        shared
-            .root_calls
-            .borrow_mut()
-            .queue(token_callout(), other_key, 8, other);
+        shared.root_calls.borrow_mut().queue(
+            token_callout(),
+            other_key,
+            8,
+            other,
+            SystemTime::UNIX_EPOCH,
+        );
         assert_eq!((wakes(), periods()), (0, vec![]));
         assert_eq!(shared.root_calls.borrow().queued(), 2);
 
@@ -2293,6 +2306,65 @@ mod tests {
         );
     }
 
+    /// A configuration replaced while one of its streams is still busy (here: fetching a
+    /// document) is served when that stream queues a refresh afterwards.
+    #[test]
+    fn a_replaced_configuration_is_served_while_its_streams_last() {
+        use super::super::root::Root;
+        use proxy_wasm::traits::RootContext;
+        let (shared, pending, _) = refreshing();
+        let mut root = Root::serving(1, shared.clone());
+        let mut stream = Stream::new(7, Some(shared.clone()));
+        stream.facts = api_call_facts(&shared.gate);
+        let (g, _) = crate::flow::tests::a_due_refresh();
+        let mut next = shared_for(g);
+        Rc::get_mut(&mut next).expect("unshared").wake = root.wake();
+        root.install(Some(next));
+        drop(shared);
+        let shared = stream.shared.clone().expect("the stream's configuration");
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        stream.start_refresh(&shared, token_callout(), pending, VALID, true);
+        let before = host_stubs::LAST_TOKEN.with(std::cell::Cell::get);
+        root.on_queue_ready(5);
+        assert_eq!(shared.root_calls.borrow().queued(), 0, "sent");
+        assert_eq!(
+            host_stubs::LAST_TOKEN.with(std::cell::Cell::get),
+            before + 1
+        );
+    }
+
+    /// A root whose plugin goes away while a refresh is in flight (the last request, whose
+    /// client left, led it) holds the host off until the answer is shared, then says it is done.
+    #[test]
+    fn a_closing_root_finishes_its_refresh_first() {
+        use super::super::root::Root;
+        use proxy_wasm::traits::Context;
+        let (shared, pending, key) = refreshing();
+        assert!(shared.cache.borrow().try_lock_refresh(&key, VALID));
+        shared.root_calls.borrow_mut().sent(1, key, 7, pending);
+        let mut root = Root::serving(1, shared.clone());
+        host_stubs::DONE.with(|d| d.set(0));
+        assert!(!root.on_done(), "not done while the IdP is asked");
+        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"200".to_vec());
+        host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
+        root.on_http_call_response(1, 1, rotated.len(), 0);
+        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        assert_eq!(
+            host_stubs::DONE.with(std::cell::Cell::get),
+            1,
+            "done once answered"
+        );
+        let (_, pending) = crate::flow::tests::a_due_refresh();
+        assert_eq!(
+            recent_answer(&shared, &pending, &key, VALID).map(|a| a.status),
+            Some(200),
+            "the answer was shared"
+        );
+        assert!(Root::serving(2, shared).on_done(), "nothing to wait for");
+    }
+
     /// The root's tick runs every millisecond while a refresh waits to be sent, at the poll's
     /// pace while requests wait on other workers, and not at all otherwise; a waiter arriving
     /// while a refresh waits to be sent does not slow the tick down (nor re-arm it).
@@ -2332,7 +2404,7 @@ mod tests {
         );
 
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(VALID);
-        send_queued(&shared, at, 1);
+        send_queued(&shared, at, 1, true);
         settle_tick(&shared);
         assert_eq!(
             periods(),
@@ -2401,7 +2473,7 @@ mod tests {
             let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now);
             let outcome = outcome_of(|| {
                 stream.start_refresh(&shared, call, pending, now, true);
-                super::super::refresh::send_queued(&shared, at, 1);
+                super::super::refresh::send_queued(&shared, at, 1, false);
             });
             host_stubs::CALLOUTS_REFUSED.with(|r| r.set(false));
             assert_eq!(outcome, expected, "at {now}");
