@@ -2294,11 +2294,8 @@ mod tests {
         let mut next = shared_for(g);
         Rc::get_mut(&mut next).expect("unshared").wake = root.wake();
         root.install(Some(next));
-        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
-        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
-        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"200".to_vec());
-        let outcome = outcome_of(|| root.on_http_call_response(token, 1, rotated.len(), 0));
-        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        let outcome =
+            the_idp_rotates(|size| outcome_of(|| root.on_http_call_response(token, 1, size, 0)));
         assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
         assert!(
             shared.refreshes.borrow_mut().lead(key),
@@ -2345,12 +2342,8 @@ mod tests {
         let mut root = Root::serving(1, shared.clone());
         host_stubs::DONE.with(|d| d.set(0));
         assert!(!root.on_done(), "not done while the IdP is asked");
-        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
-        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
-        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"200".to_vec());
         host_stubs::NOW_NS.with(|t| t.set(VALID * 1_000_000_000));
-        root.on_http_call_response(1, 1, rotated.len(), 0);
-        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        the_idp_rotates(|size| root.on_http_call_response(1, 1, size, 0));
         assert_eq!(
             host_stubs::DONE.with(std::cell::Cell::get),
             1,
@@ -2765,6 +2758,17 @@ mod tests {
         host_stubs::NOW_NS.with(|t| t.set(now * 1_000_000_000));
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now);
         outcome_of(|| on_root_callout(worker, 1, body_size, at, 1))
+    }
+
+    /// Runs `answer` (given the body's size) while the host hands over the IdP's 200 with
+    /// `access-2` and a rotated refresh token as the callout's answer.
+    fn the_idp_rotates<T>(answer: impl FnOnce(usize) -> T) -> T {
+        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
+        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
+        host_stubs::STATUS.with(|s| *s.borrow_mut() = b"200".to_vec());
+        let out = answer(rotated.len());
+        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        out
     }
 
     /// A leader on `worker` whose refresh the IdP refuses (400) at `VALID`, as an API call:
@@ -3312,10 +3316,7 @@ mod tests {
         assert_eq!(outcome, Outcome::Waiting);
         assert!(shared.cache.borrow().refresh_locked(&key, VALID));
 
-        let rotated = br#"{"access_token":"access-2","token_type":"Bearer","expires_in":300,"refresh_token":"r2"}"#;
-        host_stubs::BODY.with(|b| *b.borrow_mut() = rotated.to_vec());
-        let outcome = idp_answers(&shared, b"200", rotated.len(), VALID);
-        host_stubs::BODY.with(|b| b.borrow_mut().clear());
+        let outcome = the_idp_rotates(|size| idp_answers(&shared, b"200", size, VALID));
         assert_eq!(outcome, Outcome::Forwarded("Bearer access-2".into()));
         assert!(!shared.cache.borrow().refresh_locked(&key, VALID));
 
