@@ -769,22 +769,14 @@ impl Gate {
         }
     }
 
-    /// Records endings in this VM's set and queues them for the other VMs; true when the set
+    /// Records an ending in this VM's set and queues it for the other VMs; true when the set
     /// was full of live records and one was dropped.
-    fn end(&self, endings: Vec<Ending>, now: UnixSeconds) -> bool {
-        let mut ended = self.ended.borrow_mut();
-        let mut list_full = false;
-        let mut new = Vec::with_capacity(endings.len());
-        for e in endings {
-            match ended.insert(e, now) {
-                Inserted::Unchanged => continue,
-                Inserted::Changed => {}
-                Inserted::Evicted => list_full = true,
-            }
-            new.push(e);
+    fn end(&self, ending: Ending, now: UnixSeconds) -> bool {
+        let inserted = self.ended.borrow_mut().insert(ending, now);
+        if inserted != Inserted::Unchanged {
+            self.queue_endings(vec![ending]);
         }
-        self.queue_endings(new);
-        list_full
+        inserted == Inserted::Evicted
     }
 
     /// Endings decided in this VM and not shared yet, for the glue to share.
@@ -2174,9 +2166,10 @@ impl Gate {
     }
 
     /// A refresh that ends with no answer to apply (the callout could not be made, the answer
-    /// cannot be checked for want of keys, or another worker's refresh let go or took too long): the IdP refused nothing, so the session goes
-    /// on with its access token while that is valid, and gets a retryable 503 after. Nothing is
-    /// paused: the IdP may never have been asked, and the next request refreshes.
+    /// cannot be checked for want of keys, or another worker's refresh let go or took too long):
+    /// the IdP refused nothing, so the session goes on with its access token while that is
+    /// valid, and gets a retryable 503 after. Nothing is paused: the IdP may never have been
+    /// asked, and the next request refreshes.
     pub fn refresh_without_answer(
         &self,
         pending: &PendingRefresh,
@@ -2358,7 +2351,7 @@ impl Gate {
                 .max_expires_at
                 .max(s.created_at.saturating_add(self.config.session_max_age))
                 .saturating_add(DEFAULT_CLOCK_SKEW_SECS);
-            list_full = self.end(vec![ending_of(s, keep_until)], now);
+            list_full = self.end(ending_of(s, keep_until), now);
         }
         let id_token_hint = session
             .and_then(|(s, _)| s.id_token)

@@ -4,10 +4,10 @@
 //! the request that started it among them. The root context sends it (woken by a message on
 //! its own shared queue, else by its tick) and applies the IdP's answer: a callout belongs to
 //! the context whose callback sent it, and a stream's dies with its client, while the IdP may
-//! have rotated the refresh token already. Across VMs
-//! (worker threads), a shared-data lock lets one VM refresh while the others wait ("remote
-//! waiters", polled by the root context's tick) for the answer it stores: with refresh-token
-//! rotation, a second refresh with the same token would be refused and log the user out.
+//! have rotated the refresh token already. Across VMs (worker threads), a shared-data lock lets
+//! one VM refresh while the others wait ("remote waiters", polled by the root context's tick)
+//! for the answer it stores: with refresh-token rotation, a second refresh with the same token
+//! would be refused and log the user out.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -279,13 +279,13 @@ pub fn on_root_callout(
     at: SystemTime,
     root_id: u32,
 ) {
-    let Some(call) = shared.root_calls.borrow_mut().inflight.remove(&token) else {
+    let Some(mut call) = shared.root_calls.borrow_mut().inflight.remove(&token) else {
         log::warn!("oidc-gate #{root_id}: ignoring an unexpected callout answer");
         return;
     };
     let now = unix_seconds(at);
     let elapsed = at.duration_since(call.started).ok();
-    match call.answer {
+    match call.answer.take() {
         None => {
             // An answer too large to read is still the IdP's answer: its status decides (a
             // refusal ends the session, a 200 without a readable body too), never "no
@@ -315,16 +315,7 @@ pub fn on_root_callout(
                 elapsed,
             );
             let stored = store_fetched_jwks(shared, fetched, now, root_id);
-            complete_refresh(
-                shared,
-                RootRefresh {
-                    answer: Some(answer),
-                    ..call
-                },
-                Some(stored),
-                at,
-                root_id,
-            );
+            complete_refresh(shared, call, answer, Some(stored), at, root_id);
         }
     }
 }
@@ -363,27 +354,21 @@ fn answer_refresh(
             answer
         }
     };
-    let call = RootRefresh {
-        answer: Some(answer),
-        ..call
-    };
-    complete_refresh(shared, call, None, at, root_id);
+    complete_refresh(shared, call, answer, None, at, root_id);
 }
 
-/// Checks an answer the root holds (`call.answer`) and applies it to the streams waiting, after
-/// fetching keys for it first when it needs them. `fetched`: whether keys were fetched for it
-/// (and stored), `None` if not tried.
+/// Checks the answer to `call` and applies it to the streams waiting, after fetching keys for
+/// it first when it needs them. `fetched`: whether keys were fetched for it (and stored), `None`
+/// if not tried.
 fn complete_refresh(
     shared: &Shared,
     call: RootRefresh,
+    answer: RefreshAnswer,
     fetched: Option<bool>,
     at: SystemTime,
     root_id: u32,
 ) {
     let now = unix_seconds(at);
-    let Some(answer) = call.answer.as_ref() else {
-        return give_up_refresh(shared, &call.key, now, root_id);
-    };
     let jwks = shared.cache.borrow_mut().jwks(now).map(|f| f.value);
     let check = |may_refetch: bool| {
         let keys = Keys {
@@ -393,7 +378,7 @@ fn complete_refresh(
         };
         shared
             .gate
-            .complete_answered_refresh(&call.pending, answer, keys, now, &mut HostRandom)
+            .complete_answered_refresh(&call.pending, &answer, keys, now, &mut HostRandom)
     };
     let (mut step, mut note) = check(fetched.is_none());
     if matches!(step, RefreshStep::NeedKeys) && fetched.is_none() {
@@ -402,13 +387,12 @@ fn complete_refresh(
         if jwks.is_some() && !shared.cache.borrow().claim_jwks_refetch(now) {
             (step, note) = check(false);
         } else if let Some(token) = fetch_keys(shared, now, root_id) {
-            shared.root_calls.borrow_mut().inflight.insert(
-                token,
-                RootRefresh {
-                    started: at,
-                    ..call
-                },
-            );
+            let call = RootRefresh {
+                started: at,
+                answer: Some(answer),
+                ..call
+            };
+            shared.root_calls.borrow_mut().inflight.insert(token, call);
             return;
         }
     }
@@ -423,17 +407,22 @@ fn complete_refresh(
             shared
                 .cache
                 .borrow()
-                .release_refresh(&shared.gate, &call.key, answer);
+                .release_refresh(&shared.gate, &call.key, &answer);
             // The stream that asked, if still waiting, gets the step just decided for it: the
             // ID token check and the new cookie cost milliseconds in wasm, not to be paid twice.
+            let leader = shared.refreshes.borrow_mut().take(&call.key, call.leader);
+            if let Some(leader) = leader {
+                if hostcalls::set_effective_context(leader.context_id).is_ok() {
+                    apply(shared, leader, step, now, provider.as_deref());
+                }
+            }
             release_local(
                 shared,
                 &call.key,
-                answer,
+                &answer,
                 now,
                 provider.as_deref(),
                 fetched == Some(true),
-                Some((call.leader, step)),
                 root_id,
             );
         }
@@ -493,7 +482,7 @@ pub fn store_fetched_jwks(
 }
 
 /// Counts a note's event and logs its line.
-fn record(shared: &Shared, note: Note, context_id: u32) {
+pub fn record(shared: &Shared, note: Note, context_id: u32) {
     if let Some(event) = note.event {
         shared.metrics.event(event);
     }
@@ -639,9 +628,7 @@ fn apply(
     }
 }
 
-/// Completes every local follower of `key` (the one `decided` names with the step given),
-/// then makes `restore` the effective context again.
-#[allow(clippy::too_many_arguments)]
+/// Completes every local follower of `key`, then makes `restore` the effective context again.
 pub fn release_local(
     shared: &Shared,
     key: &[u8; 16],
@@ -649,16 +636,12 @@ pub fn release_local(
     now: u64,
     provider: Option<&ProviderMetadata>,
     fetched_for_it: bool,
-    mut decided: Option<(u32, RefreshStep)>,
     restore: u32,
 ) {
     let followers = shared.refreshes.borrow_mut().finish(key);
     for f in followers {
         if hostcalls::set_effective_context(f.context_id).is_ok() {
-            match decided.take_if(|(context_id, _)| *context_id == f.context_id) {
-                Some((_, step)) => apply(shared, f, step, now, provider),
-                None => complete_follower(shared, f, answer, now, provider, fetched_for_it),
-            }
+            complete_follower(shared, f, answer, now, provider, fetched_for_it);
         }
     }
     let _ = hostcalls::set_effective_context(restore);
@@ -757,7 +740,6 @@ pub fn poll_remote(shared: &Shared, now: u64, root_id: u32) {
             now,
             provider.as_deref(),
             false,
-            None,
             root_id,
         );
     }

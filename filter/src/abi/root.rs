@@ -114,6 +114,13 @@ impl RefreshRegistry {
         self.answers.get(key).filter(|a| a.is_fresh(now)).cloned()
     }
 
+    /// Takes one follower out of an in-flight refresh, to be answered on its own.
+    pub fn take(&mut self, key: &[u8; 16], context_id: u32) -> Option<Follower> {
+        let followers = self.inflight.get_mut(key)?;
+        let at = followers.iter().position(|f| f.context_id == context_id)?;
+        Some(followers.swap_remove(at))
+    }
+
     /// Forgets a follower whose stream ended.
     pub fn forget(&mut self, key: &[u8; 16], context_id: u32) {
         if let Some(f) = self.inflight.get_mut(key) {

@@ -10,8 +10,8 @@ use proxy_wasm::types::Action;
 use super::header_map::HeaderMapBytes;
 use super::host::{self, unix_seconds, HostRandom};
 use super::refresh::{
-    abandon_local, give_up_refresh, raise_tick, recent_answer, release_local, store_fetched_jwks,
-    wake_root, RemoteWaiter, Tick, REMOTE_WAIT_SECS,
+    abandon_local, give_up_refresh, raise_tick, recent_answer, record, release_local,
+    store_fetched_jwks, wake_root, RemoteWaiter, Tick, REMOTE_WAIT_SECS,
 };
 use super::root::{Follower, Shared};
 use super::timing::{self, Stage};
@@ -378,13 +378,13 @@ impl Stream {
     }
 
     fn note(&self, note: Note) {
-        if let Some(shared) = &self.shared {
-            if let Some(event) = note.event {
-                shared.metrics.event(event);
+        match &self.shared {
+            Some(shared) => record(shared, note, self.id),
+            None => {
+                if let Some(line) = note.log {
+                    log::info!("oidc-gate #{}: {line}", self.id);
+                }
             }
-        }
-        if let Some(line) = note.log {
-            log::info!("oidc-gate #{}: {line}", self.id);
         }
     }
 
@@ -851,7 +851,6 @@ impl Stream {
             now,
             self.provider.as_deref(),
             false,
-            None,
             self.id,
         );
     }
